@@ -1,0 +1,69 @@
+# Thin wrappers: every target calls `python -m pipeline <command>`; variables mirror the CLI flags.
+# Usage: make extract BACKBONE=vgg19 LAYER=block2_pool DATA=path/to/images WEIGHTS=none SIZE=256
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Map each Make variable to its flag only when set, so the CLI's defaults stay the single source of truth.
+flag = $(if $($(1)),--$(2) '$($(1))')
+EXTRACT_FLAGS = $(call flag,BACKBONE,backbone) $(call flag,LAYER,layer) $(call flag,DATA,data) \
+  $(call flag,WEIGHTS,weights) $(call flag,POOL,pool) $(call flag,DTYPE,dtype) $(call flag,BATCH,batch-size) \
+  $(call flag,SIZE,image-size) $(call flag,RESIZE,resize) $(call flag,PREPROCESS,preprocess) $(call flag,OUT,out) \
+  $(call flag,LABELS,labels) $(call flag,COMPRESSION,compression) $(call flag,SHARD,shard) \
+  $(call flag,PRECISION,precision) $(call flag,DEVICES,devices) $(if $(JIT),--jit) $(if $(OVERWRITE),--overwrite)
+CLASSIFY_FLAGS = $(call flag,FEATURES,features) $(call flag,LAYER,layer) $(call flag,HEADS,heads) \
+  $(call flag,REDUCE,reduce) $(call flag,CV,cv) $(call flag,SEED,seed) $(call flag,OUT,out) $(call flag,MEMORY,memory-budget)
+PREDICT_FLAGS = $(call flag,MODEL,model) $(call flag,DATA,data) $(call flag,OUT,out) $(call flag,BATCH,batch-size)
+
+.PHONY: install demo test test-all extract layers backbones weights classify predict merge slurm-extract bench clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python >= 3.10 or run 'make PYTHON=python3 ...'" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m pipeline demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ''
+
+extract: $(STAMP)
+	$(PY) -m pipeline extract $(EXTRACT_FLAGS)
+
+layers: $(STAMP)
+	$(PY) -m pipeline layers $(call flag,BACKBONE,backbone) $(call flag,SIZE,image-size) $(call flag,FILTER,filter)
+
+backbones: $(STAMP)
+	$(PY) -m pipeline backbones $(call flag,FILTER,filter)
+
+weights: $(STAMP)
+	$(PY) -m pipeline weights $(call flag,BACKBONE,backbone)
+
+classify: $(STAMP)
+	$(PY) -m pipeline classify $(CLASSIFY_FLAGS)
+
+predict: $(STAMP)
+	$(PY) -m pipeline predict $(PREDICT_FLAGS)
+
+merge: $(STAMP)
+	$(PY) -m pipeline merge $(call flag,SHARDS_OF,shards-of) $(call flag,OUT,out) $(if $(VIRTUAL),--virtual)
+
+slurm-extract: $(STAMP)
+	$(PY) -m pipeline slurm $(EXTRACT_FLAGS) $(call flag,SHARDS,shards) $(call flag,PARTITION,partition) \
+	  $(call flag,GPUS_PER_TASK,gpus-per-task) $(call flag,TIME,time) $(call flag,ACCOUNT,account) $(if $(DRY_RUN),--dry-run)
+
+bench: $(STAMP)
+	$(PY) -m pipeline bench $(call flag,SECTIONS,sections)
+
+clean:
+	rm -rf features/*.h5 features/*.progress.json results build *.egg-info

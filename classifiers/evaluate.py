@@ -1,0 +1,211 @@
+"""Honest evaluation as pure functions: which rows fit, which rows score, and the numbers that come out.
+
+With train/val/test splits in the cache the head is fitted on `train`, its hyperparameters are picked by
+cross-validation inside `train`, and it is scored once on `test` if present, else on `val`; the scored split
+never takes part in any choice. Without splits: stratified k-fold CV, mean ± std over folds, with the same
+inner selection inside each training fold. Unlabelled rows (label -1) are never used.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, log_loss,
+                             top_k_accuracy_score)
+from sklearn.model_selection import GridSearchCV, ParameterGrid, StratifiedKFold
+
+from classifiers.data import take_rows
+from classifiers.heads import HeadSpec
+from features.errors import UsageError
+
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "top5", "log_loss")
+
+
+@dataclass
+class Plan:
+    """Rows (indices into the cache) for each fold, the rows a final model is fitted on, and why."""
+
+    scheme: str  # 'val', 'test' (held-out split) or 'cv5' (k-fold)
+    folds: list[tuple[np.ndarray, np.ndarray]]
+    fit_rows: np.ndarray
+    inner_cv: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Every row any fold touches, sorted: the rows to reduce once per run."""
+        return np.unique(np.concatenate([np.concatenate(fold) for fold in self.folds]))
+
+
+def _small_classes(y: np.ndarray, folds: int, names: list[str], where: str) -> list[str]:
+    small = {names[c]: n for c, n in sorted(Counter(y.tolist()).items()) if n < folds}
+    if not small:
+        return []
+    listed = ", ".join(f"{name!r} ({n})" for name, n in small.items())
+    return [f"{len(small)} class(es) in {where} have fewer images than the {folds} folds: {listed}. "
+            f"They are missing from some folds, so their scores are noisy; add images or lower CV."]
+
+
+def plan_evaluation(labels: np.ndarray, split: np.ndarray, names: list[str], cv: int, seed: int,
+                    source: str = "the cache") -> Plan:
+    """Decide held-out split or k-fold CV for one cache; warn (not fail) on imbalance and tiny classes."""
+    if cv < 2:
+        raise UsageError(f"CV must be at least 2 folds. Received: cv={cv}.")
+    labelled = np.flatnonzero(labels >= 0)
+    if len(labelled) == 0:
+        raise UsageError(f"{source} has no labelled images (every label is -1, layout "
+                         f"'unlabelled'): classify needs labels. Extract class folders (DATA/<class>/*.jpg) "
+                         f"or pass LABELS=<csv> to `make extract`.")
+    notes = []
+    present = np.unique(labels[labelled])
+    if len(present) < 2:
+        raise UsageError(f"{source} has a single labelled class ({names[present[0]]!r}); classify needs at least two.")
+    counts = np.bincount(labels[labelled])
+    counts = counts[counts > 0]
+    if counts.max() > 3 * counts.min():
+        notes.append(f"{source}: classes are imbalanced ({counts.min()} to {counts.max()} images); "
+                     f"read balanced_accuracy and macro_f1, not only accuracy.")
+    split = split[labelled]
+    train = labelled[split == "train"]
+    held_name = "test" if np.any(split == "test") else "val"
+    held = labelled[split == held_name]
+    if len(train) and len(held):
+        inner = min(cv, 5)
+        notes += _small_classes(labels[train], inner, names, f"{source} train")
+        missing = sorted(set(labels[held].tolist()) - set(labels[train].tolist()))
+        if missing:
+            notes.append(f"{source}: classes {[names[c] for c in missing]} occur in {held_name} but not in train; "
+                         f"no head can predict them.")
+        if held_name == "test" and np.any(split == "val"):
+            notes.append(f"{source}: scored on 'test'; the 'val' rows are not used.")
+        return Plan(held_name, [(train, held)], train, _inner_folds(labels[train], inner), notes)
+    largest = int(counts.max())
+    folds_n = min(cv, largest)
+    if folds_n < 2:
+        raise UsageError(f"{source}: every class has a single image; k-fold CV needs at least 2 images in some class.")
+    if folds_n < cv:
+        notes.append(f"{source}: CV={cv} exceeds the largest class ({largest} images); using {folds_n} folds.")
+    notes += _small_classes(labels[labelled], folds_n, names, source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the tiny-class case is reported above in plain words
+        splitter = StratifiedKFold(folds_n, shuffle=True, random_state=seed)
+        folds = [(labelled[a], labelled[b]) for a, b in splitter.split(labelled, labels[labelled])]
+    return Plan(f"cv{folds_n}", folds, labelled, _inner_folds(labels[labelled], min(folds_n, 5)), notes)
+
+
+def _inner_folds(y: np.ndarray, wanted: int) -> int:
+    """Inner CV folds for hyperparameter selection: no more than the largest class allows (at least 2)."""
+    return max(2, min(wanted, int(np.bincount(y).max())))
+
+
+def selector(spec: HeadSpec, inner_cv: int, seed: int) -> BaseEstimator:
+    """The head with its hyperparameter search: GridSearchCV over `spec.grid` inside the training rows."""
+    estimator = spec.build(seed)
+    if len(ParameterGrid(spec.grid)) <= 1:
+        return estimator.set_params(**{k: v[0] for k, v in spec.grid.items()})
+    inner = StratifiedKFold(inner_cv, shuffle=True, random_state=seed)
+    return GridSearchCV(estimator, spec.grid, cv=inner, scoring="accuracy", error_score=np.nan)
+
+
+def class_scores(model, X, n_classes: int) -> tuple[np.ndarray | None, bool]:
+    """(scores in columns 0..n_classes-1, are they probabilities); classes unseen in training score 0 / -inf."""
+    fitted = np.asarray(model.classes_)
+    if hasattr(model, "predict_proba"):
+        out = np.zeros((X.shape[0], n_classes))
+        out[:, fitted] = model.predict_proba(X)
+        return out, True
+    if hasattr(model, "decision_function"):
+        raw = model.decision_function(X)
+        raw = np.c_[-raw, raw] if raw.ndim == 1 else raw
+        out = np.full((X.shape[0], n_classes), -np.inf)
+        out[:, fitted] = raw
+        return out, False
+    return None, False
+
+
+def metrics(y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray | None, is_proba: bool,
+            n_classes: int) -> dict[str, float]:
+    """accuracy, balanced accuracy, macro-F1; top-5 when there are more than 5 classes; log-loss with probabilities."""
+    labels = np.arange(n_classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # y_pred may hold classes absent from this fold's y_true
+        out = {"accuracy": accuracy_score(y_true, y_pred),
+               "balanced_accuracy": balanced_accuracy_score(y_true, y_pred),
+               "macro_f1": f1_score(y_true, y_pred, labels=np.unique(y_true), average="macro", zero_division=0),
+               "top5": np.nan, "log_loss": np.nan}
+        if scores is not None and n_classes > 5:
+            out["top5"] = top_k_accuracy_score(y_true, np.nan_to_num(scores, neginf=-1e30), k=5, labels=labels)
+        if is_proba:
+            out["log_loss"] = log_loss(y_true, np.clip(scores, 1e-15, 1), labels=labels)
+    return {k: float(v) for k, v in out.items()}
+
+
+@dataclass
+class Evaluation:
+    """What one head scored under one plan, plus what is needed to save it."""
+
+    scores: dict[str, float]  # '<metric>' = mean over folds, '<metric>_std'
+    fit_s: float
+    predict_s: float
+    params: list[dict]  # hyperparameters chosen in each fold
+    predictions: np.ndarray  # predicted class per evaluated row (out-of-fold for CV), aligned with eval_rows
+    probabilities: np.ndarray | None
+    eval_rows: np.ndarray  # cache rows behind `predictions`
+    model: BaseEstimator  # the last fold's fitted model: the held-out model, or the last CV fold's
+    notes: list[str]
+
+
+def fitted_head(model: BaseEstimator) -> tuple[BaseEstimator, dict]:
+    """Unwrap a fitted GridSearchCV: (best estimator, chosen parameters)."""
+    if isinstance(model, GridSearchCV):
+        return model.best_estimator_, model.best_params_
+    return model, {}
+
+
+def evaluate(spec: HeadSpec, X, y: np.ndarray, rows: np.ndarray, plan: Plan, n_classes: int,
+             seed: int) -> Evaluation:
+    """Fit and score `spec` on every fold of `plan`. `X[i]` holds cache row `rows[i]`; `y` is per cache row."""
+    index = {row: i for i, row in enumerate(rows.tolist())}
+    per_fold, params, fit_s, predict_s = [], [], 0.0, 0.0
+    preds, probs, eval_rows, notes = [], [], [], Counter()
+    for fit_rows, score_rows in plan.folds:
+        fit_pos = np.array([index[r] for r in fit_rows])
+        score_pos = np.array([index[r] for r in score_rows])
+        model = selector(spec, plan.inner_cv, seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            start = time.perf_counter()
+            model.fit(take_rows(X, fit_pos), y[fit_rows])
+            fit_s += time.perf_counter() - start
+            start = time.perf_counter()
+            X_score = take_rows(X, score_pos)
+            scores, is_proba = class_scores(model, X_score, n_classes)
+            predicted = np.argmax(scores, axis=1) if scores is not None else model.predict(X_score)
+            predict_s += time.perf_counter() - start
+        notes.update(f"{w.category.__name__}: {str(w.message).splitlines()[0][:160]}" for w in caught)
+        per_fold.append(metrics(y[score_rows], predicted, scores, is_proba, n_classes))
+        params.append(fitted_head(model)[1])
+        preds.append(predicted)
+        probs.append(scores if is_proba else None)
+        eval_rows.append(score_rows)
+    summary = {}
+    for name in METRICS:
+        values = np.array([fold[name] for fold in per_fold])
+        summary[name] = float(np.mean(values))
+        summary[f"{name}_std"] = float(np.std(values)) if len(values) > 1 else np.nan
+    has_proba = all(p is not None for p in probs)
+    return Evaluation(summary, fit_s, predict_s, params, np.concatenate(preds),
+                      np.concatenate(probs) if has_proba else None, np.concatenate(eval_rows),
+                      fitted_head(model)[0], [f"{msg} (x{n})" for msg, n in notes.items()])
+
+
+def fit_final(spec: HeadSpec, X, y: np.ndarray, plan: Plan, seed: int) -> tuple[BaseEstimator, dict]:
+    """The model to save after CV: selection and fit on every labelled row (X holds exactly plan.fit_rows)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the same warnings were already recorded during evaluation
+        model = selector(spec, plan.inner_cv, seed).fit(X, y)
+    return fitted_head(model)

@@ -1,0 +1,169 @@
+"""Outputs of a classify run: leaderboard files, plots, the saved model directory, report.md and the summary.
+
+Plots read the saved files (leaderboard.csv, eval_predictions.csv) and never retrain, so they can be redrawn.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import joblib
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.metrics import confusion_matrix  # noqa: E402
+
+from classifiers.memory import format_bytes  # noqa: E402
+
+# leaderboard order: best first; ties broken by balanced accuracy, then lower log-loss, then faster fit
+SORT_BY = ["accuracy", "balanced_accuracy", "log_loss", "fit_s"]
+SORT_ASCENDING = [False, False, True, True]
+SHOWN = ["backbone", "layer", "reduce", "head", "scheme", "accuracy", "accuracy_std", "balanced_accuracy",
+         "macro_f1", "top5", "log_loss", "fit_s", "predict_s"]
+
+
+def rank(rows: list[dict]) -> pd.DataFrame:
+    table = pd.DataFrame(rows)
+    table = table.sort_values(SORT_BY, ascending=SORT_ASCENDING, na_position="last", kind="stable")
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    return table.reset_index(drop=True)
+
+
+def shown(table: pd.DataFrame, top: int | None = None) -> pd.DataFrame:
+    """The columns a person reads, empty metric columns dropped, numbers rounded."""
+    view = table[["rank"] + SHOWN].head(top).dropna(axis=1, how="all")
+    return view.round(4)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A GitHub table without the optional `tabulate` dependency that DataFrame.to_markdown needs."""
+    cells = table.astype(object).where(table.notna(), "")
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in cells.itertuples(index=False)])
+
+
+def write_leaderboard(table: pd.DataFrame, run_dir: Path) -> None:
+    table.to_csv(run_dir / "leaderboard.csv", index=False)
+    (run_dir / "leaderboard.md").write_text(markdown(shown(table)) + "\n")
+
+
+def plot_leaderboard(run_dir: Path) -> Path:
+    """accuracy.png: accuracy (± std across folds) of every head, grouped by backbone / layer / reduce."""
+    table = pd.read_csv(run_dir / "leaderboard.csv")
+    table["features"] = table["backbone"] + "\n" + table["layer"] + " · " + table["reduce"]
+    groups, heads = list(dict.fromkeys(table["features"])), sorted(table["head"].unique())
+    width = 0.8 / len(heads)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(heads) / 3)), 4.5))
+    for i, head in enumerate(heads):
+        part = table[table["head"] == head].set_index("features").reindex(groups)
+        ax.bar(np.arange(len(groups)) + (i - (len(heads) - 1) / 2) * width, part["accuracy"], width,
+               yerr=part["accuracy_std"].fillna(0), label=head, capsize=2)
+    ax.set_xticks(np.arange(len(groups)), groups, fontsize=8)
+    ax.set_ylabel(f"accuracy ({table['scheme'].iloc[0]})")
+    ax.set_ylim(max(0.0, np.nanmin(table["accuracy"]) - 0.1), 1.0)
+    ax.legend(fontsize=8, ncols=min(len(heads), 5), loc="lower right")
+    ax.set_title("Accuracy by layer and head")
+    fig.tight_layout()
+    path = run_dir / "accuracy.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(model_dir: Path, class_names: list[str]) -> Path:
+    """confusion_matrix.png from eval_predictions.csv (held-out or out-of-fold predictions)."""
+    preds = pd.read_csv(model_dir / "eval_predictions.csv")
+    matrix = confusion_matrix(preds["label"], preds["predicted"], labels=class_names)
+    size = max(4, 0.45 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), count in np.ndenumerate(matrix):
+        if count:
+            ax.text(j, i, str(count), ha="center", va="center",
+                    color="white" if count > matrix.max() / 2 else "black", fontsize=8)
+    ticks = np.arange(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=90 if len(class_names) > 5 else 0, fontsize=8)
+    ax.set_yticks(ticks, class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Confusion matrix (accuracy {np.trace(matrix) / max(1, matrix.sum()):.3f})")
+    fig.tight_layout()
+    path = model_dir / "confusion_matrix.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_model(model_dir: Path, model, record: dict, eval_predictions: pd.DataFrame) -> Path:
+    """model.joblib (reduce step + head), model.json (everything predict needs), eval predictions, confusion plot."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    joblib.dump(model, model_dir / record["model_file"])
+    save_keras = getattr(model[-1], "save_keras", None)  # the mlp head also leaves its net as a plain .keras file
+    if save_keras is not None:
+        save_keras(model_dir / "head.keras")
+    (model_dir / "model.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    eval_predictions.to_csv(model_dir / "eval_predictions.csv", index=False)
+    plot_confusion(model_dir, record["class_names"])
+    return model_dir
+
+
+def _fmt(value: float, std: float | None = None) -> str:
+    if value is None or pd.isna(value):
+        return "–"
+    return f"{value:.3f}" + (f" ± {std:.3f}" if std is not None and not pd.isna(std) else "")
+
+
+def write_report(run_dir: Path, table: pd.DataFrame, record: dict, run: dict, notes: list[str]) -> Path:
+    """report.md: what ran, what won and how sure we are, what to do next — readable in a minute."""
+    best = table.iloc[0]
+    scheme = best["scheme"]
+    how = (f"{scheme[2:]}-fold stratified cross-validation (mean ± std over folds); hyperparameters chosen by "
+           f"inner CV within each training fold; the saved model is refitted on all labelled images"
+           if scheme.startswith("cv") else
+           f"fitted on the 'train' split, hyperparameters chosen by CV inside train, scored once on the held-out "
+           f"'{scheme}' split; the saved model is exactly the scored one")
+    lines = [
+        f"# Classify run {run_dir.name}", "",
+        f"**Best:** `{best['head']}` on `{best['backbone']}` / `{best['layer']}` / reduce `{best['reduce']}` — "
+        f"accuracy **{_fmt(best['accuracy'], best['accuracy_std'])}**, balanced accuracy "
+        f"{_fmt(best['balanced_accuracy'])}, macro-F1 {_fmt(best['macro_f1'])}, log-loss {_fmt(best['log_loss'])}"
+        + (f", top-5 {_fmt(best['top5'])}" if not pd.isna(best["top5"]) else "") + ".", "",
+        f"- Evaluation: {how}.",
+        f"- Data: {int(best['n_fit'])} training and {int(best['n_eval'])} scored images, "
+        f"{len(record['class_names'])} classes; seed {run['seed']}.",
+        f"- Tried {len(table)} combinations ({table['head'].nunique()} heads × "
+        f"{table[['backbone', 'layer', 'reduce']].drop_duplicates().shape[0]} feature sets) in {run['seconds']:.1f} s; "
+        f"peak memory {format_bytes(run['peak_bytes'])} above start (budget {format_bytes(run['budget_bytes'])}).",
+        f"- Use it: `make predict MODEL={run_dir / 'best'} DATA=<image folder>`", "",
+        "## Leaderboard (top 10)", "", markdown(shown(table, 10)), "",
+        "Full table: `leaderboard.csv`; plot: `accuracy.png`; best model's confusion matrix: "
+        "`best/confusion_matrix.png`.", "",
+    ]
+    if notes:
+        lines += ["## Warnings", ""] + [f"- {note}" for note in notes] + [""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def summary(run_dir: Path, top: int = 10) -> str:
+    """The one-screen summary printed at the end of `make classify`, rebuilt from the saved files."""
+    table = pd.read_csv(run_dir / "leaderboard.csv")
+    record = json.loads((run_dir / "best" / "model.json").read_text())
+    run = json.loads((run_dir / "run.json").read_text())
+    best = table.iloc[0]
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        board = shown(table, top).to_string(index=False)
+    return "\n".join([
+        board, "",
+        f"best: {best['head']} on {best['backbone']}/{best['layer']}/{best['reduce']}: accuracy "
+        f"{_fmt(best['accuracy'], best['accuracy_std'])} ({record['scheme']}), "
+        f"balanced {_fmt(best['balanced_accuracy'])}, macro-F1 {_fmt(best['macro_f1'])}",
+        f"{len(table)} combinations in {run['seconds']:.1f} s; peak memory {format_bytes(run['peak_bytes'])} "
+        f"(budget {format_bytes(run['budget_bytes'])}); {len(run['notes'])} warning(s), see report.md",
+        f"results: {run_dir}/  (report.md, leaderboard.csv, accuracy.png, best/)",
+        f"next:    make predict MODEL={run_dir / 'best'} DATA=<image folder>",
+    ])

@@ -1,0 +1,69 @@
+"""Fabricate small caches that follow docs/hdf5-schema.md, for tests and examples that need no backbone.
+
+Why in the package: the tests of both stages and anyone trying stage two without images can build a cache
+with a known answer (e.g. linearly separable classes) in milliseconds.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+# The attributes a real extraction writes, with values describing a fictitious backbone.
+TOY_ATTRS = {
+    "schema_version": 1, "complete": True, "backbone": "toynet", "backbone_file_sha256": "", "weights": "none",
+    "weights_source": "none", "image_size": 32, "resize": "crop", "interpolation": "area",
+    "preprocessing": "none (synthetic features)", "color": "RGB", "pool": "none", "dtype": "float32",
+    "compression": "none", "precision": "float32", "data_root": "/synthetic", "layout": "classes",
+    "labels_csv": "", "source_fingerprint": "toy", "shard": "", "num_candidates": 0,
+    "created": "2024-01-01T00:00:00Z", "completed": "2024-01-01T00:00:00Z", "tool_version": "0.1.0",
+    "keras_version": "", "tensorflow_version": "", "h5py_version": h5py.__version__,
+}
+
+
+def separable(n_per_class: int, n_classes: int, dim: int, seed: int = 0, spread: float = 0.3
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Well separated Gaussian blobs around random unit centres: any sane linear head scores 1.0."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True) / 3
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    X = centres[y] + spread * rng.normal(size=(len(y), dim)) / np.sqrt(dim)
+    return X.astype(np.float32), y
+
+
+def write_cache(path: str | Path, layers: dict[str, np.ndarray], labels: np.ndarray,
+                label_names: list[str] | None = None, split: list[str] | np.ndarray | None = None,
+                paths: list[str] | None = None, complete: bool = True, **attrs) -> Path:
+    """Write `layers` (name -> (N, ...) array or np.memmap) and per-row metadata as a schema-1 cache;
+    `attrs` override TOY_ATTRS."""
+    path = Path(path)
+    labels = np.asarray(labels, dtype=np.int32)
+    n = len(labels)
+    label_names = label_names or [f"class{i}" for i in range(int(labels.max()) + 1 if n and labels.max() >= 0 else 0)]
+    split = np.asarray(split if split is not None else [""] * n, dtype=str)
+    paths = paths or [f"{split[i] + '/' if split[i] else ''}{label_names[labels[i]] if labels[i] >= 0 else 'x'}"
+                      f"/img{i:05d}.jpg" for i in range(n)]
+    utf8 = h5py.string_dtype("utf-8")
+    meta = {**TOY_ATTRS, **attrs, "complete": complete, "layers": list(layers), "num_images": n}
+    meta.setdefault("config_json", json.dumps({"backbone": meta["backbone"], "data": meta["data_root"],
+                                               "layer": list(layers), "pool": meta["pool"], "dtype": meta["dtype"]}))
+    with h5py.File(path, "w") as file:
+        for name, values in layers.items():
+            rows = max(1, min(1024, (1 << 20) // max(1, values[0].nbytes))) if n else 1
+            dset = file.create_dataset(f"features/{name}", shape=values.shape, dtype=meta["dtype"],
+                                       chunks=(min(rows, max(n, 1)),) + values.shape[1:])
+            for start in range(0, n, rows):  # block by block, so a np.memmap larger than RAM can be written
+                dset[start:start + rows] = values[start:start + rows]
+            dset.attrs["layer"] = name
+            dset.attrs["shape"] = values.shape[1:]
+        file.create_dataset("paths", data=np.array(paths, dtype=object), dtype=utf8)
+        file.create_dataset("labels", data=labels)
+        file.create_dataset("label_names", data=np.array(label_names, dtype=object), dtype=utf8)
+        file.create_dataset("split", data=np.array(split.tolist(), dtype=object), dtype=utf8)
+        file.create_dataset("skipped", shape=(0,), dtype=[("path", utf8), ("reason", utf8)])
+        for key, value in meta.items():
+            file.attrs[key] = value
+    return path

@@ -1,0 +1,137 @@
+"""Backbones by name: every keras.applications family registered in one table, plus users' own `.keras` files.
+
+Like a timm `default_cfg`, each entry carries what it needs to be used correctly: the constructor, the family's own
+`preprocess_input`, the native input size. A `.keras` file declares the same things in a sidecar JSON
+(`model.json` beside `model.keras`) or through `--preprocess`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from features.errors import UsageError, did_you_mean
+from features.preprocess import Preprocess, resolve_preprocess
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    build: Callable  # (weights, input_shape) -> keras.Model without the classifier top
+    preprocess: Preprocess
+    input_size: int
+    default_layer: str | None = None  # None: the model's output
+    file: Path | None = None  # set for user .keras models
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+# (name, keras.applications constructor, module holding its preprocess_input, native size, what that preprocess does)
+_APPLICATIONS = [
+    ("vgg16", "VGG16", "vgg16", 224, "caffe"),
+    ("vgg19", "VGG19", "vgg19", 224, "caffe"),
+    ("resnet50", "ResNet50", "resnet", 224, "caffe"),
+    ("resnet101", "ResNet101", "resnet", 224, "caffe"),
+    ("resnet152", "ResNet152", "resnet", 224, "caffe"),
+    ("resnet50v2", "ResNet50V2", "resnet_v2", 224, "tf"),
+    ("resnet101v2", "ResNet101V2", "resnet_v2", 224, "tf"),
+    ("resnet152v2", "ResNet152V2", "resnet_v2", 224, "tf"),
+    ("inceptionv3", "InceptionV3", "inception_v3", 299, "tf"),
+    ("inceptionresnetv2", "InceptionResNetV2", "inception_resnet_v2", 299, "tf"),
+    ("xception", "Xception", "xception", 299, "tf"),
+    ("mobilenet", "MobileNet", "mobilenet", 224, "tf"),
+    ("mobilenetv2", "MobileNetV2", "mobilenet_v2", 224, "tf"),
+    ("mobilenetv3small", "MobileNetV3Small", "mobilenet_v3", 224, "none"),
+    ("mobilenetv3large", "MobileNetV3Large", "mobilenet_v3", 224, "none"),
+    ("densenet121", "DenseNet121", "densenet", 224, "torch"),
+    ("densenet169", "DenseNet169", "densenet", 224, "torch"),
+    ("densenet201", "DenseNet201", "densenet", 224, "torch"),
+    ("nasnetmobile", "NASNetMobile", "nasnet", 224, "tf"),
+    ("nasnetlarge", "NASNetLarge", "nasnet", 331, "tf"),
+    *[(f"efficientnetb{i}", f"EfficientNetB{i}", "efficientnet", s, "none")
+      for i, s in enumerate([224, 240, 260, 300, 380, 456, 528, 600])],
+    *[(f"efficientnetv2{v.lower()}", f"EfficientNetV2{v}", "efficientnet_v2", s, "none")
+      for v, s in [("B0", 224), ("B1", 240), ("B2", 260), ("B3", 300), ("S", 384), ("M", 480), ("L", 480)]],
+    *[(f"convnext{v.lower()}", f"ConvNeXt{v}", "convnext", 224, "none")
+      for v in ["Tiny", "Small", "Base", "Large", "XLarge"]],
+]
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _application(constructor: str, module: str) -> Callable:
+    def build(weights, input_shape):
+        import keras
+
+        return getattr(keras.applications, constructor)(include_top=False, weights=weights, input_shape=input_shape)
+
+    build.__qualname__ = f"keras.applications.{constructor}"
+    return build
+
+
+def _family_preprocess(module: str, mode: str) -> Preprocess:
+    def fn(x):
+        import keras
+
+        return getattr(keras.applications, module).preprocess_input(x)
+
+    what = "the model normalises internally" if mode == "none" else resolve_preprocess(mode).description
+    return Preprocess(fn, f"keras.applications.{module}.preprocess_input ({what})")
+
+
+for _name, _ctor, _module, _size, _mode in _APPLICATIONS:
+    register(BackboneSpec(_name, _application(_ctor, _module), _family_preprocess(_module, _mode), _size))
+
+
+def list_backbones(pattern: str = "*") -> list[str]:
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sidecar_path(model_file: Path) -> Path:
+    return model_file.with_suffix(".json")
+
+
+def _user_model(path: Path, preprocess: str | None) -> BackboneSpec:
+    meta = json.loads(sidecar_path(path).read_text()) if sidecar_path(path).exists() else {}
+    spec = preprocess or meta.get("preprocess")
+    if not spec:
+        raise UsageError(f"backbone '{path}' does not declare its preprocessing. Pass --preprocess "
+                         f"(caffe|tf|torch|none|mean=M,std=S) or write it into {sidecar_path(path)} as "
+                         '{"preprocess": "mean=127,std=128", "input_size": 224}. A silent /255 is never assumed.')
+
+    def build(weights, input_shape):
+        import keras
+
+        return keras.models.load_model(path, compile=False)
+
+    return BackboneSpec(str(path), build, resolve_preprocess(spec), int(meta.get("input_size", 224)),
+                        meta.get("default_layer"), file=path)
+
+
+def get_backbone(name: str, preprocess: str | None = None) -> BackboneSpec:
+    """A registry name (`vgg19`) or the path of a `.keras` file."""
+    if name.endswith(".keras"):
+        path = Path(name)
+        if not path.is_file():
+            raise UsageError(f"backbone file '{name}' does not exist.")
+        return _user_model(path, preprocess)
+    if name not in _REGISTRY:
+        raise UsageError(f"unknown backbone '{name}'. Expected a .keras file or one of the registered names "
+                         f"(see 'make backbones').{did_you_mean(name.lower(), _REGISTRY)}")
+    if preprocess:
+        raise UsageError(f"--preprocess is for .keras files; backbone '{name}' always uses its own preprocess_input.")
+    return _REGISTRY[name]

@@ -1,0 +1,188 @@
+"""Find the images under DATA and their labels and splits, for the three layouts users have.
+
+(a) DATA/<class>/*.jpg; (b) DATA/<train|val|test...>/<class>/*.jpg, the split kept per image;
+(c) DATA/**/*.jpg plus a labels CSV. Unlabelled folders are allowed (label -1), for prediction later.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from features.errors import UsageError
+from features.images import IMAGE_EXTENSIONS
+
+SPLIT_PREFIXES = ("train", "val", "test")
+PATH_COLUMNS = ("path", "filepath", "file", "filename", "image", "image_path", "image_id", "img", "id", "name")
+LABEL_COLUMNS = ("label", "class", "category", "target", "y", "class_name", "labels")
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The candidate images of one extraction, sorted by relative path (the row order of the cache)."""
+
+    root: Path
+    paths: list[str]  # relative to root, '/'-separated
+    labels: list[int]  # index into label_names, -1 = unlabelled
+    splits: list[str]  # 'train' | 'val' | 'test' | ''
+    label_names: list[str]
+    layout: str
+    ignored: list[tuple[str, str]]  # files under root that are not images, with the reason
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def fingerprint(self) -> str:
+        """Identity of the input set: names, sizes, modification times and labels of every candidate."""
+        h = hashlib.sha256()
+        for rel, label, split in zip(self.paths, self.labels, self.splits):
+            st = (self.root / rel).stat()
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\0{split}\n".encode())
+        h.update("\0".join(self.label_names).encode())
+        return h.hexdigest()
+
+    def shard(self, index: int, count: int) -> "Catalog":
+        """Contiguous block `index` of `count`, balanced by count; concatenating the blocks restores the order."""
+        lo, hi = len(self) * index // count, len(self) * (index + 1) // count
+        return Catalog(
+            self.root, self.paths[lo:hi], self.labels[lo:hi], self.splits[lo:hi], self.label_names, self.layout,
+            self.ignored if index == 0 else [],
+        )
+
+
+def _walk_files(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image files (relative, sorted) and other visible files, recursively; hidden files and folders are ignored."""
+    images, others = [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            rel = Path(dirpath, name).relative_to(root).as_posix()
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                images.append(rel)
+            else:
+                others.append((rel, f"not an image file type ({Path(name).suffix or 'no extension'})"))
+    return sorted(images), sorted(others)
+
+
+def _split_of(top: str) -> str:
+    lower = top.lower()
+    return next((s for s in SPLIT_PREFIXES if lower.startswith(s)), "")
+
+
+def discover(
+    data: str | Path, labels_csv: str | None = None, path_column: str | None = None, label_column: str | None = None
+) -> Catalog:
+    root = Path(data)
+    if not root.exists():
+        raise UsageError(f"DATA folder '{data}' does not exist. Expected a folder of images (class sub-folders, "
+                         "split sub-folders, or images plus LABELS=labels.csv).")
+    if not root.is_dir():
+        raise UsageError(f"DATA '{data}' is a file, expected a folder of images.")
+    images, others = _walk_files(root)
+    if labels_csv:
+        others = [o for o in others if (root / o[0]).resolve() != Path(labels_csv).resolve()]
+    if not images:
+        raise UsageError(f"DATA folder '{data}' holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
+                         "recursively).")
+    if labels_csv:
+        return _from_csv(root, images, others, labels_csv, path_column, label_column)
+    return _from_folders(root, images, others)
+
+
+def _from_folders(root: Path, images: list[str], others: list[tuple[str, str]]) -> Catalog:
+    tops = {p.split("/")[0] for p in images if "/" in p}
+    by_split = bool(tops) and all(_split_of(t) for t in tops)
+    class_of: list[str] = []
+    splits: list[str] = []
+    for rel in images:
+        parts = rel.split("/")
+        if by_split:
+            splits.append(_split_of(parts[0]))
+            class_of.append(parts[1] if len(parts) > 2 else "")
+        else:
+            splits.append("")
+            class_of.append(parts[0] if len(parts) > 1 else "")
+    names = sorted({c for c in class_of if c})
+    index = {n: i for i, n in enumerate(names)}
+    labels = [index.get(c, -1) for c in class_of]
+    layout = ("splits" if by_split else "classes") if names else "unlabelled"
+    return Catalog(root, images, labels, splits, names, layout, others)
+
+
+def _pick_column(columns: list[str], given: str | None, known: tuple[str, ...], position: int, what: str) -> str:
+    if given:
+        if given not in columns:
+            raise UsageError(f"labels CSV has no {what} column '{given}'. Columns are: {', '.join(columns)}.")
+        return given
+    lowered = {c.lower().strip(): c for c in columns}
+    for name in known:
+        if name in lowered:
+            return lowered[name]
+    return columns[position]
+
+
+def _from_csv(root: Path, images: list[str], others: list[tuple[str, str]], csv: str,
+              path_column: str | None, label_column: str | None) -> Catalog:
+    try:
+        table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise UsageError(f"labels CSV '{csv}' does not exist.") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise UsageError(f"labels CSV '{csv}' cannot be read as CSV: {err}") from None
+    columns = list(table.columns)
+    if len(columns) < 2:
+        raise UsageError(f"labels CSV '{csv}' needs at least two columns (image path or id, label); "
+                         f"found {columns}.")
+    pcol = _pick_column(columns, path_column, PATH_COLUMNS, 0, "path")
+    lcol = _pick_column(columns, label_column, LABEL_COLUMNS, 1, "label")
+    if pcol == lcol:
+        raise UsageError(f"labels CSV '{csv}': path and label column are both '{pcol}'; "
+                         "set --path-column and --label-column.")
+    scol = next((c for c in columns if c.lower().strip() == "split"), None)
+    keys = _image_keys(images)
+    label_of: dict[str, str] = {}
+    split_of: dict[str, str] = {}
+    unknown = []
+    for raw, label, *split in table[[pcol, lcol] + ([scol] if scol else [])].itertuples(index=False, name=None):
+        key = raw.strip().replace("\\", "/").removeprefix("./")
+        rel = keys.get(key) or keys.get(os.path.splitext(key)[0])
+        if rel is None:
+            unknown.append(raw)
+            continue
+        label_of[rel] = label.strip()
+        if split:
+            split_of[rel] = _split_of(split[0].strip())
+    if not label_of:
+        raise UsageError(f"labels CSV '{csv}': none of its {len(table)} rows names an image under '{root}' "
+                         f"(column '{pcol}', e.g. '{table[pcol].iloc[0] if len(table) else ''}'). "
+                         "Use paths relative to DATA or file names, with or without extension.")
+    names = sorted({v for v in label_of.values() if v})
+    index = {n: i for i, n in enumerate(names)}
+    labels = [index.get(label_of.get(rel, ""), -1) for rel in images]
+    splits = [split_of.get(rel, "") for rel in images]
+    ignored = others + [(u, "listed in the labels CSV but not found under DATA") for u in unknown]
+    return Catalog(root, images, labels, splits, names, "csv", ignored)
+
+
+def _image_keys(images: list[str]) -> dict[str, str]:
+    """Every way a CSV may name an image: relative path or bare file name, with or without extension.
+
+    A bare name shared by two files is ambiguous and only matches by its full relative path.
+    """
+    keys: dict[str, str] = {}
+    ambiguous: set[str] = set()
+    for rel in images:
+        stem_rel = os.path.splitext(rel)[0]
+        keys[rel] = keys[stem_rel] = rel
+        for short in (rel.rsplit("/", 1)[-1], stem_rel.rsplit("/", 1)[-1]):
+            if short in keys and keys[short] != rel:
+                ambiguous.add(short)
+            keys[short] = rel
+    for short in ambiguous:
+        keys.pop(short, None)
+    return keys

@@ -1,0 +1,195 @@
+"""Stage two: many cheap heads on cached features, ranked, with the best one saved for `predict`.
+
+`classify(cfg) -> Path` is the whole stage; the CLI only builds the config. Each (cache, layer, reduce) is read
+and reduced once, then every head is fitted and scored on that matrix. Example:
+
+    >>> from pipeline.classify import ClassifyConfig, classify
+    >>> run_dir = classify(ClassifyConfig(features="features/x.h5", heads="logreg,knn"))  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import sklearn
+from sklearn.pipeline import Pipeline
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+
+from classifiers.data import Cache, check_layers, find_caches, load_reduced, open_cache, require_layers, take_rows
+from classifiers.evaluate import Evaluation, Plan, evaluate, fit_final, plan_evaluation
+from classifiers.heads import HeadSpec, resolve_heads
+from classifiers.memory import PeakMemory, parse_bytes
+from classifiers.reduce import ReduceSpec, get_reduce, resolve_reduce
+from classifiers.report import plot_leaderboard, rank, save_model, write_leaderboard, write_report
+from features.errors import UsageError
+
+# cache attributes copied into model.json: how the features were made, so predict can make them again
+SOURCE_ATTRS = ("source_fingerprint", "backbone", "backbone_file_sha256", "weights", "weights_source", "image_size",
+                "resize", "interpolation", "preprocessing", "color", "pool", "dtype", "precision", "config_json",
+                "data_root", "layout", "schema_version", "tool_version", "keras_version", "tensorflow_version")
+
+
+@dataclass
+class ClassifyConfig:
+    """Everything `classify` needs. Field names are the CLI flags (`--memory-budget` ↔ `memory_budget`)."""
+
+    features: str | None = None  # file, comma-separated files, or a glob; None: every complete cache in features/
+    layer: list[str] = field(default_factory=list)  # empty: every layer of each cache
+    heads: str = "default"  # default | all | comma-separated names (pca+<head> composes)
+    reduce: list[str] = field(default_factory=list)  # empty: avg for spatial maps, none for vectors
+    cv: int = 5
+    seed: int = 0
+    out: str | None = None  # None: results/<UTC timestamp>/
+    memory_budget: str = "2GiB"
+    save_all: bool = False
+
+
+@dataclass
+class Job:
+    """One feature matrix of the run: a cache, one of its layers, one reduction, and the evaluation plan."""
+
+    cache: Cache
+    layer: str
+    reduce: ReduceSpec
+    plan: Plan
+
+    @property
+    def key(self) -> str:
+        return f"{self.cache.name}__{self.layer}__{self.reduce.name}"
+
+
+def plan_jobs(cfg: ClassifyConfig) -> tuple[list[HeadSpec], list[Job], list[str]]:
+    """Validate every name and file before any feature is read; returns heads, jobs and notes."""
+    heads = resolve_heads(cfg.heads)
+    for name in cfg.reduce:
+        get_reduce(name)
+    paths, notes = find_caches(cfg.features)
+    caches = [open_cache(path) for path in paths]
+    require_layers(caches, cfg.layer)
+    jobs = []
+    for cache in caches:
+        layers = check_layers(cache, cfg.layer)
+        if not layers:
+            notes.append(f"skipped {cache.name}: it has none of the layers {cfg.layer}")
+            continue
+        plan = plan_evaluation(cache.labels, cache.split, cache.label_names, cfg.cv, cfg.seed, source=cache.name)
+        notes += plan.notes
+        for layer in layers:
+            specs = {}
+            for name in cfg.reduce or [None]:
+                spec = resolve_reduce(name, cache.shapes[layer])
+                specs.setdefault(spec.name, spec)
+            jobs += [Job(cache, layer, spec, plan) for spec in specs.values()]
+    return heads, jobs, notes
+
+
+def _run_dir(out: str | None) -> Path:
+    run_dir = Path(out) if out else Path("results") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _record(job: Job, head: HeadSpec, ev: Evaluation, params: dict, model: Pipeline, cfg: ClassifyConfig,
+            n_fit: int) -> dict:
+    """model.json: the source cache's identity and settings, the reduction, the head, classes and scores."""
+    attrs = job.cache.attrs
+    return {
+        "model_file": "model.joblib",
+        "head": head.name, "params": params, "layer": job.layer, "reduce": job.reduce.name,
+        "row_shape": list(job.cache.shapes[job.layer]), "feature_dim": job.reduce.dim(job.cache.shapes[job.layer]),
+        "class_names": job.cache.label_names, "scheme": job.plan.scheme, "n_fit": n_fit,
+        "metrics": {**ev.scores, "fit_s": ev.fit_s, "predict_s": ev.predict_s},
+        "seed": cfg.seed, "cv": cfg.cv, "source_file": str(job.cache.path.resolve()),
+        **{key: attrs.get(key, "") for key in SOURCE_ATTRS},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"python": sys.version.split()[0], "numpy": np.__version__, "scikit-learn": sklearn.__version__},
+    }
+
+
+def _eval_table(job: Job, ev: Evaluation) -> pd.DataFrame:
+    """The scored rows (held-out, or out-of-fold for CV) with their predictions: what the confusion matrix shows."""
+    names = np.array(job.cache.label_names)
+    table = pd.DataFrame({"path": job.cache.paths[ev.eval_rows], "split": job.cache.split[ev.eval_rows],
+                          "label": names[job.cache.labels[ev.eval_rows]], "predicted": names[ev.predictions]})
+    if ev.probabilities is not None:
+        for i, name in enumerate(names):
+            table[f"p_{name}"] = ev.probabilities[:, i]
+    return table
+
+
+def _save(model_dir: Path, job: Job, head: HeadSpec, ev: Evaluation, loaded, cfg: ClassifyConfig) -> None:
+    """Save one head: the scored model for a held-out split, or a refit on every labelled row after CV."""
+    if job.plan.scheme.startswith("cv"):
+        positions = np.searchsorted(loaded.rows, job.plan.fit_rows)
+        model, params = fit_final(head, take_rows(loaded.X, positions), job.cache.labels[job.plan.fit_rows],
+                                  job.plan, cfg.seed)
+    else:
+        model, params = ev.model, ev.params[0]
+    pipeline = Pipeline([("reduce", loaded.reducer), ("head", model)])
+    save_model(model_dir, pipeline, _record(job, head, ev, params, pipeline, cfg, len(job.plan.fit_rows)),
+               _eval_table(job, ev))
+
+
+def classify(cfg: ClassifyConfig) -> Path:
+    """Run every head on every (cache, layer, reduce); write the leaderboard, plots, report and best model."""
+    started = time.perf_counter()
+    budget = parse_bytes(cfg.memory_budget)
+    heads, jobs, notes = plan_jobs(cfg)
+    run_dir = _run_dir(cfg.out)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    for note in notes:
+        tqdm.write(f"warning: {note}", file=sys.stderr)
+    rows, best = [], None
+    with PeakMemory() as memory, tqdm(total=len(jobs) * len(heads), desc="classify", unit="head") as bar:
+        for job in jobs:
+            bar.set_postfix_str(job.key[-60:])
+            loaded = load_reduced(job.cache, job.layer, job.reduce, job.plan.rows, job.plan.fit_rows, budget,
+                                  desc=job.layer)
+            for head in heads:
+                bar.update()
+                if loaded.streamed and not head.streaming:
+                    notes.append(f"{job.key}: skipped head {head.name!r}; the reduced matrix exceeds the memory "
+                                 f"budget, so only streaming heads (sgd, mlp) run. Use a pooling reduce or a larger "
+                                 f"--memory-budget.")
+                    continue
+                # heads make many small fits, where multithreaded BLAS costs more in overhead than it saves
+                with threadpool_limits(limits=1, user_api="blas"):
+                    ev = evaluate(head, loaded.X, job.cache.labels, loaded.rows, job.plan,
+                                  len(job.cache.label_names), cfg.seed)
+                notes += [f"{job.key} {head.name}: {note}" for note in ev.notes]
+                rows.append({"backbone": job.cache.backbone, "layer": job.layer, "reduce": job.reduce.name,
+                             "head": head.name, "scheme": job.plan.scheme, **ev.scores,
+                             "fit_s": ev.fit_s, "predict_s": ev.predict_s, "reduce_s": loaded.seconds,
+                             "dim": job.reduce.dim(job.cache.shapes[job.layer]), "n_fit": len(job.plan.fit_rows),
+                             "n_eval": len(ev.eval_rows), "streamed": loaded.streamed,
+                             "params": json.dumps(ev.params, default=str), "cache": str(job.cache.path)})
+                if cfg.save_all:
+                    _save(run_dir / "models" / f"{job.key}__{head.name}", job, head, ev, loaded, cfg)
+                # the leaderboard's order: accuracy, balanced accuracy, lower log-loss, faster fit
+                key = (ev.scores["accuracy"], ev.scores["balanced_accuracy"],
+                       -np.nan_to_num(ev.scores["log_loss"], nan=np.inf), -ev.fit_s)
+                if best is None or key > best[0]:
+                    best = (key, job, head, ev, loaded)
+    if best is None:
+        raise UsageError(f"No head could run: every reduced matrix exceeded --memory-budget {cfg.memory_budget} and "
+                         f"none of the heads {[h.name for h in heads]} streams. Add HEADS=sgd or mlp, use a pooling "
+                         f"reduce (avg, grid4), or raise the budget.")
+    _, job, head, ev, loaded = best
+    _save(run_dir / "best", job, head, ev, loaded, cfg)
+    table = rank(rows)
+    write_leaderboard(table, run_dir)
+    plot_leaderboard(run_dir)
+    run = {"seconds": time.perf_counter() - started, "peak_bytes": memory.peak_growth, "budget_bytes": budget,
+           "seed": cfg.seed, "notes": notes}
+    (run_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    record = json.loads((run_dir / "best" / "model.json").read_text())
+    write_report(run_dir, table, record, run, notes)
+    return run_dir

@@ -1,0 +1,54 @@
+"""The thin CLI: parse flags, call exactly one stage function, turn user errors into one line and a non-zero exit.
+
+Each command lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; the table below
+is the only place that knows them all.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from features.errors import UsageError
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "extract": ("pipeline.extract_cmd", "push images once through a frozen, truncated backbone into an HDF5 cache"),
+    "layers": ("pipeline.inspect_cmd", "list a backbone's layers (cut points) with output shapes"),
+    "backbones": ("pipeline.inspect_cmd", "list registered backbones"),
+    "weights": ("pipeline.inspect_cmd", "pre-fetch ImageNet weights into the Keras cache (needs internet)"),
+    "classify": ("pipeline.classify_cmd", "train and rank many cheap heads on cached features"),
+    "predict": ("pipeline.predict_cmd", "apply a saved head to new images"),
+    "merge": ("pipeline.merge_cmd", "join the shards of one extraction into a single cache"),
+    "slurm": ("pipeline.slurm_cmd", "submit a sharded extraction as a SLURM job array plus a dependent merge"),
+    "bench": ("pipeline.bench_cmd", "run the benchmarks and write benchmarks/results.md"),
+    "demo": ("pipeline.demo_cmd", "extract + classify on the shipped data and model"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """All commands are listed; only the chosen one's module is imported (keeps `--help` and start-up fast)."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            mod = importlib.import_module(module)
+            getattr(mod, f"add_{name}_arguments", getattr(mod, "add_arguments", None))(p)
+            p.set_defaults(_run=getattr(mod, f"run_{name}", getattr(mod, "run", None)))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off the user's screen
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(next((a for a in argv if a in COMMANDS), None)).parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (UsageError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: partial work is kept; rerun the same command to resume", file=sys.stderr)
+        return 130

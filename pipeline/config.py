@@ -1,0 +1,58 @@
+"""Typed, flat configuration of the extraction stage.
+
+One dataclass of defaults; the CLI, the Makefile and batch jobs only override fields. The resolved config is
+written into every cache it produces, so the cache says how it was made.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ExtractConfig:
+    """Everything `extract` needs. Field names are the CLI flags (`--batch-size` ↔ `batch_size`)."""
+
+    backbone: str = "models/efficientnet_lite0/efficientnet_lite0_imagenet.keras"
+    data: str = "data/hymenoptera-small"
+    layer: list[str] = field(default_factory=list)  # empty: the backbone's default layer
+    weights: str = "imagenet"  # imagenet | none | path to a weights file
+    pool: str = "none"  # none | avg | max
+    dtype: str = "float32"  # float16 | float32 (storage)
+    batch_size: int = 32
+    image_size: int | None = None  # None: the backbone's native size
+    resize: str = "crop"  # crop | stretch
+    preprocess: str | None = None  # override for user models: caffe | tf | torch | none | mean=..,std=..
+    out: str | None = None  # None: a readable name under features/
+    labels: str | None = None  # CSV mapping image id/path -> label
+    path_column: str | None = None
+    label_column: str | None = None
+    compression: str = "none"  # none | lzf
+    shard: str | None = None  # "I/N"; None: SLURM_ARRAY_TASK_* or the whole set
+    precision: str = "float32"  # float32 | mixed
+    jit: bool = False
+    workers: int = 0  # decoder threads; 0: one per core
+    overwrite: bool = False
+
+    def replace(self, **changes) -> "ExtractConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def default_out(cfg: ExtractConfig, layers: list[str], shard: tuple[int, int] | None) -> Path:
+    """features/<data>__<backbone>__<layers>[__pool][__size][__dtype][.shardI-of-N].h5: readable, derived from the config."""
+    data = Path(cfg.data).resolve().name or "data"
+    backbone = Path(cfg.backbone).stem if cfg.backbone.endswith(".keras") else cfg.backbone
+    parts = [data, backbone, "+".join(layers)]
+    if cfg.pool != "none":
+        parts.append(cfg.pool)
+    if cfg.image_size:
+        parts.append(str(cfg.image_size))
+    if cfg.dtype != "float32":
+        parts.append(cfg.dtype)
+    if cfg.weights != "imagenet":
+        parts.append("w-" + Path(cfg.weights).stem)
+    name = "__".join(parts)
+    if shard is not None:
+        name += f".shard{shard[0]}-of-{shard[1]}"
+    return Path("features") / f"{name}.h5"

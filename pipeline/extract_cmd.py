@@ -1,0 +1,55 @@
+"""`python -m pipeline extract`: flags mirror ExtractConfig's fields; prints a one-screen summary."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+
+from pipeline.config import ExtractConfig
+from pipeline.extract import ExtractResult, extract
+from pipeline.summary import print_extract_summary
+
+
+def _csv_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Extraction flags; `slurm` reuses them, so a job script runs exactly what the user typed."""
+    d = ExtractConfig()
+    p.add_argument("--backbone", default=d.backbone, help="registry name (see 'backbones') or a .keras file")
+    p.add_argument("--data", default=d.data, help="folder of images: class sub-folders, split sub-folders, or flat + --labels")
+    p.add_argument("--layer", type=_csv_list, default=d.layer, help="layer name(s), comma-separated; one forward pass")
+    p.add_argument("--weights", default=d.weights, help="imagenet | none | path to a weights file")
+    p.add_argument("--pool", default=d.pool, help="none | avg | max (global spatial pooling before storing)")
+    p.add_argument("--dtype", default=d.dtype, help="float16 | float32 storage")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--image-size", type=int, default=d.image_size, help="model input side; default: the backbone's native size")
+    p.add_argument("--resize", default=d.resize, help="crop (shorter side, centre crop; default) | stretch (as Keras)")
+    p.add_argument("--preprocess", default=d.preprocess, help="for .keras files: caffe | tf | torch | none | mean=M,std=S")
+    p.add_argument("--out", default=d.out, help="output .h5; default a readable name under features/")
+    p.add_argument("--labels", default=d.labels, help="CSV mapping image path or id to label")
+    p.add_argument("--path-column", default=d.path_column)
+    p.add_argument("--label-column", default=d.label_column)
+    p.add_argument("--compression", default=d.compression, help="none | lzf")
+    p.add_argument("--shard", default=d.shard, help="I/N: process block I of N (default: from SLURM_ARRAY_TASK_ID/COUNT)")
+    p.add_argument("--precision", default=d.precision, help="float32 | mixed (float16 compute, for GPUs)")
+    p.add_argument("--jit", action="store_true", help="compile the forward pass with XLA")
+    p.add_argument("--workers", type=int, default=d.workers, help="decoder threads (0: one per core)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache of another configuration")
+
+
+def config_from_args(args: argparse.Namespace) -> ExtractConfig:
+    return ExtractConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExtractConfig)})
+
+
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # a scheduler's pre-emption stops the run as cleanly as Ctrl-C
+
+
+def run(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    result: ExtractResult = extract(config_from_args(args))
+    if result.status != "up-to-date":
+        print_extract_summary(result)
+    return 0

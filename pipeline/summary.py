@@ -1,0 +1,43 @@
+"""One-screen summaries printed at the end of long work."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from pipeline.extract import ExtractResult
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def print_extract_summary(r: ExtractResult) -> None:
+    import h5py
+
+    with h5py.File(r.path, "r") as f:
+        itemsize = f[f"features/{next(iter(r.layer_shapes))}"].dtype.itemsize
+        dtype = f.attrs["dtype"]
+    t = r.timings
+    rate = r.processed / t.wall_s if t.wall_s else 0.0
+    lines = [
+        f"{r.status}: {r.path}  ({human_bytes(r.path.stat().st_size)})",
+        f"images: {r.images} written, {len(r.skipped)} skipped; {r.processed} processed in this run "
+        f"in {t.wall_s:.1f} s ({rate:.1f} img/s)",
+    ]
+    for layer, shape in r.layer_shapes.items():
+        per_image = int(np.prod(shape)) * itemsize
+        lines.append(f"  features/{layer}: (N, {', '.join(map(str, shape))}) {dtype}, {human_bytes(per_image)} per image")
+    lines.append(f"time: model {t.model_s:.1f} s, waiting for decoder {t.wait_input_s:.1f} s, write {t.write_s:.1f} s; "
+                 f"decode {t.decode_cpu_s:.1f} cpu-s across threads")
+    if r.skipped:
+        reasons = Counter(reason for _, reason in r.skipped)
+        lines.append("skipped: " + "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common()))
+        lines += [f"  {path}: {reason}" for path, reason in r.skipped[:8]]
+        if len(r.skipped) > 8:
+            lines.append(f"  ... and {len(r.skipped) - 8} more (dataset 'skipped' in the file)")
+    print("\n".join(lines))

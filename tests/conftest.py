@@ -1,0 +1,52 @@
+"""Shared fixtures: generated images (always available) and the real data in ../shared (skipped when absent)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SHARED_DIR", ROOT.parent / "shared"))
+LITE0 = ROOT / "models" / "efficientnet_lite0" / "efficientnet_lite0_imagenet.keras"
+
+
+def shared_path(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (real data lives in ../shared)")
+    return path
+
+
+def write_images(folder: Path, n: int, seed: int, size: tuple[int, int] = (48, 64)) -> list[Path]:
+    """n random-texture colour JPEGs/PNGs of varying size; deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        h, w = size[0] + int(rng.integers(0, 16)), size[1] + int(rng.integers(0, 16))
+        img = cv2.resize(rng.integers(0, 256, (h // 4, w // 4, 3), dtype=np.uint8), (w, h))
+        path = folder / f"img_{i:03d}.{'png' if i % 3 == 0 else 'jpg'}"
+        cv2.imwrite(str(path), img)
+        out.append(path)
+    return out
+
+
+@pytest.fixture
+def class_folder(tmp_path: Path) -> Path:
+    """DATA/<class>/*: two classes, 10 images each."""
+    for k, name in enumerate(["cats", "dogs"]):
+        write_images(tmp_path / "data" / name, 10, seed=k)
+    return tmp_path / "data"
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd or ROOT, env=env, text=True,
+                          capture_output=True, timeout=timeout)

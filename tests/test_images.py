@@ -1,0 +1,118 @@
+"""Decoding what real folders contain: every odd format becomes RGB uint8, every bad file a skip with a reason."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from features.images import decode_rgb, decode_stream, load_image
+from tests.conftest import shared_path
+
+# file -> mean absolute difference to the reference allowed (0 = lossless)
+GOOD = {"reference_rgb.png": 0, "rgba.png": 0, "sixteen_bit.png": 0, "tiff.tif": 0, "bmp.bmp": 0,
+        "exif_rotated.jpg": 3, "cmyk.jpg": 3, "webp.webp": 3, "progressive.jpg": 3, "UPPER_CASE_EXT.JPG": 3,
+        "palette.gif": 25, "grayscale.jpg": 25}
+BAD = ["truncated.jpg", "zero_bytes.jpg", "text_named.jpg", "html_named.jpeg", "random_bytes.png"]
+
+
+@pytest.fixture(scope="module")
+def odd() -> Path:
+    return shared_path("datasets", "odd-inputs")
+
+
+@pytest.fixture(scope="module")
+def reference(odd: Path) -> np.ndarray:
+    return np.asarray(Image.open(odd / "good" / "reference_rgb.png").convert("RGB"))
+
+
+@pytest.mark.parametrize("name", sorted(GOOD))
+def test_odd_good_inputs_decode_to_the_reference(odd, reference, name):
+    img = decode_rgb(odd / "good" / name)
+    assert img.dtype == np.uint8 and img.shape == reference.shape
+    assert np.abs(img.astype(int) - reference).mean() <= GOOD[name]
+
+
+def test_grayscale_is_replicated_to_three_equal_channels(odd):
+    img = decode_rgb(odd / "good" / "grayscale.jpg")
+    assert np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2])
+
+
+def test_large_and_tiny_images_resize_close_to_the_reference(odd, reference):
+    want = load_image(odd / "good" / "reference_rgb.png", 224, "crop").astype(int)
+    large = load_image(odd / "good" / "large_4000x2328.jpg", 224, "crop").astype(int)
+    assert np.abs(large - want).mean() < 4
+    assert load_image(odd / "good" / "tiny_20x20.png", 224, "stretch").shape == (224, 224, 3)
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_odd_bad_inputs_raise_with_a_reason(odd, name):
+    with pytest.raises(ValueError, match="empty|not a decodable image"):
+        decode_rgb(odd / "bad" / name)
+
+
+def _rgb_gradient() -> np.ndarray:
+    y, x = np.mgrid[0:60, 0:80]
+    return np.stack([x * 3, y * 4, (x + y) * 2], axis=-1).astype(np.uint8)
+
+
+def test_channel_order_is_rgb_not_opencv_bgr(tmp_path):
+    rgb = _rgb_gradient()
+    Image.fromarray(rgb).save(tmp_path / "g.png")
+    assert np.array_equal(decode_rgb(tmp_path / "g.png"), rgb)
+
+
+def test_generated_odd_formats(tmp_path):
+    """The same checks on files made here, so they run without ../shared."""
+    rgb = _rgb_gradient()
+    Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
+    cv2.imwrite(str(tmp_path / "16bit.png"), (rgb[..., ::-1].astype(np.uint16) * 257))
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=98)
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "gray.png")
+    rotated = Image.fromarray(np.ascontiguousarray(np.rot90(rgb, k=1)))  # stored rotated 90° ccw ...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ... and tagged "rotate 90° cw to display"
+    rotated.save(tmp_path / "exif.jpg", exif=exif, quality=98)
+    assert np.array_equal(decode_rgb(tmp_path / "rgba.png"), rgb)
+    assert np.array_equal(decode_rgb(tmp_path / "16bit.png"), rgb)
+    assert np.abs(decode_rgb(tmp_path / "cmyk.jpg").astype(int) - rgb).mean() < 3
+    assert np.array_equal(decode_rgb(tmp_path / "gray.png")[..., 1], rgb[..., 0])
+    upright = decode_rgb(tmp_path / "exif.jpg")
+    assert upright.shape == rgb.shape and np.abs(upright.astype(int) - rgb).mean() < 3
+
+
+def test_generated_bad_files(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(_rgb_gradient()).save(buf, "JPEG")
+    (tmp_path / "trunc.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "html.jpeg").write_text("<html>404 not found</html>")
+    for name in ["trunc.jpg", "empty.jpg", "html.jpeg"]:
+        with pytest.raises(ValueError):
+            decode_rgb(tmp_path / name)
+
+
+@pytest.mark.parametrize("policy", ["crop", "stretch"])
+def test_resize_policies(tmp_path, policy):
+    wide = np.zeros((100, 300, 3), np.uint8)
+    wide[:, 100:200] = 255  # white centre third
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    out = load_image(tmp_path / "wide.png", 64, policy)
+    assert out.shape == (64, 64, 3)
+    white = (out[32, :, 0] > 128).mean()
+    # crop keeps the aspect ratio: the centre third fills most of the square; stretch squeezes it to a third
+    assert white > 0.8 if policy == "crop" else abs(white - 1 / 3) < 0.05
+
+
+def test_decode_stream_keeps_order_and_reports_skips(tmp_path):
+    good = tmp_path / "a.png"
+    Image.fromarray(_rgb_gradient()).save(good)
+    (tmp_path / "b.jpg").write_bytes(b"")
+    items = [(i, good if i % 2 == 0 else tmp_path / "b.jpg") for i in range(20)]
+    out = list(decode_stream(items, 32, "stretch", workers=4, lookahead=5))
+    assert [d.index for d in out] == list(range(20))
+    assert all((d.pixels is None) == (d.index % 2 == 1) for d in out)
+    assert all(d.reason for d in out if d.pixels is None)
