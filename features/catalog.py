@@ -174,15 +174,13 @@ def _image_keys(images: list[str]) -> dict[str, str]:
 
     A bare name shared by two files is ambiguous and only matches by its full relative path.
     """
-    keys: dict[str, str] = {}
+    full = {key: rel for rel in images for key in (rel, os.path.splitext(rel)[0])}
+    short: dict[str, str] = {}
     ambiguous: set[str] = set()
     for rel in images:
-        stem_rel = os.path.splitext(rel)[0]
-        keys[rel] = keys[stem_rel] = rel
-        for short in (rel.rsplit("/", 1)[-1], stem_rel.rsplit("/", 1)[-1]):
-            if short in keys and keys[short] != rel:
-                ambiguous.add(short)
-            keys[short] = rel
-    for short in ambiguous:
-        keys.pop(short, None)
+        for key in (rel.rsplit("/", 1)[-1], os.path.splitext(rel)[0].rsplit("/", 1)[-1]):
+            if short.setdefault(key, rel) != rel:
+                ambiguous.add(key)
+    keys = {k: v for k, v in short.items() if k not in ambiguous}
+    keys.update(full)  # a relative path always wins over a bare name
     return keys
