@@ -264,7 +264,7 @@ def _fit_incremental(cache: Cache, layer: str, spec: ReduceSpec, reducer, fit_ro
     if len(fit_rows) < k:
         raise UsageError(f"Reduce {spec.name!r} needs at least {k} training images; {cache.name} has "
                          f"{len(fit_rows)}. Use a smaller k (e.g. pca{max(1, len(fit_rows) // 2)}) or a pooling reduce.")
-    block = max(block, k)
+    block = max(k, min(block, 4 * k))  # SVD cost grows with (k + block)^2: a few k rows per partial_fit
     need = 4 * (2 * k + block + 1) * values * 8  # float64 SVD input and factors of IncrementalPCA
     if need > budget:
         raise UsageError(f"Reduce {spec.name!r} on layer {layer!r} ({values} values per image) needs about "

@@ -20,8 +20,12 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.decomposition import IncrementalPCA
 from sklearn.pipeline import Pipeline
+from sklearn.utils.validation import validate_data
 
 from features.errors import UsageError, did_you_mean
+
+
+_FLOATS = (np.float32, np.float64, np.float16)  # kept as stored: no float64 copy of a float16 block
 
 
 def _flatten(x: np.ndarray) -> np.ndarray:
@@ -66,21 +70,24 @@ def pool_function(mode: str) -> Callable[[np.ndarray], np.ndarray]:
 
 
 class SpatialReduce(TransformerMixin, BaseEstimator):
-    """Stateless transformer wrapping `pool_function(mode)`; learns nothing, so it needs no fit before transform."""
+    """Stateless transformer wrapping `pool_function(mode)`: (n, ..., C) -> (n, D) float32. It learns nothing,
+    so it also transforms unfitted (features are reduced while they are read, before any head is fitted)."""
 
     def __init__(self, mode: str = "avg"):
         self.mode = mode
 
     def fit(self, X, y=None):
         pool_function(self.mode)
+        validate_data(self, X, allow_nd=True, dtype=_FLOATS)
         return self
 
     def transform(self, X) -> np.ndarray:
-        return pool_function(self.mode)(np.asarray(X))
+        return pool_function(self.mode)(validate_data(self, X, allow_nd=True, dtype=_FLOATS, reset=False))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.requires_fit = False
+        tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
 
 

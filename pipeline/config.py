@@ -32,6 +32,7 @@ class ExtractConfig:
     shard: str | None = None  # "I/N"; None: SLURM_ARRAY_TASK_* or the whole set
     precision: str = "float32"  # float32 | mixed
     jit: bool = False
+    devices: str = "all"  # all | comma-separated GPU indices: one extraction worker per GPU
     workers: int = 0  # decoder threads; 0: one per core
     overwrite: bool = False
 
@@ -52,7 +53,9 @@ def default_out(cfg: ExtractConfig, layers: list[str], shard: tuple[int, int] | 
         parts.append(cfg.dtype)
     if cfg.weights != "imagenet":
         parts.append("w-" + Path(cfg.weights).stem)
-    name = "__".join(parts)
-    if shard is not None:
-        name += f".shard{shard[0]}-of-{shard[1]}"
-    return Path("features") / f"{name}.h5"
+    return shard_out(Path("features") / f"{'__'.join(parts)}.h5", shard)
+
+
+def shard_out(out: Path, shard: tuple[int, int] | None) -> Path:
+    """Shard I/N of the extraction whose merged cache is `out` goes beside it as <stem>.shardI-of-N<suffix>."""
+    return out if shard is None else out.with_name(f"{out.stem}.shard{shard[0]}-of-{shard[1]}{out.suffix}")

@@ -21,7 +21,7 @@ from features.errors import UsageError
 from features.images import RESIZE_POLICIES, decode_stream
 from features.model import POOLS, build_base, cut, pool_features, weights_identity
 from features.store import (COMPRESSIONS, STORAGE_DTYPES, CacheWriter, Progress, identity_diff, read_attrs)
-from pipeline.config import ExtractConfig, default_out
+from pipeline.config import ExtractConfig, default_out, shard_out
 
 SHARD_ENV = [("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("JOB_COMPLETION_INDEX", "JOB_COMPLETION_COUNT")]
 
@@ -80,7 +80,8 @@ def validate(cfg: ExtractConfig) -> None:
 
 
 def plan_attrs(cfg: ExtractConfig, spec: BackboneSpec, catalog: Catalog, size: int, layers: list[str],
-               shard: tuple[int, int] | None) -> dict:
+               shard: tuple[int, int] | None, fingerprint: str) -> dict:
+    """`fingerprint` is the whole input set's, also in a shard, so that `merge` can tell shards of one extraction."""
     import h5py
     import keras
     import tensorflow as tf
@@ -106,7 +107,7 @@ def plan_attrs(cfg: ExtractConfig, spec: BackboneSpec, catalog: Catalog, size: i
         "data_root": str(catalog.root.resolve()),
         "layout": catalog.layout,
         "labels_csv": cfg.labels or "",
-        "source_fingerprint": catalog.fingerprint(),
+        "source_fingerprint": fingerprint,
         "shard": f"{shard[0]}/{shard[1]}" if shard else "",
         "num_candidates": len(catalog),
         "config_json": json.dumps(dataclasses.asdict(cfg)),
@@ -121,7 +122,8 @@ def make_forward(model, spec: BackboneSpec, cfg: ExtractConfig, size: int):
     """The compiled per-batch function: uint8 pixels -> preprocess -> model -> pool -> storage dtype."""
     import tensorflow as tf
 
-    @tf.function(jit_compile=cfg.jit, input_signature=[tf.TensorSpec((cfg.batch_size, size, size, 3), tf.uint8)])
+    @tf.function(jit_compile=cfg.jit, autograph=False,
+                 input_signature=[tf.TensorSpec((cfg.batch_size, size, size, 3), tf.uint8)])
     def forward(pixels):
         outs = model(spec.preprocess.fn(tf.cast(pixels, tf.float32)), training=False)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
@@ -134,16 +136,17 @@ def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
     """Write (or resume, or confirm) the cache that `cfg` describes and return where it is."""
     validate(cfg)
     shard = parse_shard(cfg.shard)
-    catalog = discover(cfg.data, cfg.labels, cfg.path_column, cfg.label_column)
-    if shard:
-        catalog = catalog.shard(*shard)
+    full = discover(cfg.data, cfg.labels, cfg.path_column, cfg.label_column)
+    catalog = full.shard(*shard) if shard else full
     spec = get_backbone(cfg.backbone, cfg.preprocess)
     size = cfg.image_size or spec.input_size
     base = build_base(spec, cfg.weights, size, cfg.precision)
+    if cfg.precision == "mixed" and verbose and not _has_gpu():
+        print("warning: --precision mixed without a GPU computes float16 in software (several times slower on CPU).")
     layers = cfg.layer or [spec.default_layer or base.layers[-1].name]
-    out = Path(cfg.out) if cfg.out else default_out(cfg, layers, shard)
+    out = shard_out(Path(cfg.out), shard) if cfg.out else default_out(cfg, layers, shard)
     model = cut(base, layers)
-    attrs = plan_attrs(cfg, spec, catalog, size, layers, shard)
+    attrs = plan_attrs(cfg, spec, catalog, size, layers, shard, full.fingerprint())
 
     progress = _existing(out, attrs, cfg.overwrite)
     if progress == "complete":
@@ -168,6 +171,12 @@ def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
                          + "; ".join(f"{p}: {r}" for p, r in result.skipped[:5]))
     result.status, result.layer_shapes, result.path = status, shapes, out
     return result
+
+
+def _has_gpu() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
 
 
 def _existing(out: Path, attrs: dict, overwrite: bool) -> Progress | str | None:

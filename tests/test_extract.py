@@ -180,3 +180,16 @@ def test_user_errors_are_one_line_and_exit_nonzero(tmp_path, class_folder, args,
     err = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "Traceback" not in res.stderr, res.stderr
     assert re.search(message, err[0], flags=re.IGNORECASE), err[0]
+
+
+def test_mixed_precision_and_xla_paths_match_float32(class_folder, tmp_path):
+    """The GPU options run on CPU too; float16 compute stays within its precision of the float32 features."""
+    def run(out, **kw):
+        keras.utils.set_random_seed(0)
+        cfg = ExtractConfig(data=str(class_folder), layer=["block2_pool"], out=str(tmp_path / out), pool="avg", **VGG)
+        return read(extract(cfg.replace(**kw), verbose=False).path)["features/block2_pool"]
+
+    ref = run("f32.h5")
+    mixed = run("mixed.h5", precision="mixed", jit=True)
+    assert mixed.dtype == np.float32
+    np.testing.assert_allclose(mixed, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())

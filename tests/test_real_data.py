@@ -55,3 +55,18 @@ def test_cached_lite0_features_equal_the_documented_forward_pass(hymenoptera_cac
     feat = keras.Model(model.input, model.get_layer("avg_pool").output)
     x = (np.stack([load_image(data / p, 224, "crop") for p in rel]).astype("float32") - 127.0) / 128.0
     np.testing.assert_allclose(cached, np.asarray(feat(x, training=False)), rtol=1e-4, atol=1e-4)
+
+
+def test_odd_inputs_folder_goes_through_the_pipeline(tmp_path):
+    """Every good/ file becomes a row, every bad/ file a skip with a reason, and the run completes."""
+    odd = shared_path("datasets", "odd-inputs")
+    cfg = ExtractConfig(backbone=str(LITE0), data=str(odd), out=str(tmp_path / "odd.h5"), batch_size=4)
+    with h5py.File(extract(cfg, verbose=False).path) as f:
+        rows = set(f["paths"].asstr()[()])
+        skipped = {p.decode(): r.decode() for p, r in f["skipped"][()]}
+        assert f.attrs["complete"]
+    good = {f"good/{p.name}" for p in (odd / "good").iterdir()}
+    bad = {f"bad/{p.name}" for p in (odd / "bad").iterdir()}
+    assert rows == good
+    assert set(skipped) == bad | {"README.md"}
+    assert all(skipped[b] for b in bad)

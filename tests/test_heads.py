@@ -1,0 +1,108 @@
+"""The head and reduce registries: contracts over every entry, computed values, and errors that name the value."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from classifiers.data import RowStream, take_rows
+from classifiers.heads import StreamingSGDClassifier, get_head, list_heads, resolve_heads
+from classifiers.reduce import SpatialReduce, get_reduce, pool_function, resolve_reduce
+from classifiers.testing import separable, write_cache
+from features.errors import UsageError
+
+FAST = [name for name in list_heads() if name != "mlp"]
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    X, y = separable(30, 3, 16, seed=3)
+    order = np.random.default_rng(0).permutation(len(y))
+    return X[order], y[order]
+
+
+@pytest.mark.parametrize("name", FAST + ["pca+logreg", "pca+knn"])
+def test_every_head_separates_separable_blobs(name, blobs):
+    X, y = blobs
+    spec = get_head(name)
+    model = spec.build(0)
+    unfitted = clone(model)  # __init__ only stores: clone rebuilds it from get_params
+    assert unfitted.get_params().keys() == model.get_params().keys()
+    model.set_params(**{k: v[0] for k, v in spec.grid.items() if k.endswith("n_components")})
+    model.fit(X[::2], y[::2])
+    assert (model.predict(X[1::2]) == y[1::2]).mean() == 1.0
+    restored = pickle.loads(pickle.dumps(model))
+    np.testing.assert_array_equal(restored.predict(X[1::2]), model.predict(X[1::2]))
+
+
+def test_mlp_head_learns_and_survives_pickling(blobs):
+    pytest.importorskip("keras")
+    X, y = blobs
+    model = get_head("mlp").build(0).set_params(epochs=60, patience=60)
+    model.fit(X[::2], y[::2])
+    assert (model.predict(X[1::2]) == y[1::2]).mean() == 1.0
+    assert model.predict_proba(X[1::2]).sum(axis=1) == pytest.approx(np.ones(len(y) // 2), abs=1e-5)
+    restored = pickle.loads(pickle.dumps(model))  # the net travels as .keras bytes
+    np.testing.assert_allclose(restored.predict_proba(X[1::2]), model.predict_proba(X[1::2]), atol=1e-6)
+
+
+@parametrize_with_checks([SpatialReduce("avg")])
+def test_spatial_reduce_is_a_sklearn_transformer(estimator, check):
+    check(estimator)
+
+
+def test_sgd_streams_from_hdf5_with_the_same_result_as_in_memory(tmp_path, blobs):
+    """The same batches in the same order: a RowStream and the array give the same model."""
+    X, y = blobs
+    path = write_cache(tmp_path / "c.h5", {"v": X}, y)
+    rows = np.arange(len(y))
+    stream = RowStream(path, "v", rows, SpatialReduce("none"), X.shape[1], block_rows=len(y))
+    a = StreamingSGDClassifier(random_state=0, batch_size=len(y)).fit(X, y)
+    b = StreamingSGDClassifier(random_state=0, batch_size=len(y)).fit(stream, y)
+    assert a.alpha_ == b.alpha_
+    np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(stream), rtol=1e-5, atol=1e-7)
+    assert take_rows(stream, np.array([3, 1])).rows.tolist() == [3, 1]
+
+
+def test_pooling_computes_the_documented_values():
+    x = np.arange(2 * 4 * 4 * 3, dtype=np.float32).reshape(2, 4, 4, 3)
+    np.testing.assert_allclose(pool_function("avg")(x), x.mean(axis=(1, 2)))
+    np.testing.assert_allclose(pool_function("max")(x), x[:, 3, 3, :])
+    np.testing.assert_allclose(pool_function("avgmax")(x), np.c_[x.mean(axis=(1, 2)), x[:, 3, 3, :]])
+    grid = pool_function("grid2")(x)  # quadrants, row-major, C values each
+    np.testing.assert_allclose(grid[:, :3], x[:, :2, :2].mean(axis=(1, 2)))
+    np.testing.assert_allclose(grid[:, 9:], x[:, 2:, 2:].mean(axis=(1, 2)))
+    assert pool_function("grid4")(x).shape == (2, 48) and pool_function("flatten")(x).shape == (2, 48)
+    odd = pool_function("grid2")(np.ones((1, 3, 3, 2)))  # overlapping, never empty bins
+    np.testing.assert_allclose(odd, 1.0)
+
+
+def test_reduce_defaults_follow_the_row_shape():
+    assert resolve_reduce(None, (7, 7, 1280)).name == "avg"
+    assert resolve_reduce(None, (1280,)).name == "none"
+    assert resolve_reduce("avg", (1280,)).name == "none"  # pooling a vector is a no-op
+    assert resolve_reduce("pca16", (1280,)).name == "pca16"
+    assert get_reduce("grid4").dim((7, 7, 8)) == 128 and get_reduce("avgmax").dim((7, 7, 8)) == 16
+
+
+@pytest.mark.parametrize("bad,match", [("grid", "Unknown reduce 'grid'"), ("avgg", "Did you mean: avg"),
+                                       ("pca0", "Unknown reduce 'pca0'")])
+def test_unknown_reduce_names_the_value_and_the_valid_ones(bad, match):
+    with pytest.raises(UsageError, match=match) as err:
+        get_reduce(bad)
+    assert "avgmax" in str(err.value)
+
+
+def test_head_selection_and_errors():
+    assert [h.name for h in resolve_heads("default")] == ["knn", "linsvm", "logreg", "ridge", "sgd"]
+    assert [h.name for h in resolve_heads("all")] == list_heads()
+    assert {"logreg", "linsvm", "ridge", "knn", "rf", "hgb", "sgd", "mlp"} <= set(list_heads())
+    spec = get_head("pca+ridge")
+    assert set(spec.grid) == {"pca__n_components", "head__clf__alpha"} and not spec.streaming
+    with pytest.raises(UsageError, match=r"Unknown head 'logrg'.*Did you mean: logreg"):
+        resolve_heads("logreg,logrg")
+    with pytest.raises(UsageError, match="Unknown head 'svd\\+logreg'"):
+        get_head("svd+logreg")
