@@ -56,11 +56,13 @@ predict: $(STAMP)
 	$(PY) -m pipeline predict $(PREDICT_FLAGS)
 
 merge: $(STAMP)
-	$(PY) -m pipeline merge $(call flag,SHARDS_OF,shards-of) $(call flag,OUT,out) $(if $(VIRTUAL),--virtual)
+	$(PY) -m pipeline merge $(call flag,SHARDS_OF,shards-of) $(call flag,OUT,out) $(if $(VIRTUAL),--virtual) \
+	  $(if $(OVERWRITE),--overwrite)
 
 slurm-extract: $(STAMP)
-	$(PY) -m pipeline slurm $(EXTRACT_FLAGS) $(call flag,SHARDS,shards) $(call flag,PARTITION,partition) \
-	  $(call flag,GPUS_PER_TASK,gpus-per-task) $(call flag,TIME,time) $(call flag,ACCOUNT,account) $(if $(DRY_RUN),--dry-run)
+	$(PY) -m pipeline slurm $(EXTRACT_FLAGS) $(call flag,SHARDS,shards) $(call flag,TASKS,tasks) \
+	  $(call flag,PARTITION,partition) $(call flag,GPUS_PER_TASK,gpus-per-task) $(call flag,CPUS_PER_TASK,cpus-per-task) \
+	  $(call flag,TIME,time) $(call flag,ACCOUNT,account) $(call flag,LOG_DIR,log-dir) $(if $(DRY_RUN),--dry-run)
 
 bench: $(STAMP)
 	$(PY) -m pipeline bench $(call flag,SECTIONS,sections)

@@ -124,7 +124,7 @@ def find_caches(spec: str | None, root: str | Path = "features") -> tuple[list[P
     return list(dict.fromkeys(paths)), notes
 
 
-def check_layers(cache: Cache, wanted: list[str]) -> list[str]:
+def layers_in(cache: Cache, wanted: list[str]) -> list[str]:
     """The requested layers present in this cache (all of them when none is requested)."""
     return [layer for layer in wanted if layer in cache.shapes] if wanted else list(cache.shapes)
 
@@ -180,9 +180,6 @@ class RowStream:
     @property
     def shape(self) -> tuple[int, int]:
         return len(self.rows), self.dim
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     def take(self, positions: np.ndarray) -> "RowStream":
         return RowStream(self.path, self.layer, self.rows[positions], self.reducer, self.dim, self.block_rows)

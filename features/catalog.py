@@ -31,6 +31,7 @@ class Catalog:
     label_names: list[str]
     layout: str
     ignored: list[tuple[str, str]]  # files under root that are not images, with the reason
+    offset: int = 0  # index of the first candidate in the whole set (non-zero for a shard)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -49,7 +50,7 @@ class Catalog:
         lo, hi = len(self) * index // count, len(self) * (index + 1) // count
         return Catalog(
             self.root, self.paths[lo:hi], self.labels[lo:hi], self.splits[lo:hi], self.label_names, self.layout,
-            self.ignored if index == 0 else [],
+            self.ignored if index == 0 else [], self.offset + lo,
         )
 
 

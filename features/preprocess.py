@@ -26,9 +26,9 @@ class Preprocess:
 
 
 def _keras_mode(mode: str) -> Callable:
-    from keras.applications import imagenet_utils
-
     def fn(x):
+        from keras.applications import imagenet_utils
+
         return imagenet_utils.preprocess_input(x, mode=mode)
 
     return fn

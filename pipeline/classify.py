@@ -23,7 +23,8 @@ from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from classifiers.data import Cache, check_layers, find_caches, load_reduced, open_cache, require_layers, take_rows
+from classifiers.data import (READ_SHARE, Cache, find_caches, layers_in, load_reduced, open_cache, require_layers,
+                              take_rows)
 from classifiers.evaluate import Evaluation, Plan, evaluate, fit_final, plan_evaluation
 from classifiers.heads import HeadSpec, resolve_heads
 from classifiers.memory import PeakMemory, parse_bytes
@@ -76,7 +77,7 @@ def plan_jobs(cfg: ClassifyConfig) -> tuple[list[HeadSpec], list[Job], list[str]
     require_layers(caches, cfg.layer)
     jobs = []
     for cache in caches:
-        layers = check_layers(cache, cfg.layer)
+        layers = layers_in(cache, cfg.layer)
         if not layers:
             notes.append(f"skipped {cache.name}: it has none of the layers {cfg.layer}")
             continue
@@ -97,8 +98,7 @@ def _run_dir(out: str | None) -> Path:
     return run_dir
 
 
-def _record(job: Job, head: HeadSpec, ev: Evaluation, params: dict, model: Pipeline, cfg: ClassifyConfig,
-            n_fit: int) -> dict:
+def _record(job: Job, head: HeadSpec, ev: Evaluation, params: dict, cfg: ClassifyConfig, n_fit: int) -> dict:
     """model.json: the source cache's identity and settings, the reduction, the head, classes and scores."""
     attrs = job.cache.attrs
     return {
@@ -134,7 +134,7 @@ def _save(model_dir: Path, job: Job, head: HeadSpec, ev: Evaluation, loaded, cfg
     else:
         model, params = ev.model, ev.params[0]
     pipeline = Pipeline([("reduce", loaded.reducer), ("head", model)])
-    save_model(model_dir, pipeline, _record(job, head, ev, params, pipeline, cfg, len(job.plan.fit_rows)),
+    save_model(model_dir, pipeline, _record(job, head, ev, params, cfg, len(job.plan.fit_rows)),
                _eval_table(job, ev))
 
 
@@ -148,7 +148,9 @@ def classify(cfg: ClassifyConfig) -> Path:
     for note in notes:
         tqdm.write(f"warning: {note}", file=sys.stderr)
     rows, best = [], None
-    with PeakMemory() as memory, tqdm(total=len(jobs) * len(heads), desc="classify", unit="head") as bar:
+    # working_memory (MiB) caps sklearn's chunked pairwise work (knn distances) to a share of the budget
+    with PeakMemory() as memory, sklearn.config_context(working_memory=max(1, budget // READ_SHARE // 2**20)), \
+            tqdm(total=len(jobs) * len(heads), desc="classify", unit="head") as bar:
         for job in jobs:
             bar.set_postfix_str(job.key[-60:])
             loaded = load_reduced(job.cache, job.layer, job.reduce, job.plan.rows, job.plan.fit_rows, budget,

@@ -39,6 +39,20 @@ class ExtractConfig:
     def replace(self, **changes) -> "ExtractConfig":
         return dataclasses.replace(self, **changes)
 
+    def flags(self) -> list[str]:
+        """The CLI flags that rebuild this config (those differing from the defaults): what batch jobs run."""
+        default, flags = ExtractConfig(), []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == getattr(default, f.name):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                flags.append(flag)
+            else:
+                flags += [flag, ",".join(value) if isinstance(value, list) else str(value)]
+        return flags
+
 
 def default_out(cfg: ExtractConfig, layers: list[str], shard: tuple[int, int] | None) -> Path:
     """features/<data>__<backbone>__<layers>[__pool][__size][__dtype][.shardI-of-N].h5: readable, derived from the config."""

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,6 +204,7 @@ def _existing(out: Path, attrs: dict, overwrite: bool) -> Progress | str | None:
 
 def _run(cfg: ExtractConfig, catalog: Catalog, forward, writer: CacheWriter, progress: Progress, size: int,
          verbose: bool) -> ExtractResult:
+    """Decode (thread pool) -> model (this thread) -> write (one writer thread), each stage overlapping the next."""
     t = Timings()
     start = time.perf_counter()
     workers = cfg.workers or os.cpu_count() or 1
@@ -215,27 +217,43 @@ def _run(cfg: ExtractConfig, catalog: Catalog, forward, writer: CacheWriter, pro
     bar = tqdm(total=len(catalog), initial=progress.files_done, unit="img", desc="extract", disable=not verbose,
                dynamic_ncols=True)
 
-    def flush(files_done: int) -> None:
-        nonlocal processed
-        n = len(batch_rows)
-        if n:
-            batch[n:] = 0  # padding rows are zeros whether or not the run was resumed
-            t0 = time.perf_counter()
-            feats = [o.numpy()[:n] for o in forward(batch)]
-            t1 = time.perf_counter()
-            writer.write(progress.rows_written, feats, [catalog.paths[i] for i in batch_rows],
-                         [catalog.labels[i] for i in batch_rows], [catalog.splits[i] for i in batch_rows])
-            t.model_s += t1 - t0
-            t.write_s += time.perf_counter() - t1
-        progress.rows_written += n
-        progress.files_done = files_done
-        progress.skipped.extend(pending_skips)
-        progress.save(writer.path)  # only after the rows it counts are flushed to disk
-        processed += n
-        batch_rows.clear()
-        pending_skips.clear()
+    def slot(i: int) -> int:
+        """Candidate i's place in its batch follows its index in the whole set, so a shard puts every image where a
+        one-process run does: outputs depend on the place (on CPU the last one differs by ~1e-6), merges stay exact."""
+        return (catalog.offset + i) % cfg.batch_size
 
-    with bar:
+    def commit(row: int, feats: list[np.ndarray], rows: list[int], done: Progress) -> None:
+        t0 = time.perf_counter()
+        if rows:
+            writer.write(row, feats, [catalog.paths[i] for i in rows], [catalog.labels[i] for i in rows],
+                         [catalog.splits[i] for i in rows])
+        done.save(writer.path)  # only after the rows it counts are flushed to disk
+        t.write_s += time.perf_counter() - t0
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as write_pool, bar:
+        in_flight: Future | None = None
+
+        def flush(files_done: int) -> None:
+            nonlocal processed, in_flight
+            n = len(batch_rows)
+            feats = []
+            if n:
+                t0 = time.perf_counter()
+                feats = [o.numpy()[[slot(i) for i in batch_rows]] for o in forward(batch)]
+                batch[:] = 0  # unused slots are zeros whether or not the run was resumed
+                t.model_s += time.perf_counter() - t0
+            if in_flight is not None:
+                in_flight.result()  # one batch in flight: memory stays bounded, errors surface here
+            row = progress.rows_written
+            progress.rows_written += n
+            progress.files_done = files_done
+            progress.skipped.extend(pending_skips)
+            snapshot = Progress(progress.rows_written, files_done, list(progress.skipped))
+            in_flight = write_pool.submit(commit, row, feats, list(batch_rows), snapshot)
+            processed += n
+            batch_rows.clear()
+            pending_skips.clear()
+
         while True:
             t0 = time.perf_counter()
             item = next(stream, None)
@@ -246,13 +264,14 @@ def _run(cfg: ExtractConfig, catalog: Catalog, forward, writer: CacheWriter, pro
             if item.pixels is None:
                 pending_skips.append([catalog.paths[item.index], item.reason])
             else:
-                batch[len(batch_rows)] = item.pixels
+                batch[slot(item.index)] = item.pixels
                 batch_rows.append(item.index)
-            if len(batch_rows) == cfg.batch_size:
+            if slot(item.index) == cfg.batch_size - 1:
                 flush(item.index + 1)
             bar.update(1)
             bar.set_postfix(skipped=len(progress.skipped) + len(pending_skips), refresh=False)
         flush(len(catalog))
+        in_flight.result()
     writer.finalize(progress)
     t.wall_s = time.perf_counter() - start
     return ExtractResult(writer.path, "", progress.rows_written, progress.skipped, timings=t, processed=processed)

@@ -6,7 +6,8 @@ import dataclasses
 import signal
 
 from pipeline.config import ExtractConfig
-from pipeline.extract import ExtractResult, extract
+from pipeline.devices import extract_on_devices
+from pipeline.extract import ExtractResult
 from pipeline.summary import print_extract_summary
 
 
@@ -35,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", default=d.shard, help="I/N: process block I of N (default: from SLURM_ARRAY_TASK_ID/COUNT)")
     p.add_argument("--precision", default=d.precision, help="float32 | mixed (float16 compute, for GPUs)")
     p.add_argument("--jit", action="store_true", help="compile the forward pass with XLA")
+    p.add_argument("--devices", default=d.devices,
+                   help="all | GPU indices, e.g. 0,1: one worker process per GPU over shards, then a merge")
     p.add_argument("--workers", type=int, default=d.workers, help="decoder threads (0: one per core)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache of another configuration")
 
@@ -49,7 +52,7 @@ def _stop_on_sigterm(signum, frame):
 
 def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    result: ExtractResult = extract(config_from_args(args))
+    result: ExtractResult = extract_on_devices(config_from_args(args))
     if result.status != "up-to-date":
         print_extract_summary(result)
     return 0

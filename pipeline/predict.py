@@ -18,8 +18,9 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pandas as pd
+import sklearn
 
-from classifiers.data import Cache, block_rows_for, iter_blocks, open_cache
+from classifiers.data import READ_SHARE, Cache, block_rows_for, iter_blocks, open_cache
 from classifiers.evaluate import class_scores
 from classifiers.memory import parse_bytes
 from features.errors import UsageError
@@ -119,12 +120,13 @@ def predict(cfg: PredictConfig) -> Path:
     names = np.array(record["class_names"])
     layer, rows = record["layer"], np.arange(len(cache.labels))
     probabilities, predicted = None, np.empty(len(rows), dtype=np.int64)
-    for positions, raw in iter_blocks(cache.path, layer, rows, block_rows_for(cache.shapes[layer], budget)):
-        scores, is_proba = class_scores(model, raw, len(names))
-        predicted[positions] = np.argmax(scores, axis=1) if scores is not None else model.predict(raw)
-        if is_proba:
-            probabilities = np.zeros((len(rows), len(names))) if probabilities is None else probabilities
-            probabilities[positions] = scores
+    with sklearn.config_context(working_memory=max(1, budget // READ_SHARE // 2**20)):
+        for positions, raw in iter_blocks(cache.path, layer, rows, block_rows_for(cache.shapes[layer], budget)):
+            scores, is_proba = class_scores(model, raw, len(names))
+            predicted[positions] = np.argmax(scores, axis=1) if scores is not None else model.predict(raw)
+            if is_proba:
+                probabilities = np.zeros((len(rows), len(names))) if probabilities is None else probabilities
+                probabilities[positions] = scores
     root = Path(str(cache.attrs.get("data_root", "")))
     table = pd.DataFrame({"path": [str(root / p) for p in cache.paths], "predicted": names[predicted]})
     if probabilities is not None:

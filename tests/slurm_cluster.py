@@ -43,6 +43,11 @@ class SlurmCluster:
         return "\n".join(parts)
 
 
+def _which(name: str) -> str | None:
+    """Daemons live in /usr/sbin, which a non-root PATH may lack."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,10 +56,10 @@ def _free_port() -> int:
 
 def _install_packages() -> None:
     """apt-get the daemons when they are missing; only possible as root on Debian/Ubuntu."""
-    if all(shutil.which(d) for d in DAEMONS):
+    if all(_which(d) for d in DAEMONS):
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.fail(f"SLURM is not installed ({', '.join(d for d in DAEMONS if not shutil.which(d))} missing) and "
+        pytest.fail(f"SLURM is not installed ({', '.join(d for d in DAEMONS if not _which(d))} missing) and "
                     f"cannot be installed here (needs root and apt-get). Install {' '.join(PACKAGES)}, "
                     "or set SKIP_SLURM=1 to skip the real-SLURM test.")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -112,10 +117,10 @@ def _start(home: Path) -> SlurmCluster:
     env = {**os.environ, "SLURM_CONF": str(conf)}
     cluster = SlurmCluster(home, conf, env)
     commands = [
-        ["munged", f"--socket={home}/munge.socket", f"--key-file={key}", f"--pid-file={home}/munged.pid",
+        [_which("munged"), f"--socket={home}/munge.socket", f"--key-file={key}", f"--pid-file={home}/munged.pid",
          f"--log-file={home}/munged.log", f"--seed-file={home}/munged.seed", "--force"],
-        ["slurmctld", "-f", str(conf), "-c"],  # -c: no state from an earlier run
-        ["slurmd", "-f", str(conf)],
+        [_which("slurmctld"), "-f", str(conf), "-c"],  # -c: no state from an earlier run
+        [_which("slurmd"), "-f", str(conf)],
     ]
     for cmd in commands:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -169,8 +174,7 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
     if os.environ.get("SKIP_SLURM"):
         pytest.skip("SKIP_SLURM is set: the real-SLURM test is opted out on this machine")
     _install_packages()
-    # A short path: munged's socket path must fit in a sockaddr_un (108 bytes).
-    home = Path(tmp_path_factory.mktemp("slurm", numbered=True))
+    home = tmp_path_factory.mktemp("slurm")  # a short path: munged's socket path must fit in 108 bytes
     cluster = _start(home)
     try:
         yield cluster

@@ -1,0 +1,148 @@
+"""Run the benchmark sections and write results.md / results.csv / PNG plots.
+
+    python -m pipeline bench                      # all seven sections (~15 min on 2 cores), into benchmarks/
+    python -m pipeline bench --sections 1,3       # some of them
+    python -m pipeline bench --quick --out /tmp/b # the smoke version (tiny inputs), used by tests/test_bench.py
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import ROOT, Section, Sizes, find_sources, fmt, machine_facts
+from benchmarks.report import plot_sections, write_csv, write_markdown
+
+ALL_SECTIONS = (1, 2, 3, 4, 5, 6, 7)
+
+
+def parse_sections(text: str | None) -> list[int]:
+    if not text or text == "all":
+        return list(ALL_SECTIONS)
+    try:
+        wanted = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        wanted = [-1]
+    if not wanted or any(n not in ALL_SECTIONS for n in wanted):
+        raise ValueError(f"sections '{text}' is not valid. Expected comma-separated numbers from 1 to 7, e.g. 1,3.")
+    return wanted
+
+
+def run_sections(numbers: list[int], sizes: Sizes, work: Path, log) -> tuple[list[Section], object]:
+    from benchmarks.heads import section_heads_vs_training, section_scaling
+    from benchmarks.storage import section_memory, section_storage
+    from benchmarks.throughput import section_gpu, section_input_pipeline, section_naive
+
+    sources = find_sources()
+    children: dict = {}  # child-process records shared by sections 2 and 3 (same runs are not repeated)
+    runners = {
+        1: lambda: section_input_pipeline(sizes, sources, work, log),
+        2: lambda: section_naive(sizes, sources, work, log, children),
+        3: lambda: section_memory(sizes, sources, work, log, children),
+        4: lambda: section_storage(sizes, sources, work, log),
+        5: lambda: section_heads_vs_training(sizes, sources, work, log),
+        6: lambda: section_scaling(sizes, log),
+        7: lambda: section_gpu(sizes, sources, work, log),
+    }
+    out = []
+    for n in numbers:
+        start = time.perf_counter()
+        sec = runners[n]()
+        sec.notes.append(f"Section run time: {time.perf_counter() - start:.0f} s.")
+        out.append(sec)
+    return out, sources
+
+
+def profile_notes(sections: list[Section]) -> list[str]:
+    """Which stage is the bottleneck, from section 1's per-image costs."""
+    s1 = next((s for s in sections if s.number == 1), None)
+    if s1 is None:
+        return []
+    cores = len(os.sched_getaffinity(0))
+    notes = []
+    for r in s1.rows:
+        costs = {"decode (read + JPEG decode)": r["decode_ms"], "resize + crop": r["resize_ms"],
+                 "host → tensor copy": r["to_tensor_ms"], "model": r["model_ms"], "HDF5 write": r["write_ms"]}
+        total = sum(costs.values())
+        biggest = max(costs, key=costs.get)
+        shares = ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in costs.items())
+        notes.append(f"{r['model']}: CPU time per image {total:.1f} ms = {shares}. Bottleneck: **{biggest}**. "
+                     f"End-to-end, the model loop waited {r['wait_input_s']:.2f} s of {r['wall_s']:.1f} s for input; "
+                     f"decoding used {r['decode_cpu_s']:.1f} CPU-s ({100 * r['decode_cpu_s'] / (r['wall_s'] * cores):.1f}% "
+                     f"of {cores} cores).")
+    return notes
+
+
+def explanations(sections: list[Section]) -> dict[int, str]:
+    by = {s.number: s for s in sections}
+    out: dict[int, str] = {}
+    if 1 in by:
+        rows = by[1].rows
+        out[1] = ("Decoding runs in a thread pool ahead of the model and writing overlaps the next batch, so "
+                  "end-to-end loses only the CPU time decoding takes away from the model on the same cores: at "
+                  + ", ".join(f"{fmt(r['decode_img_s_per_core'])} img/s per core for decode vs "
+                              f"{fmt(r['model_only_img_s'])} img/s for {r['model']}" for r in rows)
+                  + ". The Keras peer decodes with tf.data (also parallel) but resizes by stretching and keeps all "
+                    "features in memory until `predict` returns.")
+    if 2 in by and 1 in by:
+        lite1 = by[1].rows[0]
+        lite2 = by[2].rows
+        naive = next(r for r in lite2 if r["method"] == "naive loop")
+        bound = lite1["model_only_img_s"] / naive["img_s"] if naive["img_s"] else float("nan")
+        out[2] = (f"Upper bound on this machine: even an input pipeline that cost nothing cannot beat the model-only "
+                  f"rate, and Lite0's batched model-only rate (section 1: {fmt(lite1['model_only_img_s'])} img/s) is only "
+                  f"{fmt(bound)}× the naive loop's {fmt(naive['img_s'])} img/s (both measured in this run, in "
+                  "different processes). On 2 CPU cores the model is compute-bound even at batch 1, so batching "
+                  "gains little; the 5× gap of the seed articles comes from per-call overhead and an idle "
+                  "accelerator at batch 1, which a GPU run (section 7) would show. The memory half of the target "
+                  "holds: the naive loop and the Keras peer hold every feature map in RAM (peak grows with N), "
+                  "ours streams them to disk (peak flat).")
+    if 3 in by:
+        out[3] = ("The features of a batch go to disk as soon as they are computed; what is resident is the model, "
+                  "one input batch, one output batch, the decode look-ahead (3 batches of uint8 pixels) and the "
+                  "HDF5 chunk cache (64 MiB), none of which depends on the number of images.")
+    if 4 in by:
+        out[4] = ("float16 halves every layer at no measurable cost to the heads (activations need ~3 significant "
+                  "digits); LZF helps only where activations are sparse (post-ReLU maps) and costs write speed. "
+                  "Chunks of whole rows up to 1 MiB (the default) keep shuffled row reads as fast as sequential ones "
+                  "while one-row chunks pay per-chunk overhead and large chunks read rows they do not need.")
+    if 5 in by:
+        out[5] = ("One end-to-end epoch pushes every training image through the base; the heads only see the "
+                  "cached 1,280-d vectors, so all of them with their grid searches cost a fraction of one epoch. "
+                  "The cache is paid for once (its extraction time is in the table) and reused by every head and "
+                  "every later `make classify`.")
+    if 6 in by:
+        out[6] = ("Linear heads (ridge, logreg, linsvm, sgd) stay fast as N and d grow; knn has no fit cost but "
+                  "predicts in O(N); the tree ensembles (rf, hgb) and the Keras mlp cost the most and grow fastest "
+                  "with d, so reduce (pool or PCA) before them.")
+    return out
+
+
+def run_bench(numbers: list[int], quick: bool, out_dir: Path, log=print) -> list[Section]:
+    import tempfile
+
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")  # retracing notices: each section builds its own compiled functions on purpose
+    out_dir.mkdir(parents=True, exist_ok=True)
+    facts = machine_facts()
+    sizes = Sizes.quick() if quick else Sizes.full()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+        sections, sources = run_sections(numbers, sizes, Path(tmp), log)
+    plot_sections(out_dir, sections)
+    settings = [f"command: `{' '.join([Path(sys.executable).name, '-m', 'pipeline', 'bench'] + sys.argv[2:])}`"
+                f"{' (quick mode: tiny sizes, figures are not meaningful)' if quick else ''}",
+                f"sections: {', '.join(map(str, numbers))}; total run time {time.perf_counter() - start:.0f} s; "
+                f"load average at end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}",
+                sources.note,
+                f"sizes: {sizes}",
+                "images are read from the page cache (warm), as in any second run over the same folder"]
+    write_markdown(out_dir / "results.md", facts, settings, sections, explanations(sections), profile_notes(sections))
+    write_csv(out_dir / "results.csv", sections)
+    return sections
+
+
+def default_out() -> Path:
+    return ROOT / "benchmarks"

@@ -1,0 +1,143 @@
+"""One measured job in a fresh process: `python -m benchmarks.child JOB '{json params}'` prints one JSON line.
+
+Jobs: `extract` (our stage one), `naive` (the seed articles' per-image loop), `keras` (image_dataset_from_directory +
+predict). Each reports images/s over the timed part and the memory figures: `peak_rss_mb` (the whole process,
+from getrusage) and `growth_mb` (the most the resident set rose above its level before the timed part, sampled
+every 10 ms), so the model build and TensorFlow import are visible but separable from what the job itself holds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+class RssSampler:
+    """Highest resident set size seen while the `with` block runs (a 10 ms sampler thread)."""
+
+    def __init__(self, interval: float = 0.01):
+        import psutil
+
+        self.process, self.interval = psutil.Process(), interval
+        self.before = self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "RssSampler":
+        self.before = self.peak = self.process.memory_info().rss
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+def _model(params: dict):
+    from features.backbones import get_backbone
+    from features.model import build_base, cut
+
+    spec = get_backbone(params["backbone"])
+    base = build_base(spec, params["weights"], params["size"])
+    layers = [params["layer"] or spec.default_layer or base.layers[-1].name]
+    return spec, cut(base, layers)
+
+
+def job_extract(params: dict) -> dict:
+    from pipeline.config import ExtractConfig
+    from pipeline.extract import extract
+
+    out = Path(params["out"])
+    cfg = ExtractConfig(backbone=params["backbone"], data=params["data"], layer=[params["layer"]] if params["layer"]
+                        else [], weights=params["weights"], image_size=params["size"], batch_size=params["batch"],
+                        dtype=params.get("dtype", "float32"), pool=params.get("pool", "none"), out=str(out),
+                        overwrite=True)
+    with RssSampler() as mem:
+        res = extract(cfg, verbose=False)
+    t = res.timings
+    return {"images": res.processed, "seconds": t.wall_s, "growth_mb": (mem.peak - mem.before) / 2**20,
+            "file_mb": out.stat().st_size / 2**20, "decode_cpu_s": t.decode_cpu_s, "wait_input_s": t.wait_input_s,
+            "model_s": t.model_s, "write_s": t.write_s}
+
+
+def job_naive(params: dict) -> dict:
+    """The seed articles' loop, as written there: imread -> resize -> predict one image -> append -> save."""
+    import cv2
+    import numpy as np
+
+    from benchmarks.common import list_images
+
+    spec, model = _model(params)
+    size, paths = params["size"], list_images(Path(params["data"]))
+    warm = cv2.resize(cv2.imread(str(paths[0])), (size, size))
+    model.predict(spec.preprocess.fn(warm[None].astype("float32")), verbose=0)  # untimed warm-up (tracing)
+    start = time.perf_counter()
+    with RssSampler() as mem:
+        features = []
+        for path in paths:
+            img = cv2.resize(cv2.imread(str(path)), (size, size))
+            x = spec.preprocess.fn(img[None].astype("float32"))
+            features.append(model.predict(x, verbose=0))
+        np.save(params["out"], np.concatenate(features))
+    seconds = time.perf_counter() - start
+    return {"images": len(paths), "seconds": seconds, "growth_mb": (mem.peak - mem.before) / 2**20,
+            "file_mb": Path(params["out"]).stat().st_size / 2**20}
+
+
+def keras_peer(spec, model, data: str, size: int, batch: int, out: str) -> int:
+    """What a Keras user writes: image_dataset_from_directory -> preprocess in map -> predict -> save."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    ds = keras.utils.image_dataset_from_directory(data, labels=None, image_size=(size, size), batch_size=batch,
+                                                  shuffle=False, verbose=False)
+    ds = ds.map(lambda x: spec.preprocess.fn(x), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    features = model.predict(ds, verbose=0)
+    np.save(out, features)
+    return len(features)
+
+
+def job_keras(params: dict) -> dict:
+    spec, model = _model(params)
+    with tempfile.TemporaryDirectory() as tmp:  # untimed warm-up on a one-batch copy of the folder
+        from benchmarks.common import list_images, stage_images
+
+        stage_images(Path(params["data"]), params["batch"], Path(tmp) / "warm")
+        keras_peer(spec, model, str(Path(tmp) / "warm"), params["size"], params["batch"], str(Path(tmp) / "w.npy"))
+    start = time.perf_counter()
+    with RssSampler() as mem:
+        n = keras_peer(spec, model, params["data"], params["size"], params["batch"], params["out"])
+    return {"images": n, "seconds": time.perf_counter() - start, "growth_mb": (mem.peak - mem.before) / 2**20,
+            "file_mb": Path(params["out"]).stat().st_size / 2**20}
+
+
+JOBS = {"extract": job_extract, "naive": job_naive, "keras": job_keras}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in JOBS:
+        print(f"usage: python -m benchmarks.child {{{'|'.join(JOBS)}}} '<json params>'. Received: {argv}",
+              file=sys.stderr)
+        return 2
+    record = JOBS[argv[0]](json.loads(argv[1]))
+    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,224 @@
+"""What every benchmark section shares: the sizes of a run, the staged images, machine facts, timing helpers,
+and peak-memory measurements in a child process.
+
+All numbers a section reports are ratios of figures measured side by side in the same run (absolute times on a
+shared 2-core machine are noisy); the absolute figures are kept in the tables for context.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SHARED_DIR", ROOT.parent / "shared"))
+LITE0_NAME = "efficientnet_lite0/efficientnet_lite0_imagenet.keras"
+IMAGE_SUFFIXES = (".jpg", ".jpeg")  # what image_dataset_from_directory and the naive cv2 loop both read
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How many images / samples each section uses. `full` keeps `make bench` near 15 minutes on 2 cores."""
+
+    throughput_images: dict[str, int]  # section 1, per model case
+    naive_images: int  # section 2 throughput (Lite0)
+    memory_images: int  # N of sections 2 and 3 (4N is also run)
+    memory_batch: int
+    memory_size: int  # input side for the VGG19 block2_pool memory runs
+    storage_images: int  # real images whose features section 4 stores (tiled to storage_rows)
+    storage_rows: int
+    head_epochs: int  # section 5: end-to-end epochs trained (the first one is the untimed warm-up)
+    scaling_samples: int  # section 6: N (2N and 4N are also run)
+    scaling_dims: tuple[int, ...]
+    scaling_budget_s: float  # a head slower than this at one size is not run at the larger sizes
+    batch_size: int = 32
+    registry_size: int | None = None  # quick mode: a small input side for ResNet50 / VGG19 (Lite0 keeps 224)
+    jit_probe: bool = True  # section 1: also time the model with XLA (compiling costs minutes on 2 cores)
+    split_images: int | None = None  # section 5: None uses every image; else this many per split (staged copies)
+
+    @classmethod
+    def full(cls) -> "Sizes":
+        return cls(throughput_images={"lite0": 192, "resnet50": 96, "vgg19_block2_pool": 96}, naive_images=96,
+                   memory_images=48, memory_batch=16, memory_size=256, storage_images=64, storage_rows=512,
+                   head_epochs=3, scaling_samples=250, scaling_dims=(64, 256, 1280, 5120), scaling_budget_s=20.0)
+
+    @classmethod
+    def quick(cls) -> "Sizes":
+        """The smoke test: every code path, tiny inputs, about a minute."""
+        return cls(throughput_images={"lite0": 8, "resnet50": 8, "vgg19_block2_pool": 8}, naive_images=8,
+                   memory_images=4, memory_batch=4, memory_size=32, storage_images=8, storage_rows=32,
+                   head_epochs=2, scaling_samples=40, scaling_dims=(16, 64), scaling_budget_s=2.0, batch_size=8,
+                   registry_size=32, jit_probe=False, split_images=8)
+
+
+@dataclass
+class Section:
+    """One section of results.md: a table, the target, whether it is met, and why."""
+
+    number: int
+    title: str
+    target: str
+    columns: list[str]
+    rows: list[dict] = field(default_factory=list)
+    met: bool | None = None  # None: not applicable / not run
+    value: str = ""  # the headline figure compared with the target
+    notes: list[str] = field(default_factory=list)
+    extra_tables: list[tuple[str, list[str], list[dict]]] = field(default_factory=list)  # (caption, columns, rows)
+    plots: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Sources:
+    """Where the real images and the pretrained Lite0 come from in this run."""
+
+    images: Path  # a folder of class folders, possibly with train/val splits above them
+    lite0: Path
+    real: bool  # False: the shipped fallbacks in the repository (../shared is absent)
+
+    @property
+    def note(self) -> str:
+        model = (f"model: {self.lite0} (the repository's copy: it carries the sidecar JSON that declares its "
+                 f"preprocessing; byte-identical to ../shared/models/{LITE0_NAME} when that exists)")
+        if self.real:
+            return f"real data: {self.images} (replicated as needed); {model}"
+        return (f"../shared is absent: used the shipped fallback {self.images}; {model}. These JPEGs are "
+                f"downscaled (about 256x384), so decoding is cheaper than on the real set.")
+
+
+def find_sources() -> Sources:
+    lite0 = ROOT / "models" / LITE0_NAME
+    shared_images = SHARED / "datasets" / "hymenoptera"
+    if shared_images.is_dir():
+        return Sources(shared_images, lite0, True)
+    print(f"note: {shared_images} is absent; the real-data parts run on the shipped data/hymenoptera-small "
+          f"instead.", file=sys.stderr)
+    return Sources(ROOT / "data" / "hymenoptera-small", lite0, False)
+
+
+def list_images(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def stage_images(source: Path, n: int, dest: Path) -> Path:
+    """`dest/<class>/<k>_<name>`: the source JPEGs copied until there are n, taking the classes in turn (real
+    files on disk, balanced class folders, so a Keras directory reader and our catalog both see labels)."""
+    files = list_images(source)
+    if not files:
+        raise FileNotFoundError(f"no JPEG images under {source}; expected class folders of .jpg files.")
+    by_class: dict[str, list[Path]] = {}
+    for path in files:
+        by_class.setdefault(path.parent.name, []).append(path)
+    groups = list(by_class.values())
+    if dest.exists():
+        shutil.rmtree(dest)
+    for k in range(n):
+        group = groups[k % len(groups)]
+        src = group[(k // len(groups)) % len(group)]
+        target = dest / src.parent.name / f"{k:05d}_{src.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)
+    return dest
+
+
+def machine_facts() -> dict[str, str]:
+    import keras
+    import tensorflow as tf
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in text)
+    except OSError:
+        pass
+    ram = "unknown"
+    try:
+        import psutil
+
+        ram = f"{psutil.virtual_memory().total / 2**30:.1f} GiB"
+    except ImportError:
+        pass
+    gpus = tf.config.list_physical_devices("GPU")
+    gpu = "none"
+    if gpus:
+        names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
+        gpu = ", ".join(names)
+    import cv2
+    import h5py
+    import numpy as np
+    import sklearn
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "CPU": f"{cpu} ({flags})" if flags else cpu,
+        "cores": f"{os.cpu_count()} logical, {len(os.sched_getaffinity(0))} usable by this process",
+        "RAM": ram,
+        "GPU": gpu,
+        "Python": platform.python_version(),
+        "TensorFlow / Keras": f"{tf.__version__} / {keras.__version__}",
+        "h5py / NumPy / scikit-learn / OpenCV": f"{h5py.__version__} / {np.__version__} / {sklearn.__version__} / "
+                                                f"{cv2.__version__}",
+        "date (UTC)": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "load average at start (1, 5, 15 min)": ", ".join(f"{v:.2f}" for v in os.getloadavg()),
+        "git commit": commit or "unknown",
+    }
+
+
+def rate(items: int, seconds: float) -> float:
+    return items / seconds if seconds > 0 else float("nan")
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def timed(fn, *args, **kwargs) -> tuple[object, float]:
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def run_child(job: str, params: dict, timeout: float = 900) -> dict:
+    """Run `benchmarks.child` job in a fresh Python process and return its JSON record (peak RSS included), so a
+    measurement of memory never sees what another section allocated."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.child", job, json.dumps(params)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark child '{job}' with {params} failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def fmt(value, digits: int = 3) -> str:
+    """Table cells: numbers with `digits` significant digits, everything else as text."""
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else ("yes" if value else "no")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            return "n/a"
+        if abs(value) >= 10 ** digits:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}g}"
+    return str(value)

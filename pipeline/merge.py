@@ -1,0 +1,207 @@
+"""Join the shards of one extraction into one cache with the same rows, values and attributes as a one-process run.
+
+Shard I/N of the extraction whose cache is `X.h5` is `X.shardI-of-N.h5` (`pipeline.config.shard_out`). Shards hold
+contiguous blocks of the sorted candidate list (`Catalog.shard`), so concatenating them in index order restores the
+unsharded row order, and their `skipped` lists concatenate the same way. Every shard records the fingerprint of the
+whole input set, so shards of different extractions (other data, weights, layers, ...) are refused.
+
+`virtual=True` writes HDF5 virtual datasets for `features/*` (zero copy: reads go to the shard files, which must stay
+where they are); the small per-row datasets are always copied.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from features.errors import UsageError
+from features.store import CacheWriter, Progress, identity_diff, progress_path, read_attrs
+from pipeline.config import ExtractConfig, default_out, shard_out
+
+SHARD_NAME = re.compile(r"^(?P<stem>.+)\.shard(?P<index>\d+)-of-(?P<count>\d+)(?P<suffix>\.[^.]+)$")
+# Attributes that legitimately differ between the shards of one extraction; all others must be equal.
+PER_SHARD_ATTRS = frozenset({"shard", "num_candidates", "num_images", "created", "completed", "complete",
+                             "config_json"})
+COPY_BLOCK_BYTES = 64 << 20  # rows are copied in blocks of about this size: memory does not grow with N
+
+
+@dataclass
+class MergeResult:
+    path: Path
+    status: str  # written | up-to-date
+    shards: list[Path] = field(default_factory=list)
+    images: int = 0
+    skipped: list[list[str]] = field(default_factory=list)
+    virtual: bool = False
+    layer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+def merged_out(cfg: ExtractConfig) -> Path:
+    """Where the merged cache of `cfg`'s sharded extraction goes: --out, else the default name (no model is built)."""
+    if cfg.out:
+        return Path(cfg.out)
+    layers = cfg.layer
+    if not layers:
+        from features.backbones import get_backbone  # imports TensorFlow: only when the layer must be looked up
+
+        spec = get_backbone(cfg.backbone, cfg.preprocess)
+        if spec.default_layer is None:
+            raise UsageError(f"backbone '{cfg.backbone}' has no default layer recorded; name it with --layer (LAYER=) "
+                             "or give --out, so that every shard and the merge agree on the file names.")
+        layers = [spec.default_layer]
+    return default_out(cfg, layers, None)
+
+
+def find_shards(shards_of: Path) -> tuple[Path, list[Path]]:
+    """(merged path, shard paths in index order) for the extraction whose merged cache or one of whose shards is given.
+
+    Refuses mixed shard counts and reports every missing index at once.
+    """
+    named = SHARD_NAME.match(shards_of.name)
+    merged = shards_of.with_name(named["stem"] + named["suffix"]) if named else shards_of
+    found: dict[int, dict[int, Path]] = {}
+    for path in merged.parent.glob(f"{glob.escape(merged.stem)}.shard*-of-*{glob.escape(merged.suffix)}"):
+        m = SHARD_NAME.match(path.name)
+        if m and m["stem"] == merged.stem and m["suffix"] == merged.suffix:
+            found.setdefault(int(m["count"]), {})[int(m["index"])] = path
+    if not found:
+        raise UsageError(f"no shards of '{merged}' found. Expected files named "
+                         f"{shard_out(merged, (0, 2)).name}, {shard_out(merged, (1, 2)).name}, ... beside it "
+                         "(written by 'extract --shard I/N' or a SLURM array).")
+    if len(found) > 1:
+        sets = "; ".join(f"{n} shards: {', '.join(p.name for _, p in sorted(s.items()))}" for n, s in sorted(found.items()))
+        raise UsageError(f"shards of '{merged}' come from runs with different shard counts ({sets}). "
+                         "Delete the stale set and merge again.")
+    count, shards = next(iter(found.items()))
+    missing = [i for i in range(count) if i not in shards]
+    if missing:
+        raise UsageError(f"cannot merge '{merged}': shard(s) {', '.join(map(str, missing))} of {count} missing "
+                         f"(expected {', '.join(shard_out(merged, (i, count)).name for i in missing)}). "
+                         f"Run them (extract --shard I/{count}, or resubmit those array tasks), then merge again.")
+    return merged, [shards[i] for i in range(count)]
+
+
+def check_shards(shards: list[Path]) -> list[dict]:
+    """Root attributes of every shard, after checking that each is complete, is the shard its name says, and shares
+    one configuration with shard 0. All incomplete shards are reported together, by index."""
+    count = len(shards)
+    attrs = [read_attrs(p) for p in shards]
+    incomplete = []
+    for i, (path, a) in enumerate(zip(shards, attrs)):
+        if a is None:
+            incomplete.append(f"{i} ({path.name} cannot be opened: killed while being created)")
+        elif not a.get("complete"):
+            progress = Progress.load(path)
+            done = f"{progress.files_done} of {a.get('num_candidates')} files done" if progress else "no progress record"
+            incomplete.append(f"{i} ({path.name}: {done})")
+    if incomplete:
+        raise UsageError(f"cannot merge: shard(s) {'; '.join(incomplete)} of {count} incomplete. Rerun or resubmit "
+                         "those shard tasks with the same flags (they resume where they stopped), then merge again.")
+    for i, (path, a) in enumerate(zip(shards, attrs)):
+        if a.get("shard") != f"{i}/{count}":
+            raise UsageError(f"{path} holds shard '{a.get('shard')}', but its name says {i}/{count}. "
+                             "Rename it back or rerun that shard.")
+        differ = [f"{k}: {attrs[0].get(k)!r} vs {a.get(k)!r}" for k in sorted(set(a) | set(attrs[0]))
+                  if k not in PER_SHARD_ATTRS and a.get(k) != attrs[0].get(k)]
+        if differ:
+            raise UsageError(f"shard {i} ({path.name}) was made with a different configuration than shard 0 "
+                             f"({'; '.join(differ[:4])}). Shards of one extraction must share every flag but --shard; "
+                             f"rerun shard {i} with shard 0's flags (--overwrite), then merge again.")
+    return attrs
+
+
+def merged_attrs(attrs: list[dict]) -> dict:
+    """Shard 0's attributes as a one-process run would have written them: no shard, all candidates."""
+    config = json.loads(attrs[0]["config_json"])
+    config["shard"] = None
+    drop = {"complete", "created", "completed", "num_images", "schema_version"}
+    return {**{k: v for k, v in attrs[0].items() if k not in drop}, "shard": "",
+            "num_candidates": sum(a["num_candidates"] for a in attrs), "config_json": json.dumps(config)}
+
+
+def merge(shards_of: str | Path, out: str | Path | None = None, virtual: bool = False,
+          overwrite: bool = False) -> MergeResult:
+    """Merge every shard of one extraction into `out` (default: the unsharded name) and return what was written."""
+    merged, shards = find_shards(Path(shards_of))
+    out = Path(out) if out else merged
+    attrs = check_shards(shards)
+    wanted = merged_attrs(attrs)
+    existing = read_attrs(out) if out.exists() else None
+    if existing is not None and not overwrite:
+        diff = identity_diff(existing, wanted)
+        if diff:
+            raise UsageError(f"{out} exists with a different configuration ({'; '.join(diff[:4])}). "
+                             "Pass --overwrite to replace it, or choose another --out.")
+        if existing.get("complete"):
+            return MergeResult(out, "up-to-date", shards, int(existing["num_images"]), virtual=virtual)
+    tmp = out.with_name(out.name + ".merging")
+    result = _write(tmp, out, shards, attrs, wanted, virtual)
+    os.replace(tmp, out)
+    return result
+
+
+def _write(tmp: Path, out: Path, shards: list[Path], attrs: list[dict], wanted: dict, virtual: bool) -> MergeResult:
+    """Write the merged cache at `tmp` (renamed to `out` by the caller, so `out` is never half-written)."""
+    layers = [str(v) for v in wanted["layers"]]
+    with h5py.File(shards[0], "r") as f:
+        shapes = {layer: tuple(f[f"features/{layer}"].shape[1:]) for layer in layers}
+        dtypes = {layer: f[f"features/{layer}"].dtype for layer in layers}
+        label_names = list(f["label_names"].asstr()[()])
+    paths, skipped, rows, width = [], [], [], 1
+    for shard in shards:
+        with h5py.File(shard, "r") as f:
+            paths += list(f["paths"].asstr()[()])
+            skipped += [[p.decode(), r.decode()] for p, r in f["skipped"][()]]
+            rows.append(len(f["paths"]))
+            width = max(width, f["paths"].dtype.itemsize)
+    # One extra blank row as wide as the widest shard's paths: each shard (like a one-process run) sized its `paths`
+    # strings over all its candidates, skipped ones included; finalize() trims the extra row.
+    writer = CacheWriter.create(tmp, wanted, {} if virtual else shapes, paths + [" " * width], label_names)
+    try:
+        if virtual:
+            _virtual_features(writer.file, out, shards, rows, shapes, dtypes)
+        _copy_rows(writer, shards, [] if virtual else layers, shapes, dtypes)
+        writer.file.attrs["created"] = min(a["created"] for a in attrs)
+        writer.finalize(Progress(rows_written=len(paths), files_done=wanted["num_candidates"], skipped=skipped))
+    finally:
+        writer.close()
+        progress_path(tmp).unlink(missing_ok=True)
+    return MergeResult(out, "written", shards, len(paths), skipped, virtual, shapes)
+
+
+def _virtual_features(f: h5py.File, out: Path, shards: list[Path], rows: list[int],
+                      shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype]) -> None:
+    """features/<layer> as a virtual dataset over the shards, named relative to the merged file (HDF5 looks for
+    relative source files beside the virtual file, so the folder can move as a whole)."""
+    for layer, shape in shapes.items():
+        layout = h5py.VirtualLayout(shape=(sum(rows), *shape), dtype=dtypes[layer])
+        start = 0
+        for shard, n in zip(shards, rows):
+            source = os.path.relpath(shard.resolve(), out.resolve().parent)
+            layout[start : start + n] = h5py.VirtualSource(source, f"features/{layer}", shape=(n, *shape))
+            start += n
+        ds = f.create_virtual_dataset(f"features/{layer}", layout)
+        ds.attrs.update({"layer": layer, "shape": shape})
+
+
+def _copy_rows(writer: CacheWriter, shards: list[Path], layers: list[str], shapes: dict[str, tuple[int, ...]],
+               dtypes: dict[str, np.dtype]) -> None:
+    """Copy the shards' rows in order, in blocks of about COPY_BLOCK_BYTES (features only for the real copy)."""
+    row_bytes = sum(int(np.prod(shapes[layer], dtype=np.int64)) * dtypes[layer].itemsize for layer in layers)
+    block = max(1, COPY_BLOCK_BYTES // max(row_bytes, 1))
+    start = 0
+    for shard in shards:
+        with h5py.File(shard, "r") as f:
+            n = len(f["paths"])
+            for lo in range(0, n, block):
+                hi = min(n, lo + block)
+                writer.write(start + lo, [f[f"features/{layer}"][lo:hi] for layer in layers],
+                             list(f["paths"].asstr()[lo:hi]), list(f["labels"][lo:hi]),
+                             list(f["split"].asstr()[lo:hi]))
+            start += n

@@ -1,0 +1,172 @@
+"""A sharded extraction as a SLURM job array plus a dependent merge: two short, readable sbatch scripts.
+
+Array task I runs `python -m pipeline extract <the user's flags> --out OUT --shard I/N`; the shard count is written
+into the script, so a task resubmitted alone (`sbatch --array=I extract.sbatch`, or `--tasks I`) still runs shard I/N,
+and because extraction resumes, a requeued, pre-empted or resubmitted task continues its shard where it stopped.
+The merge job (`python -m pipeline merge --shards-of OUT`) waits for `afterok` of the array. The scripts hold only
+resources and the CLI call; all logic stays in the Python stages.
+"""
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from features.errors import UsageError
+from features.store import progress_path
+from pipeline.config import ExtractConfig, shard_out
+from pipeline.merge import merged_out
+
+DEPENDENCY_PLACEHOLDER = "<array job id>"
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """Resources of the array; the extraction itself is entirely described by the ExtractConfig."""
+
+    shards: int
+    tasks: str | None = None  # array indices to (re)submit, e.g. "1,3" or "2-3"; None: all
+    partition: str | None = None
+    gpus_per_task: int = 1
+    cpus_per_task: int = 4
+    time: str | None = None
+    account: str | None = None
+    log_dir: str | None = None  # default: logs/slurm/<merged cache's stem>
+
+
+@dataclass(frozen=True)
+class SlurmPlan:
+    out: Path  # the merged cache; shard I is shard_out(out, (I, shards))
+    shards: int
+    tasks: list[int]
+    log_dir: Path  # the scripts and every job's log
+    extract_script: str
+    merge_template: str  # the merge script, its dependency still DEPENDENCY_PLACEHOLDER
+
+    @property
+    def extract_path(self) -> Path:
+        return self.log_dir / "extract.sbatch"
+
+    @property
+    def merge_path(self) -> Path:
+        return self.log_dir / "merge.sbatch"
+
+    def merge_script(self, array_job: str = DEPENDENCY_PLACEHOLDER) -> str:
+        return self.merge_template.replace(DEPENDENCY_PLACEHOLDER, array_job)
+
+
+def parse_tasks(spec: str | None, shards: int) -> list[int]:
+    """Array indices from 'all' / None, '3', '1,3' or '0-2' (SLURM's syntax), each within 0..shards-1."""
+    if spec is None or spec == "all":
+        return list(range(shards))
+    indices: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            indices += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        indices = []
+    if not indices or not all(0 <= i < shards for i in indices):
+        raise UsageError(f"tasks '{spec}' is not valid. Expected array indices within 0..{shards - 1} "
+                         "such as '1', '1,3' or '0-2'.")
+    return sorted(set(indices))
+
+
+def _array_spec(tasks: list[int], shards: int) -> str:
+    return f"0-{shards - 1}" if tasks == list(range(shards)) else ",".join(map(str, tasks))
+
+
+def _command(python: str, argv: list[str], last: str = "") -> list[str]:
+    """`exec python -m pipeline ...` with one flag (and its value) per line, so the script reads like the flags."""
+    lines, current = [], [shlex.quote(python), "-m", "pipeline", argv[0]]
+    for arg in argv[1:]:
+        if arg.startswith("--"):
+            lines.append(" ".join(current))
+            current = [arg]
+        else:
+            current.append(shlex.quote(arg))
+    lines += [" ".join(current)] + ([last] if last else [])
+    return ["exec " + " \\\n    ".join(lines)]
+
+
+def plan(cfg: ExtractConfig, opts: SlurmOptions, python: str = sys.executable, cwd: Path | None = None) -> SlurmPlan:
+    """Both scripts for `cfg` split into `opts.shards` array tasks; nothing is written or submitted."""
+    if opts.shards < 1:
+        raise UsageError(f"shards {opts.shards} is not valid. Expected a positive number of array tasks.")
+    if cfg.shard is not None:
+        raise UsageError(f"--shard '{cfg.shard}' cannot be combined with slurm: each array task sets its own shard; "
+                         "use --shards N.")
+    for name, value, least in [("gpus-per-task", opts.gpus_per_task, 0), ("cpus-per-task", opts.cpus_per_task, 1)]:
+        if value < least:
+            raise UsageError(f"{name} {value} is not valid. Expected a whole number >= {least}.")
+    cwd = (cwd or Path.cwd()).resolve()
+    out = merged_out(cfg)
+    log_dir = Path(opts.log_dir) if opts.log_dir else Path("logs") / "slurm" / out.stem
+    log_dir = log_dir if log_dir.is_absolute() else cwd / log_dir
+    tasks = parse_tasks(opts.tasks, opts.shards)
+    # --overwrite is applied once, by `submit`: a requeued task must resume its shard, not restart it.
+    job_cfg = cfg.replace(out=str(out), overwrite=False, workers=cfg.workers or opts.cpus_per_task)
+    resources = [f"#SBATCH --{k}={v}" for k, v in [("partition", opts.partition), ("account", opts.account),
+                                                   ("time", opts.time)] if v]
+    extract = [
+        "#!/bin/bash",
+        f"# Sharded extraction into {out} ({opts.shards} shards): array task I runs shard I/{opts.shards}, resuming",
+        "# it if an earlier run of the task was interrupted. Written by `python -m pipeline slurm`.",
+        "# Resubmit one task alone:  sbatch --array=I " + str(log_dir / "extract.sbatch"),
+        f"#SBATCH --job-name=extract-{out.stem}",
+        f"#SBATCH --array={_array_spec(tasks, opts.shards)}",
+        f"#SBATCH --cpus-per-task={opts.cpus_per_task}",
+        *([f"#SBATCH --gres=gpu:{opts.gpus_per_task}"] if opts.gpus_per_task else []),
+        *resources,
+        f"#SBATCH --chdir={cwd}",
+        f"#SBATCH --output={log_dir}/extract-%A_%a.log",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --requeue",
+        "",
+        *_command(python, ["extract", *job_cfg.flags()], f'--shard "${{SLURM_ARRAY_TASK_ID}}/{opts.shards}"'),
+    ]
+    merge = [
+        "#!/bin/bash",
+        f"# Joins the {opts.shards} shards of {out} once every array task has succeeded.",
+        f"#SBATCH --job-name=merge-{out.stem}",
+        "#SBATCH --cpus-per-task=1",
+        *resources,
+        f"#SBATCH --chdir={cwd}",
+        f"#SBATCH --output={log_dir}/merge-%j.log",
+        f"#SBATCH --dependency=afterok:{DEPENDENCY_PLACEHOLDER}",
+        "#SBATCH --kill-on-invalid-dep=yes",
+        "",
+        *_command(python, ["merge", "--shards-of", str(out), *(["--overwrite"] if cfg.overwrite else [])]),
+    ]
+    return SlurmPlan(out, opts.shards, tasks, log_dir, "\n".join(extract) + "\n", "\n".join(merge) + "\n")
+
+
+def sbatch(script: Path) -> str:
+    """Submit one script and return its job id."""
+    try:
+        done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise UsageError("sbatch was not found: run this on a SLURM login node, or add --dry-run to only print the "
+                         "scripts.") from None
+    if done.returncode:
+        raise UsageError(f"sbatch {script} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout.strip().split(";")[0]
+
+
+def submit(p: SlurmPlan, overwrite: bool = False) -> tuple[str, str]:
+    """Write the scripts, submit the array, then the merge that depends on it; (array job id, merge job id).
+
+    With `overwrite`, the submitted tasks' old shard files are removed first, so the tasks start their shards anew.
+    """
+    p.log_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for i in p.tasks:
+            shard = shard_out(p.out, (i, p.shards))
+            shard.unlink(missing_ok=True)
+            progress_path(shard).unlink(missing_ok=True)
+    p.extract_path.write_text(p.extract_script)
+    array_job = sbatch(p.extract_path)
+    p.merge_path.write_text(p.merge_script(array_job))
+    return array_job, sbatch(p.merge_path)
