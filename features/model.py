@@ -45,6 +45,19 @@ def _socket_timeout(seconds: float):
         socket.setdefaulttimeout(previous)
 
 
+@contextmanager
+def _global_policy(name: str):
+    """Keras reads the dtype policy when layers are built; scope it so later models (heads, tests) are unaffected."""
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
 def _offline_error(spec: BackboneSpec, err: Exception) -> UsageError:
     url = re.search(r"https?://\S+?\.h5", str(err))
     fname = url.group(0).rsplit("/", 1)[-1] if url else "<the weights file>"
@@ -58,11 +71,9 @@ def _offline_error(spec: BackboneSpec, err: Exception) -> UsageError:
 
 def build_base(spec: BackboneSpec, weights: str, size: int, precision: str = "float32"):
     """The frozen backbone as a keras.Model (include_top=False for registry models)."""
-    import keras
-
     if precision not in ("float32", "mixed"):
         raise UsageError(f"precision '{precision}' is not valid. Expected 'float32' or 'mixed'.")
-    keras.mixed_precision.set_global_policy("mixed_float16" if precision == "mixed" else "float32")
+    policy = "mixed_float16" if precision == "mixed" else "float32"
     if weights not in ("default", "imagenet", "none") and not Path(weights).is_file():
         raise UsageError(f"weights '{weights}' is not valid. Expected 'imagenet', 'none' or an existing weights file.")
     if spec.file is not None:
@@ -73,11 +84,11 @@ def build_base(spec: BackboneSpec, weights: str, size: int, precision: str = "fl
         if weights not in ("default", "imagenet"):
             model.load_weights(weights)
         if precision == "mixed":
-            model = _with_policy(model, "mixed_float16")
+            model = _with_policy(model, policy)
         return _frozen(model)
     keras_weights = {"default": "imagenet", "none": None}.get(weights, weights)
     try:
-        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S), _global_policy(policy):
             model = spec.build(keras_weights, (size, size, 3))
     except Exception as err:  # Keras raises a bare Exception for a failed download
         if "URL fetch failure" in str(err) or isinstance(err, (OSError, socket.timeout)):

@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from classifiers.report import summary
     from pipeline.classify import ClassifyConfig, classify
 
     cfg = ExtractConfig(data=args.data, layer=DEMO_LAYERS)
@@ -27,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
         print_extract_summary(result)
     print(f"\n[2/2] classify: default heads on {result.path}")
     run_dir = classify(ClassifyConfig(features=str(result.path), out=args.out))
+    print(summary(run_dir))
     print(f"\ndemo done. cache: {result.path}\nresults: {run_dir} (report.md, leaderboard.md, *.png, best/)\n"
           f"next: make predict MODEL={run_dir}/best DATA=path/to/new/images")
     return 0

@@ -193,3 +193,10 @@ def test_mixed_precision_and_xla_paths_match_float32(class_folder, tmp_path):
     mixed = run("mixed.h5", precision="mixed", jit=True)
     assert mixed.dtype == np.float32
     np.testing.assert_allclose(mixed, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
+
+
+def test_mixed_precision_does_not_leak_into_later_models(class_folder, tmp_path):
+    cfg = ExtractConfig(data=str(class_folder), layer=["block1_pool"], out=str(tmp_path / "m.h5"), precision="mixed",
+                        **VGG)
+    extract(cfg, verbose=False)
+    assert keras.mixed_precision.global_policy().name == "float32"
