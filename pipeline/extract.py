@@ -141,12 +141,12 @@ def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
     catalog = full.shard(*shard) if shard else full
     spec = get_backbone(cfg.backbone, cfg.preprocess)
     size = cfg.image_size or spec.input_size
-    base = build_base(spec, cfg.weights, size, cfg.precision)
-    if cfg.precision == "mixed" and verbose and not _has_gpu():
-        print("warning: --precision mixed without a GPU computes float16 in software (several times slower on CPU).")
-    layers = cfg.layer or [spec.default_layer or base.layers[-1].name]
+    base = None  # built only when needed: a complete, matching cache is confirmed without loading any model
+    layers = cfg.layer or ([spec.default_layer] if spec.default_layer else [])
+    if not layers:
+        base = build_base(spec, cfg.weights, size, cfg.precision)
+        layers = [base.layers[-1].name]
     out = shard_out(Path(cfg.out), shard) if cfg.out else default_out(cfg, layers, shard)
-    model = cut(base, layers)
     attrs = plan_attrs(cfg, spec, catalog, size, layers, shard, full.fingerprint())
 
     progress = _existing(out, attrs, cfg.overwrite)
@@ -155,6 +155,9 @@ def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
             print(f"up to date: {out} is complete for this configuration and these {len(catalog)} files; nothing to do "
                   "(--overwrite rebuilds it).")
         return ExtractResult(out, "up-to-date")
+    if cfg.precision == "mixed" and verbose and not _has_gpu():
+        print("warning: --precision mixed without a GPU computes float16 in software (several times slower on CPU).")
+    model = cut(base or build_base(spec, cfg.weights, size, cfg.precision), layers)
     forward = make_forward(model, spec, cfg, size)
     shapes = {n: tuple(o.shape[1:]) for n, o in zip(layers, forward(np.zeros((cfg.batch_size, size, size, 3), "uint8")))}
     if progress is None:
