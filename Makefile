@@ -12,12 +12,18 @@ EXTRACT_FLAGS = $(call flag,BACKBONE,backbone) $(call flag,LAYER,layer) $(call f
   $(call flag,WEIGHTS,weights) $(call flag,POOL,pool) $(call flag,DTYPE,dtype) $(call flag,BATCH,batch-size) \
   $(call flag,SIZE,image-size) $(call flag,RESIZE,resize) $(call flag,PREPROCESS,preprocess) $(call flag,OUT,out) \
   $(call flag,LABELS,labels) $(call flag,COMPRESSION,compression) $(call flag,SHARD,shard) \
-  $(call flag,PRECISION,precision) $(call flag,DEVICES,devices) $(if $(JIT),--jit) $(if $(OVERWRITE),--overwrite)
+  $(call flag,PRECISION,precision) $(call flag,DEVICES,devices) \
+  $(call flag,AUGMENT,augment) $(call flag,AUGMENT_POLICY,augment-policy) $(call flag,SEED,seed) $(if $(JIT),--jit) $(if $(OVERWRITE),--overwrite)
 CLASSIFY_FLAGS = $(call flag,FEATURES,features) $(call flag,LAYER,layer) $(call flag,HEADS,heads) \
-  $(call flag,REDUCE,reduce) $(call flag,CV,cv) $(call flag,SEED,seed) $(call flag,OUT,out) $(call flag,MEMORY,memory-budget)
+  $(call flag,REDUCE,reduce) $(call flag,CV,cv) $(call flag,SEED,seed) $(call flag,OUT,out) $(call flag,MEMORY,memory-budget) \
+  $(if $(SAVE_ALL),--save-all)
 PREDICT_FLAGS = $(call flag,MODEL,model) $(call flag,DATA,data) $(call flag,OUT,out) $(call flag,BATCH,batch-size)
+FINETUNE_FLAGS = $(call flag,MODEL,model) $(call flag,DATA,data) $(call flag,OUT,out) $(call flag,UNFREEZE,unfreeze) \
+  $(call flag,HEAD_EPOCHS,head-epochs) $(call flag,EPOCHS,epochs) $(call flag,LR,lr) $(call flag,PATIENCE,patience) \
+  $(call flag,BATCH,batch-size) $(call flag,SIZE,image-size) $(call flag,AUGMENT,augment) \
+  $(call flag,PRECISION,precision) $(call flag,SEED,seed) $(if $(OVERWRITE),--overwrite)
 
-.PHONY: install demo test test-all extract layers backbones weights classify predict merge slurm-extract bench clean
+.PHONY: install demo test test-all extract layers backbones weights classify predict finetune merge slurm-extract bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python >= 3.10 or run 'make PYTHON=python3 ...'" >&2; exit 1; }
@@ -54,6 +60,9 @@ classify: $(STAMP)
 
 predict: $(STAMP)
 	$(PY) -m pipeline predict $(PREDICT_FLAGS)
+
+finetune: $(STAMP)
+	$(PY) -m pipeline finetune $(FINETUNE_FLAGS)
 
 merge: $(STAMP)
 	$(PY) -m pipeline merge $(call flag,SHARDS_OF,shards-of) $(call flag,OUT,out) $(if $(VIRTUAL),--virtual) \

@@ -5,9 +5,10 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +33,7 @@ class Catalog:
     layout: str
     ignored: list[tuple[str, str]]  # files under root that are not images, with the reason
     offset: int = 0  # index of the first candidate in the whole set (non-zero for a shard)
+    views: list[int] = field(default_factory=list)  # per row: 0 = clean, 1.. = augmented view (see with_views)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -39,19 +41,29 @@ class Catalog:
     def fingerprint(self) -> str:
         """Identity of the input set: names, sizes, modification times and labels of every candidate."""
         h = hashlib.sha256()
-        for rel, label, split in zip(self.paths, self.labels, self.splits):
+        for i, (rel, label, split) in enumerate(zip(self.paths, self.labels, self.splits)):
             st = (self.root / rel).stat()
-            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\0{split}\n".encode())
+            view = f"\0{self.views[i]}" if self.views and self.views[i] else ""
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\0{split}{view}\n".encode())
         h.update("\0".join(self.label_names).encode())
         return h.hexdigest()
 
     def shard(self, index: int, count: int) -> "Catalog":
         """Contiguous block `index` of `count`, balanced by count; concatenating the blocks restores the order."""
         lo, hi = len(self) * index // count, len(self) * (index + 1) // count
-        return Catalog(
-            self.root, self.paths[lo:hi], self.labels[lo:hi], self.splits[lo:hi], self.label_names, self.layout,
-            self.ignored if index == 0 else [], self.offset + lo,
-        )
+        return dataclasses.replace(
+            self, paths=self.paths[lo:hi], labels=self.labels[lo:hi], splits=self.splits[lo:hi],
+            views=self.views[lo:hi], ignored=self.ignored if index == 0 else [], offset=self.offset + lo)
+
+    def with_views(self, k: int) -> "Catalog":
+        """Rows of the cache: each training image followed by its k augmented views; evaluation splits and
+        unlabelled images keep their clean view only. Without splits every labelled image is a training image."""
+        has_splits = any(self.splits)
+        rows = [(i, v) for i in range(len(self))
+                for v in range(k + 1 if self.labels[i] >= 0 and (self.splits[i] == "train" or not has_splits) else 1)]
+        return dataclasses.replace(
+            self, paths=[self.paths[i] for i, _ in rows], labels=[self.labels[i] for i, _ in rows],
+            splits=[self.splits[i] for i, _ in rows], views=[v for _, v in rows])
 
 
 def _walk_files(root: Path) -> tuple[list[str], list[tuple[str, str]]]:

@@ -13,11 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import numpy as np
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+T = TypeVar("T")
 CROP_FRACTION = 0.875  # ImageNet evaluation convention: resize the shorter side to size / 0.875, then centre-crop
 
 
@@ -70,25 +72,25 @@ class Decoded:
     seconds: float = 0.0
 
 
-def _decode_one(index: int, path: Path, size: int, resize: str) -> Decoded:
+def _decode_one(index: int, item: T, load: Callable[[T], np.ndarray]) -> Decoded:
     start = time.perf_counter()
     try:
-        pixels = load_image(path, size, resize)
+        pixels = load(item)
     except (ValueError, OSError, cv2.error) as err:
         return Decoded(index, None, str(err), time.perf_counter() - start)
     return Decoded(index, pixels, "", time.perf_counter() - start)
 
 
-def decode_stream(
-    items: Iterable[tuple[int, Path]], size: int, resize: str, workers: int, lookahead: int
-) -> Iterator[Decoded]:
-    """Decode in a thread pool, `lookahead` images ahead of the consumer, yielding results in input order."""
+def decode_stream(items: Iterable[tuple[int, T]], load: Callable[[T], np.ndarray], workers: int, lookahead: int
+                  ) -> Iterator[Decoded]:
+    """`load` each item in a thread pool, `lookahead` items ahead of the consumer, yielding results in input order.
+
+    `load` is e.g. `lambda path: load_image(path, size, resize)`, or a loader of augmented views."""
     cv2.setNumThreads(1)  # parallelism comes from the pool; OpenCV's own threads would oversubscribe the cores
     it = iter(items)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        pending: deque = deque(pool.submit(_decode_one, i, p, size, resize) for i, p in islice(it, lookahead))
+        pending: deque = deque(pool.submit(_decode_one, i, item, load) for i, item in islice(it, lookahead))
         while pending:
             yield pending.popleft().result()
-            for i, p in islice(it, 1):
-                pending.append(pool.submit(_decode_one, i, p, size, resize))
-
+            for i, item in islice(it, 1):
+                pending.append(pool.submit(_decode_one, i, item, load))

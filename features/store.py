@@ -23,7 +23,8 @@ COMPRESSIONS = ("none", "lzf")
 STORAGE_DTYPES = ("float16", "float32")
 # Attributes that must match for a file to be resumed or reused as is.
 IDENTITY_ATTRS = ("backbone", "backbone_file_sha256", "weights", "image_size", "resize", "preprocessing", "pool",
-                  "dtype", "compression", "precision", "layers", "source_fingerprint", "shard", "num_candidates")
+                  "dtype", "compression", "precision", "layers", "source_fingerprint", "shard", "num_candidates",
+                  "augment", "augment_policy", "augment_seed")
 
 
 def utc_now() -> str:
@@ -126,6 +127,7 @@ class CacheWriter:
         per_row("paths", (), _fixed_utf8(paths).dtype, text_rows)
         per_row("split", (), h5py.string_dtype("utf-8", 5), text_rows)
         per_row("labels", (), "int32", text_rows)
+        per_row("view", (), "int16", text_rows)
         f.create_dataset("label_names", data=_fixed_utf8(label_names))
         f.flush()
         return cls(path, f, list(layer_shapes))
@@ -135,7 +137,8 @@ class CacheWriter:
         f = h5py.File(path, "r+", rdcc_nbytes=CHUNK_CACHE_BYTES)
         return cls(path, f, [str(v) for v in f.attrs["layers"]])
 
-    def write(self, row: int, features: list[np.ndarray], paths: list[str], labels: list[int], splits: list[str]) -> None:
+    def write(self, row: int, features: list[np.ndarray], paths: list[str], labels: list[int], splits: list[str],
+              views: list[int]) -> None:
         """Write rows [row, row+n) and flush them, so a progress record saved afterwards never claims unwritten rows."""
         n = len(paths)
         for layer, values in zip(self.layers, features):
@@ -143,12 +146,13 @@ class CacheWriter:
         self.file["paths"][row : row + n] = _fixed_utf8(paths, self.file["paths"].dtype.itemsize)
         self.file["labels"][row : row + n] = labels
         self.file["split"][row : row + n] = _fixed_utf8(splits, 5)
+        self.file["view"][row : row + n] = views
         self.file.flush()
 
     def finalize(self, progress: Progress) -> None:
         """Trim to the rows written, record the skipped files, and only then mark the file complete."""
         f, n = self.file, progress.rows_written
-        for name in [f"features/{layer}" for layer in self.layers] + ["paths", "labels", "split"]:
+        for name in [f"features/{layer}" for layer in self.layers] + ["paths", "labels", "split", "view"]:
             if f[name].shape[0] != n:
                 f[name].resize(n, axis=0)
         if "skipped" in f:

@@ -35,6 +35,9 @@ class ExtractConfig:
     devices: str = "all"  # all | comma-separated GPU indices: one extraction worker per GPU
     workers: int = 0  # decoder threads; 0: one per core
     overwrite: bool = False
+    augment: int = 0  # augmented views per training image, besides the clean view
+    augment_policy: str = "standard"  # features/augment.py
+    seed: int = 0  # of the augmented views
 
     def replace(self, **changes) -> "ExtractConfig":
         return dataclasses.replace(self, **changes)
@@ -63,6 +66,8 @@ def default_out(cfg: ExtractConfig, layers: list[str], shard: tuple[int, int] | 
         parts.append(cfg.pool)
     if cfg.image_size:
         parts.append(str(cfg.image_size))
+    if cfg.augment:
+        parts.append(f"aug{cfg.augment}-{cfg.augment_policy}" + (f"-s{cfg.seed}" if cfg.seed else ""))
     if cfg.dtype != "float32":
         parts.append(cfg.dtype)
     if cfg.weights != "imagenet":

@@ -19,7 +19,8 @@ from tqdm import tqdm
 from features.backbones import BackboneSpec, get_backbone, sha256_file
 from features.catalog import Catalog, discover
 from features.errors import UsageError
-from features.images import RESIZE_POLICIES, decode_stream
+from features.augment import get_policy, view_loader
+from features.images import RESIZE_POLICIES, decode_rgb, decode_stream
 from features.model import POOLS, build_base, cut, pool_features, weights_identity
 from features.store import (COMPRESSIONS, STORAGE_DTYPES, CacheWriter, Progress, identity_diff, read_attrs)
 from pipeline.config import ExtractConfig, default_out, shard_out
@@ -76,6 +77,11 @@ def validate(cfg: ExtractConfig) -> None:
             raise UsageError(f"{name} '{value}' is not valid. Expected one of: {', '.join(valid)}.")
     if cfg.batch_size < 1:
         raise UsageError(f"batch-size {cfg.batch_size} is not valid. Expected a positive integer.")
+    if cfg.augment < 0:
+        raise UsageError(f"augment {cfg.augment} is not valid. Expected the number of augmented views per training "
+                         "image (0 = none).")
+    if cfg.augment:
+        get_policy(cfg.augment_policy)
     if cfg.image_size is not None and cfg.image_size < 8:
         raise UsageError(f"image-size {cfg.image_size} is not valid. Expected a side length in pixels (>= 8).")
 
@@ -105,6 +111,9 @@ def plan_attrs(cfg: ExtractConfig, spec: BackboneSpec, catalog: Catalog, size: i
         "precision": cfg.precision,
         "batch_size": cfg.batch_size,
         "layers": layers,
+        "augment": cfg.augment,
+        "augment_policy": cfg.augment_policy if cfg.augment else "",
+        "augment_seed": cfg.seed if cfg.augment else 0,
         "data_root": str(catalog.root.resolve()),
         "layout": catalog.layout,
         "labels_csv": cfg.labels or "",
@@ -137,7 +146,7 @@ def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
     """Write (or resume, or confirm) the cache that `cfg` describes and return where it is."""
     validate(cfg)
     shard = parse_shard(cfg.shard)
-    full = discover(cfg.data, cfg.labels, cfg.path_column, cfg.label_column)
+    full = discover(cfg.data, cfg.labels, cfg.path_column, cfg.label_column).with_views(cfg.augment)
     catalog = full.shard(*shard) if shard else full
     spec = get_backbone(cfg.backbone, cfg.preprocess)
     size = cfg.image_size or spec.input_size
@@ -211,8 +220,13 @@ def _run(cfg: ExtractConfig, catalog: Catalog, forward, writer: CacheWriter, pro
     t = Timings()
     start = time.perf_counter()
     workers = cfg.workers or os.cpu_count() or 1
-    todo = ((i, catalog.root / catalog.paths[i]) for i in range(progress.files_done, len(catalog)))
-    stream = decode_stream(todo, size, cfg.resize, workers, lookahead=3 * cfg.batch_size)
+    views = {v: view_loader(size, cfg.resize, cfg.augment_policy, cfg.seed, v) for v in set(catalog.views)}
+
+    def load(i: int) -> np.ndarray:
+        return views[catalog.views[i]](catalog.paths[i], decode_rgb(catalog.root / catalog.paths[i]))
+
+    todo = ((i, i) for i in range(progress.files_done, len(catalog)))
+    stream = decode_stream(todo, load, workers, lookahead=3 * cfg.batch_size)
     batch_rows: list[int] = []
     batch = np.zeros((cfg.batch_size, size, size, 3), "uint8")
     pending_skips: list[list[str]] = []
@@ -229,7 +243,7 @@ def _run(cfg: ExtractConfig, catalog: Catalog, forward, writer: CacheWriter, pro
         t0 = time.perf_counter()
         if rows:
             writer.write(row, feats, [catalog.paths[i] for i in rows], [catalog.labels[i] for i in rows],
-                         [catalog.splits[i] for i in rows])
+                         [catalog.splits[i] for i in rows], [catalog.views[i] for i in rows])
         done.save(writer.path)  # only after the rows it counts are flushed to disk
         t.write_s += time.perf_counter() - t0
 
@@ -265,7 +279,8 @@ def _run(cfg: ExtractConfig, catalog: Catalog, forward, writer: CacheWriter, pro
                 break
             t.decode_cpu_s += item.seconds
             if item.pixels is None:
-                pending_skips.append([catalog.paths[item.index], item.reason])
+                if catalog.views[item.index] == 0:  # a file's augmented views fail with it: record it once
+                    pending_skips.append([catalog.paths[item.index], item.reason])
             else:
                 batch[slot(item.index)] = item.pixels
                 batch_rows.append(item.index)

@@ -40,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="all | GPU indices, e.g. 0,1: one worker process per GPU over shards, then a merge")
     p.add_argument("--workers", type=int, default=d.workers, help="decoder threads (0: one per core)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache of another configuration")
+    p.add_argument("--augment", type=int, default=d.augment,
+                   help="augmented views per training image, stored besides the clean view (evaluation splits: none)")
+    p.add_argument("--augment-policy", default=d.augment_policy, help="standard | light | flip (see docs/augment.md)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the augmented views")
 
 
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:

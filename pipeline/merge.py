@@ -203,5 +203,5 @@ def _copy_rows(writer: CacheWriter, shards: list[Path], layers: list[str], shape
                 hi = min(n, lo + block)
                 writer.write(start + lo, [f[f"features/{layer}"][lo:hi] for layer in layers],
                              list(f["paths"].asstr()[lo:hi]), list(f["labels"][lo:hi]),
-                             list(f["split"].asstr()[lo:hi]))
+                             list(f["split"].asstr()[lo:hi]), list(f["view"][lo:hi]))
             start += n

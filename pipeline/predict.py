@@ -113,6 +113,14 @@ def predict(cfg: PredictConfig) -> Path:
         raise FileNotFoundError(f"DATA {cfg.data!r} does not exist: give an image folder or a feature cache (.h5).")
     out = Path(cfg.out) if cfg.out else model_dir / "predictions" / f"{data.stem if data.is_file() else data.resolve().name}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if record["model_file"].endswith(".keras"):  # a fine-tuned network (`make finetune`) reads images itself
+        from pipeline.finetune import predict_images
+
+        if data.is_file():
+            raise UsageError(f"MODEL {cfg.model!r} is a fine-tuned network: it reads images, not feature caches. "
+                             f"Received DATA={cfg.data!r}; pass an image folder.")
+        predict_images(record, model_dir, data, cfg.batch_size).to_csv(out, index=False)
+        return out
     cache_path = data if data.is_file() else _extract(record, cfg, out.with_suffix(".h5"))
     cache = open_cache(cache_path)
     check_compatible(record, cache)

@@ -200,3 +200,28 @@ def test_mixed_precision_does_not_leak_into_later_models(class_folder, tmp_path)
                         **VGG)
     extract(cfg, verbose=False)
     assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_augmented_views_are_extra_rows_of_training_images_only(tmp_path):
+    """View 0 rows equal a clean extraction; K views follow each training image; val stays clean; reruns agree."""
+    for split in ["train", "val"]:
+        for k, name in enumerate(["a", "b"]):
+            write_images(tmp_path / "d" / split / name, 3, seed=k, size=(80, 96))
+    base = dict(data=str(tmp_path / "d"), layer=["block1_pool"], pool="avg", **VGG)
+
+    def run(out, **kw):
+        keras.utils.set_random_seed(0)
+        return read(extract(ExtractConfig(out=str(tmp_path / out), **base, **kw), verbose=False).path)
+
+    clean = run("clean.h5")
+    aug = run("aug.h5", augment=2)
+    with h5py.File(tmp_path / "aug.h5") as f:
+        view, split = f["view"][()], f["split"].asstr()[()]
+        assert f.attrs["augment"] == 2 and f.attrs["augment_policy"] == "standard"
+    assert list(view[split == "train"]) == [0, 1, 2] * 6 and set(view[split == "val"]) == {0}
+    feats = aug["features/block1_pool"]
+    np.testing.assert_array_equal(feats[view == 0], clean["features/block1_pool"])
+    np.testing.assert_array_equal(aug["paths"][view == 0], clean["paths"])
+    assert not np.allclose(feats[1], feats[0])  # an augmented view is another picture of the same image
+    assert np.array_equal(run("again.h5", augment=2)["features/block1_pool"], feats)
+    assert not np.array_equal(run("seed1.h5", augment=2, seed=1)["features/block1_pool"], feats)

@@ -112,7 +112,7 @@ def test_decode_stream_keeps_order_and_reports_skips(tmp_path):
     Image.fromarray(_rgb_gradient()).save(good)
     (tmp_path / "b.jpg").write_bytes(b"")
     items = [(i, good if i % 2 == 0 else tmp_path / "b.jpg") for i in range(20)]
-    out = list(decode_stream(items, 32, "stretch", workers=4, lookahead=5))
+    out = list(decode_stream(items, lambda path: load_image(path, 32, "stretch"), workers=4, lookahead=5))
     assert [d.index for d in out] == list(range(20))
     assert all((d.pixels is None) == (d.index % 2 == 1) for d in out)
     assert all(d.reason for d in out if d.pixels is None)
