@@ -20,7 +20,7 @@ CLASSIFY_FLAGS = $(call flag,FEATURES,features) $(call flag,LAYER,layer) $(call 
 PREDICT_FLAGS = $(call flag,MODEL,model) $(call flag,DATA,data) $(call flag,OUT,out) $(call flag,BATCH,batch-size)
 FINETUNE_FLAGS = $(call flag,MODEL,model) $(call flag,DATA,data) $(call flag,OUT,out) $(call flag,UNFREEZE,unfreeze) \
   $(call flag,HEAD_EPOCHS,head-epochs) $(call flag,EPOCHS,epochs) $(call flag,LR,lr) $(call flag,PATIENCE,patience) \
-  $(call flag,BATCH,batch-size) $(call flag,SIZE,image-size) $(call flag,AUGMENT,augment) \
+  $(call flag,BATCH,batch-size) $(call flag,SIZE,image-size) $(call flag,AUGMENT_POLICY,augment-policy) \
   $(call flag,PRECISION,precision) $(call flag,SEED,seed) $(if $(OVERWRITE),--overwrite)
 
 .PHONY: install demo test test-all extract layers backbones weights classify predict finetune merge slurm-extract bench clean

@@ -61,7 +61,7 @@ class FinetuneConfig:
     patience: int = 3  # epochs without a lower monitor loss before a phase stops
     batch_size: int = 16
     image_size: int | None = None  # None: as the features were extracted (the exact start needs that)
-    augment: str = "standard"  # policy of the training views (features/augment.py)
+    augment_policy: str = "standard"  # policy of the training views (features/augment.py)
     monitor_fraction: float = 0.15  # share of `train` held out for early stopping and checkpoint selection
     precision: str = "auto"  # auto (mixed on GPU) | float32 | mixed
     workers: int = 0  # decoder threads; 0: one per core
@@ -298,7 +298,7 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True) -> Path:
     if not record.get("model_file", "").endswith(".joblib"):
         raise UsageError(f"MODEL {cfg.model!r} is not a stage-two model (model_file {record.get('model_file')!r}). "
                          f"Expected a directory written by `make classify`, e.g. results/<run>/best.")
-    get_policy(cfg.augment)
+    get_policy(cfg.augment_policy)
     xcfg = ExtractConfig(**json.loads(record["config_json"]))
     spec = get_backbone(xcfg.backbone, xcfg.preprocess)
     size = cfg.image_size or int(record["image_size"])
@@ -325,7 +325,7 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True) -> Path:
     model, trunk, start = build_network(spec, xcfg.weights, size, record["layer"], record["pool"], head,
                                         len(class_names), precision)
     preprocess = spec.preprocess.fn
-    views = EpochViews(fit, size, xcfg.resize, cfg.augment, cfg.seed, cfg.batch_size, cfg.workers)
+    views = EpochViews(fit, size, xcfg.resize, cfg.augment_policy, cfg.seed, cfg.batch_size, cfg.workers)
     train_ds = dataset(views, size, preprocess)
     monitor_ds = dataset(clean(monitor, size, xcfg.resize, cfg.batch_size, cfg.workers), size, preprocess)
     score_batches = clean(score, size, xcfg.resize, cfg.batch_size, cfg.workers)

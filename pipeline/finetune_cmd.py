@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience in epochs (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--image-size", type=int, default=d.image_size, help="default: the size the features were extracted at")
-    p.add_argument("--augment", default=d.augment, help="augmentation policy of training views (default: %(default)s)")
+    p.add_argument("--augment-policy", default=d.augment_policy,
+                   help="augmentation policy of training views (default: %(default)s)")
     p.add_argument("--monitor-fraction", type=float, default=d.monitor_fraction,
                    help="share of train held out for early stopping (default: %(default)s)")
     p.add_argument("--precision", default=d.precision, help="auto (mixed on GPU) | float32 | mixed")
