@@ -1,7 +1,8 @@
 """Stage one: every image once through the frozen, truncated backbone, streamed into an HDF5 cache.
 
-Decoding runs in a thread pool ahead of the model; the model runs as one compiled function on fixed-shape batches
-(the last batch padded), so batches are identical whether a run is interrupted and resumed or not.
+Decoding runs in a thread pool ahead of the model, HDF5 writes in a thread behind it; the model runs as one compiled
+function on fixed-shape batches in which every image's slot is its index in the whole set modulo the batch size, so each
+image is computed identically whether the run is interrupted and resumed, sharded, or not.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from tqdm import tqdm
 
 from features.backbones import BackboneSpec, get_backbone, sha256_file
 from features.catalog import Catalog, discover
-from features.errors import UsageError
 from features.augment import get_policy, view_loader
+from features.errors import UsageError
 from features.images import RESIZE_POLICIES, decode_rgb, decode_stream
 from features.model import POOLS, build_base, cut, pool_features, weights_identity
 from features.store import (COMPRESSIONS, STORAGE_DTYPES, CacheWriter, Progress, identity_diff, read_attrs)
