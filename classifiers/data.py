@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import math
 import time
 from collections.abc import Iterator
@@ -50,6 +51,28 @@ class Cache:
     label_names: list[str]
     split: np.ndarray
     paths: np.ndarray = field(repr=False)
+    view: np.ndarray = field(repr=False)  # 0 = the clean view, 1.. = augmented views of a training image
+
+    @functools.cached_property
+    def images(self) -> np.ndarray:
+        """Image id per row: the views of one image (rows with the same path) share it, so folds can group them."""
+        return np.unique(self.paths, return_inverse=True)[1]
+
+    @functools.cached_property
+    def data_id(self) -> str:
+        """Identity of the labelled images behind the clean views (path, label, split), whatever views were added:
+        a clean and an augmented cache of the same images share it (their source_fingerprint differs)."""
+        clean = np.flatnonzero(self.view == 0)
+        digest = hashlib.sha256()
+        for row in clean[np.argsort(self.paths[clean], kind="stable")]:
+            digest.update(f"{self.paths[row]}\0{self.labels[row]}\0{self.split[row]}\n".encode())
+        return digest.hexdigest()[:16]
+
+    @property
+    def augment(self) -> str:
+        """'<policy>×<K>' for a cache with augmented views, '' for a clean one: the leaderboard's `augment`."""
+        k = int(self.attrs.get("augment", 0) or 0)
+        return f"{self.attrs.get('augment_policy', '')}×{k}" if k else ""
 
     @property
     def name(self) -> str:
@@ -83,9 +106,31 @@ def open_cache(path: str | Path) -> Cache:
             raise UsageError(f"Feature cache {str(path)!r} is incomplete (complete=False): its extraction was "
                              f"interrupted or is still running. Rerun the same `make extract` command to finish it.")
         shapes = {name: tuple(int(d) for d in dset.shape[1:]) for name, dset in file["features"].items()}
-        return Cache(path=path, attrs=attrs, shapes=shapes, labels=file["labels"][:].astype(np.int64),
-                     label_names=list(file["label_names"].asstr()[:]), split=file["split"].asstr()[:].astype(str),
-                     paths=file["paths"].asstr()[:].astype(str))
+        labels = file["labels"][:].astype(np.int64)
+        # caches written before augmentation existed have no `view`: every row is a clean view
+        view = file["view"][:].astype(np.int64) if "view" in file else np.zeros(len(labels), dtype=np.int64)
+        cache = Cache(path=path, attrs=attrs, shapes=shapes, labels=labels,
+                      label_names=list(file["label_names"].asstr()[:]), split=file["split"].asstr()[:].astype(str),
+                      paths=file["paths"].asstr()[:].astype(str), view=view)
+    check_views(cache)
+    return cache
+
+
+def check_views(cache: Cache) -> None:
+    """Augmented views must belong to labelled training images that also have a clean view (docs/hdf5-schema.md);
+    anything else could leak evaluation images into training, so it is refused."""
+    augmented = np.flatnonzero(cache.view > 0)
+    if not len(augmented):
+        return
+    wrong = augmented[(cache.labels[augmented] < 0) | ~np.isin(cache.split[augmented], ["train", ""])]
+    orphan = augmented[~np.isin(cache.paths[augmented], cache.paths[cache.view == 0])]
+    for rows, what in ((wrong, "unlabelled or outside the 'train' split"), (orphan, "without a clean view (view 0)")):
+        if len(rows):
+            row = int(rows[0])
+            raise UsageError(f"Feature cache {str(cache.path)!r} has {len(rows)} augmented row(s) {what}, e.g. row "
+                             f"{row}: path {cache.paths[row]!r}, view {cache.view[row]}, split {cache.split[row]!r}. "
+                             f"Expected augmented views of labelled training images only; re-extract it with "
+                             f"`make extract ... AUGMENT=K OVERWRITE=1`.")
 
 
 def _is_complete(path: Path) -> bool:

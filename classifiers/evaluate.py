@@ -4,6 +4,10 @@ With train/val/test splits in the cache the head is fitted on `train`, its hyper
 cross-validation inside `train`, and it is scored once on `test` if present, else on `val`; the scored split
 never takes part in any choice. Without splits: stratified k-fold CV, mean ± std over folds, with the same
 inner selection inside each training fold. Unlabelled rows (label -1) are never used.
+
+A cache with augmented views (docs/augment.md) has several rows per training image. Every fold, outer or inner,
+is drawn over *images* and then expanded to rows: a training part takes every view of its images, a scored part
+only their clean views (view 0). So no image is on both sides of a split, and scores count each image once.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from sklearn.base import BaseEstimator
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, log_loss,
                              top_k_accuracy_score)
 from sklearn.model_selection import GridSearchCV, ParameterGrid, StratifiedKFold
+from sklearn.utils.validation import has_fit_parameter
 
 from classifiers.data import take_rows
 from classifiers.heads import HeadSpec
@@ -30,10 +35,17 @@ class Plan:
     """Rows (indices into the cache) for each fold, the rows a final model is fitted on, and why."""
 
     scheme: str  # 'val', 'test' (held-out split) or 'cv5' (k-fold)
-    folds: list[tuple[np.ndarray, np.ndarray]]
+    folds: list[tuple[np.ndarray, np.ndarray]]  # (fit rows: every view, scored rows: clean views only)
     fit_rows: np.ndarray
     inner_cv: int
+    images: np.ndarray  # image id per cache row: the views of one image share it
+    clean: np.ndarray  # per cache row: True for the clean view (view 0), the only rows ever scored
     notes: list[str] = field(default_factory=list)
+
+    def inner_folds(self, fit_rows: np.ndarray, y_fit: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The hyperparameter search's folds inside `fit_rows` (positions into it, `y_fit` aligned with it),
+        grouped by image and scored on clean views, like the outer folds."""
+        return image_folds(y_fit, self.images[fit_rows], self.clean[fit_rows], self.inner_cv, seed)
 
     @property
     def rows(self) -> np.ndarray:
@@ -50,11 +62,33 @@ def _small_classes(y: np.ndarray, folds: int, names: list[str], where: str) -> l
             f"They are missing from some folds, so their scores are noisy; add images or lower CV."]
 
 
+def image_folds(y: np.ndarray, images: np.ndarray, clean: np.ndarray, n_splits: int, seed: int
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified k-fold over images, expanded to rows: (every view of the training images, the clean views of the
+    test images), as positions into `y`. Without augmented views this is exactly StratifiedKFold over the rows."""
+    first = np.sort(np.unique(images, return_index=True)[1])  # one row per image (its clean view), in row order
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the tiny-class case is reported by plan_evaluation
+        splitter = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
+        folds = []
+        for _, test in splitter.split(first, y[first]):
+            held = np.isin(images, images[first[test]])
+            folds.append((np.flatnonzero(~held), np.flatnonzero(held & clean)))
+    return folds
+
+
 def plan_evaluation(labels: np.ndarray, split: np.ndarray, names: list[str], cv: int, seed: int,
-                    source: str = "the cache") -> Plan:
-    """Decide held-out split or k-fold CV for one cache; warn (not fail) on imbalance and tiny classes."""
+                    source: str = "the cache", images: np.ndarray | None = None,
+                    view: np.ndarray | None = None) -> Plan:
+    """Decide held-out split or k-fold CV for one cache; warn (not fail) on imbalance and tiny classes.
+
+    `images` (image id per row) and `view` (0 = clean) describe augmented views; None means one clean row per image.
+    Class counts, fold counts and warnings are about images, not rows.
+    """
     if cv < 2:
         raise UsageError(f"CV must be at least 2 folds. Received: cv={cv}.")
+    images = np.arange(len(labels)) if images is None else np.asarray(images)
+    clean = np.ones(len(labels), dtype=bool) if view is None else np.asarray(view) == 0
     labelled = np.flatnonzero(labels >= 0)
     if len(labelled) == 0:
         raise UsageError(f"{source} has no labelled images (every label is -1, layout "
@@ -64,7 +98,7 @@ def plan_evaluation(labels: np.ndarray, split: np.ndarray, names: list[str], cv:
     present = np.unique(labels[labelled])
     if len(present) < 2:
         raise UsageError(f"{source} has a single labelled class ({names[present[0]]!r}); classify needs at least two.")
-    counts = np.bincount(labels[labelled])
+    counts = np.bincount(labels[labelled[clean[labelled]]])
     counts = counts[counts > 0]
     if counts.max() > 3 * counts.min():
         notes.append(f"{source}: classes are imbalanced ({counts.min()} to {counts.max()} images); "
@@ -72,29 +106,29 @@ def plan_evaluation(labels: np.ndarray, split: np.ndarray, names: list[str], cv:
     split = split[labelled]
     train = labelled[split == "train"]
     held_name = "test" if np.any(split == "test") else "val"
-    held = labelled[split == held_name]
+    held = labelled[(split == held_name) & clean[labelled]]
     if len(train) and len(held):
         inner = min(cv, 5)
-        notes += _small_classes(labels[train], inner, names, f"{source} train")
+        train_images = labels[train[clean[train]]]
+        notes += _small_classes(train_images, inner, names, f"{source} train")
         missing = sorted(set(labels[held].tolist()) - set(labels[train].tolist()))
         if missing:
             notes.append(f"{source}: classes {[names[c] for c in missing]} occur in {held_name} but not in train; "
                          f"no head can predict them.")
         if held_name == "test" and np.any(split == "val"):
             notes.append(f"{source}: scored on 'test'; the 'val' rows are not used.")
-        return Plan(held_name, [(train, held)], train, _inner_folds(labels[train], inner), notes)
+        return Plan(held_name, [(train, held)], train, _inner_folds(train_images, inner), images, clean, notes)
     largest = int(counts.max())
     folds_n = min(cv, largest)
     if folds_n < 2:
         raise UsageError(f"{source}: every class has a single image; k-fold CV needs at least 2 images in some class.")
     if folds_n < cv:
         notes.append(f"{source}: CV={cv} exceeds the largest class ({largest} images); using {folds_n} folds.")
-    notes += _small_classes(labels[labelled], folds_n, names, source)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the tiny-class case is reported above in plain words
-        splitter = StratifiedKFold(folds_n, shuffle=True, random_state=seed)
-        folds = [(labelled[a], labelled[b]) for a, b in splitter.split(labelled, labels[labelled])]
-    return Plan(f"cv{folds_n}", folds, labelled, _inner_folds(labels[labelled], min(folds_n, 5)), notes)
+    labelled_images = labels[labelled[clean[labelled]]]
+    notes += _small_classes(labelled_images, folds_n, names, source)
+    folds = [(labelled[a], labelled[b])
+             for a, b in image_folds(labels[labelled], images[labelled], clean[labelled], folds_n, seed)]
+    return Plan(f"cv{folds_n}", folds, labelled, _inner_folds(labelled_images, min(folds_n, 5)), images, clean, notes)
 
 
 def _inner_folds(y: np.ndarray, wanted: int) -> int:
@@ -102,13 +136,19 @@ def _inner_folds(y: np.ndarray, wanted: int) -> int:
     return max(2, min(wanted, int(np.bincount(y).max())))
 
 
-def selector(spec: HeadSpec, inner_cv: int, seed: int) -> BaseEstimator:
-    """The head with its hyperparameter search: GridSearchCV over `spec.grid` inside the training rows."""
+def selector(spec: HeadSpec, inner_cv: int | list[tuple[np.ndarray, np.ndarray]], seed: int) -> BaseEstimator:
+    """The head with its hyperparameter search: GridSearchCV over `spec.grid` inside the training rows.
+    `inner_cv` is a number of stratified folds, or the folds themselves (Plan.inner_folds, grouped by image)."""
     estimator = spec.build(seed)
     if len(ParameterGrid(spec.grid)) <= 1:
         return estimator.set_params(**{k: v[0] for k, v in spec.grid.items()})
-    inner = StratifiedKFold(inner_cv, shuffle=True, random_state=seed)
+    inner = StratifiedKFold(inner_cv, shuffle=True, random_state=seed) if isinstance(inner_cv, int) else inner_cv
     return GridSearchCV(estimator, spec.grid, cv=inner, scoring="accuracy", error_score=np.nan)
+
+
+def _fit(model: BaseEstimator, X, y: np.ndarray, images: np.ndarray) -> BaseEstimator:
+    """model.fit, passing the image ids to heads whose own validation split must keep an image's views together."""
+    return model.fit(X, y, groups=images) if has_fit_parameter(model, "groups") else model.fit(X, y)
 
 
 def class_scores(model, X, n_classes: int) -> tuple[np.ndarray | None, bool]:
@@ -175,11 +215,11 @@ def evaluate(spec: HeadSpec, X, y: np.ndarray, rows: np.ndarray, plan: Plan, n_c
     for fit_rows, score_rows in plan.folds:
         fit_pos = np.array([index[r] for r in fit_rows])
         score_pos = np.array([index[r] for r in score_rows])
-        model = selector(spec, plan.inner_cv, seed)
+        model = selector(spec, plan.inner_folds(fit_rows, y[fit_rows], seed), seed)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             start = time.perf_counter()
-            model.fit(take_rows(X, fit_pos), y[fit_rows])
+            _fit(model, take_rows(X, fit_pos), y[fit_rows], plan.images[fit_rows])
             fit_s += time.perf_counter() - start
             start = time.perf_counter()
             X_score = take_rows(X, score_pos)
@@ -204,8 +244,9 @@ def evaluate(spec: HeadSpec, X, y: np.ndarray, rows: np.ndarray, plan: Plan, n_c
 
 
 def fit_final(spec: HeadSpec, X, y: np.ndarray, plan: Plan, seed: int) -> tuple[BaseEstimator, dict]:
-    """The model to save after CV: selection and fit on every labelled row (X holds exactly plan.fit_rows)."""
+    """The model to save after CV: selection and fit on every labelled row (X and y hold exactly plan.fit_rows)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same warnings were already recorded during evaluation
-        model = selector(spec, plan.inner_cv, seed).fit(X, y)
+        model = selector(spec, plan.inner_folds(plan.fit_rows, y, seed), seed)
+        _fit(model, X, y, plan.images[plan.fit_rows])
     return fitted_head(model)

@@ -148,12 +148,19 @@ def resolve_heads(text: str | None) -> list[HeadSpec]:
     return [get_head(name) for name in dict.fromkeys(names)]
 
 
-def holdout_mask(y: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """Stratified boolean mask of rows held out for validation; a class keeps at least one training row."""
+def holdout_mask(y: np.ndarray, fraction: float, rng: np.random.Generator,
+                 groups: np.ndarray | None = None) -> np.ndarray:
+    """Stratified boolean mask of rows held out for validation; a class keeps at least one training image.
+
+    `groups` (image id per row) holds out whole images, so the augmented views of a held-out image never train
+    the model they validate; None: every row is its own image.
+    """
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    first = np.unique(groups, return_index=True)[1]  # one row per image stands for its class
     mask = np.zeros(len(y), dtype=bool)
     for cls in np.unique(y):
-        rows = rng.permutation(np.flatnonzero(y == cls))
-        mask[rows[:min(len(rows) - 1, int(round(fraction * len(rows))))]] = True
+        images = rng.permutation(groups[first[y[first] == cls]])
+        mask |= np.isin(groups, images[:min(len(images) - 1, int(round(fraction * len(images))))])
     return mask
 
 
@@ -174,13 +181,14 @@ class StreamingSGDClassifier(ClassifierMixin, BaseEstimator):
         self.validation_fraction = validation_fraction
         self.random_state = random_state
 
-    def fit(self, X, y):
+    def fit(self, X, y, groups=None):
+        """`groups`: image id per row; the alpha is then picked on held-out images, all their views together."""
         y = np.asarray(y)
         if len(y) != X.shape[0]:
             raise ValueError(f"X has {X.shape[0]} rows but y has {len(y)} labels.")
         rng = np.random.default_rng(self.random_state)
         self.classes_ = np.unique(y)
-        held_out = holdout_mask(y, self.validation_fraction, rng)
+        held_out = holdout_mask(y, self.validation_fraction, rng, groups)
         scaler = StandardScaler()
         for positions, batch in iter_batches(X, self.batch_size):
             keep = ~held_out[positions]

@@ -50,13 +50,14 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         model.compile(optimizer=keras.optimizers.Adam(self.learning_rate), loss="sparse_categorical_crossentropy")
         return model
 
-    def fit(self, X, y):
+    def fit(self, X, y, groups=None):
+        """`groups`: image id per row; early stopping then watches held-out images, all their views together."""
         y = np.asarray(y)
         if len(y) != X.shape[0]:
             raise ValueError(f"X has {X.shape[0]} rows but y has {len(y)} labels.")
         rng = np.random.default_rng(self.random_state)
         self.classes_, codes = np.unique(y, return_inverse=True)
-        held_out = holdout_mask(codes, self.validation_fraction, rng)
+        held_out = holdout_mask(codes, self.validation_fraction, rng, groups)
         self.scaler_ = StandardScaler()
         for positions, batch in iter_batches(X, 1024):
             if (~held_out[positions]).any():

@@ -21,21 +21,50 @@ from classifiers.memory import format_bytes  # noqa: E402
 # leaderboard order: best first; ties broken by balanced accuracy, then lower log-loss, then faster fit
 SORT_BY = ["accuracy", "balanced_accuracy", "log_loss", "fit_s"]
 SORT_ASCENDING = [False, False, True, True]
-SHOWN = ["backbone", "layer", "reduce", "head", "scheme", "accuracy", "accuracy_std", "balanced_accuracy",
-         "macro_f1", "top5", "log_loss", "fit_s", "predict_s"]
+SHOWN = ["backbone", "layer", "reduce", "head", "augment", "scheme", "accuracy", "accuracy_std", "augment_gain",
+         "balanced_accuracy", "macro_f1", "top5", "log_loss", "fit_s", "predict_s"]
+# an augmented row is compared with the clean row of the same data, features and head
+SAME_MODEL = ["data_id", "backbone", "layer", "reduce", "head", "scheme"]
+
+
+def _with_augment(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with the columns that pair augmented and clean rows ('' or missing augment, as in leaderboards
+    written before augmentation existed, means clean)."""
+    wanted = [*SAME_MODEL, "augment", "n_fit_images", "n_fit", "cache"]
+    table = table.reindex(columns=list(dict.fromkeys([*table.columns, *wanted])))
+    return table.assign(augment=table["augment"].fillna("").astype(str))
+
+
+def augment_gains(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per augmented leaderboard row that has a clean twin (same data, backbone, layer, reduce, head):
+    accuracy with and without the augmented views, the gain, and what the views cost in fit time."""
+    table = _with_augment(table)
+    clean = table[table["augment"] == ""].drop_duplicates(SAME_MODEL)
+    both = table[table["augment"] != ""].merge(clean, on=SAME_MODEL, suffixes=("", "_clean"))
+    gains = both[SAME_MODEL + ["augment", "n_fit_images", "n_fit", "cache"]].assign(
+        accuracy_clean=both["accuracy_clean"], accuracy_augmented=both["accuracy"],
+        gain=both["accuracy"] - both["accuracy_clean"],
+        balanced_accuracy_gain=both["balanced_accuracy"] - both["balanced_accuracy_clean"],
+        log_loss_change=both["log_loss"] - both["log_loss_clean"],
+        fit_s_ratio=both["fit_s"] / both["fit_s_clean"].clip(lower=1e-9))
+    return gains.sort_values(["gain", "head"], ascending=[False, True], kind="stable").reset_index(drop=True)
 
 
 def rank(rows: list[dict]) -> pd.DataFrame:
-    table = pd.DataFrame(rows)
+    """The leaderboard: best first, with `augment_gain` (accuracy minus the clean twin's) on augmented rows."""
+    table = _with_augment(pd.DataFrame(rows).drop(columns="augment_gain", errors="ignore"))  # recomputed
+    keys = SAME_MODEL + ["augment", "cache"]  # one leaderboard row each
+    gains = augment_gains(table)[keys + ["gain"]].rename(columns={"gain": "augment_gain"})
+    table = table.merge(gains, on=keys, how="left")
     table = table.sort_values(SORT_BY, ascending=SORT_ASCENDING, na_position="last", kind="stable")
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     return table.reset_index(drop=True)
 
 
 def shown(table: pd.DataFrame, top: int | None = None) -> pd.DataFrame:
-    """The columns a person reads, empty metric columns dropped, numbers rounded."""
-    view = table[["rank"] + SHOWN].head(top).dropna(axis=1, how="all")
-    return view.round(4)
+    """The columns a person reads, empty columns (metrics, augment on clean runs) dropped, numbers rounded."""
+    view = table.reindex(columns=["rank"] + SHOWN).head(top).replace("", np.nan).dropna(axis=1, how="all")
+    return view.fillna({"augment": ""}).round(4)
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -46,14 +75,22 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def write_leaderboard(table: pd.DataFrame, run_dir: Path) -> None:
+    """leaderboard.csv/.md, and augment_gain.csv when the run has clean and augmented caches of the same features."""
     table.to_csv(run_dir / "leaderboard.csv", index=False)
     (run_dir / "leaderboard.md").write_text(markdown(shown(table)) + "\n")
+    gains = augment_gains(table)
+    if len(gains):
+        gains.to_csv(run_dir / "augment_gain.csv", index=False)
 
 
 def plot_leaderboard(run_dir: Path) -> Path:
     """accuracy.png: accuracy (± std across folds) of every head, grouped by backbone / layer / reduce."""
     table = pd.read_csv(run_dir / "leaderboard.csv")
-    table["features"] = table["backbone"] + "\n" + table["layer"] + " · " + table["reduce"]
+    extra = table.reindex(columns=["augment", "cache"]).fillna("").astype(str)
+    label = (table["backbone"] + "\n" + table["layer"] + " · " + table["reduce"]
+             + extra["augment"].where(extra["augment"] == "", " · " + extra["augment"]))
+    shared = label.groupby(label).transform(lambda same: extra.loc[same.index, "cache"].nunique() > 1)
+    table["features"] = label.where(~shared.astype(bool), label + "\n" + extra["cache"].map(lambda c: Path(c).stem))
     groups, heads = list(dict.fromkeys(table["features"])), sorted(table["head"].unique())
     width = 0.8 / len(heads)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(heads) / 3)), 4.5))
@@ -132,16 +169,29 @@ def write_report(run_dir: Path, table: pd.DataFrame, record: dict, run: dict, no
         f"{_fmt(best['balanced_accuracy'])}, macro-F1 {_fmt(best['macro_f1'])}, log-loss {_fmt(best['log_loss'])}"
         + (f", top-5 {_fmt(best['top5'])}" if not pd.isna(best["top5"]) else "") + ".", "",
         f"- Evaluation: {how}.",
-        f"- Data: {int(best['n_fit'])} training and {int(best['n_eval'])} scored images, "
-        f"{len(record['class_names'])} classes; seed {run['seed']}.",
+        f"- Data: {int(best['n_fit_images'])} training and {int(best['n_eval'])} scored images"
+        + (f" (trained on {int(best['n_fit'])} rows: clean and augmented views {best['augment']}; only clean "
+           f"views are scored)" if best["n_fit"] != best["n_fit_images"] else "")
+        + f", {len(record['class_names'])} classes; seed {run['seed']}.",
         f"- Tried {len(table)} combinations ({table['head'].nunique()} heads × "
-        f"{table[['backbone', 'layer', 'reduce']].drop_duplicates().shape[0]} feature sets) in {run['seconds']:.1f} s; "
+        f"{table[['backbone', 'layer', 'reduce', 'augment']].drop_duplicates().shape[0]} feature sets) in "
+        f"{run['seconds']:.1f} s; "
         f"peak memory {format_bytes(run['peak_bytes'])} above start (budget {format_bytes(run['budget_bytes'])}).",
         f"- Use it: `make predict MODEL={run_dir / 'best'} DATA=<image folder>`", "",
         "## Leaderboard (top 10)", "", markdown(shown(table, 10)), "",
         "Full table: `leaderboard.csv`; plot: `accuracy.png`; best model's confusion matrix: "
         "`best/confusion_matrix.png`.", "",
     ]
+    gains = augment_gains(table)
+    if len(gains):
+        columns = ["backbone", "layer", "reduce", "head", "augment", "accuracy_clean", "accuracy_augmented", "gain",
+                   "balanced_accuracy_gain", "log_loss_change", "fit_s_ratio"]
+        lines += ["## Gain from augmentation", "",
+                  f"Accuracy with the augmented training views minus accuracy of the same head on the clean cache "
+                  f"(both scored on clean images only). Mean gain {gains['gain'].mean():+.4f}; it pays for "
+                  f"{int((gains['gain'] > 0).sum())} of {len(gains)} heads, hurts {int((gains['gain'] < 0).sum())}. "
+                  f"See docs/augment.md for when it pays.", "",
+                  markdown(gains[columns].round(4)), "", "Table: `augment_gain.csv`.", ""]
     if notes:
         lines += ["## Warnings", ""] + [f"- {note}" for note in notes] + [""]
     path = run_dir / "report.md"

@@ -20,6 +20,7 @@ TOY_ATTRS = {
     "labels_csv": "", "source_fingerprint": "toy", "shard": "", "num_candidates": 0,
     "created": "2024-01-01T00:00:00Z", "completed": "2024-01-01T00:00:00Z", "tool_version": "0.1.0",
     "keras_version": "", "tensorflow_version": "", "h5py_version": h5py.__version__,
+    "augment": 0, "augment_policy": "", "augment_seed": 0,
 }
 
 
@@ -34,11 +35,39 @@ def separable(n_per_class: int, n_classes: int, dim: int, seed: int = 0, spread:
     return X.astype(np.float32), y
 
 
+def with_views(X: np.ndarray, labels: np.ndarray, split: np.ndarray | None = None, k: int = 2,
+               noise: float = 0.05, seed: int = 0) -> dict:
+    """The rows of an augmented cache made from clean rows: each training image (split 'train', or every labelled
+    row without splits) is followed by `k` views = the clean row plus Gaussian noise of scale `noise` (relative to
+    the row's norm). Returns the keyword arguments of `write_cache` (`layers` under 'X').
+
+    >>> rows = with_views(np.eye(2, dtype=np.float32), np.array([0, 1]), k=2)
+    >>> rows["view"].tolist(), rows["paths"][:3]
+    ([0, 1, 2, 0, 1, 2], ['class0/img00000.jpg', 'class0/img00000.jpg', 'class0/img00000.jpg'])
+    """
+    labels = np.asarray(labels)
+    split = np.asarray(split if split is not None else [""] * len(labels), dtype=str)
+    names = [f"class{i}" for i in range(int(labels.max()) + 1)]
+    paths = [f"{split[i] + '/' if split[i] else ''}{names[labels[i]] if labels[i] >= 0 else 'x'}/img{i:05d}.jpg"
+             for i in range(len(labels))]
+    trained = (labels >= 0) & ((split == "train") | ~np.isin(split, ["val", "test"]))
+    source = np.repeat(np.arange(len(labels)), np.where(trained, k + 1, 1))
+    view = np.concatenate([np.arange(k + 1) if t else [0] for t in trained]).astype(np.int16)
+    rng = np.random.default_rng(seed)
+    scale = noise * np.linalg.norm(X.reshape(len(X), -1), axis=1)[source] / np.sqrt(X[0].size)
+    jitter = rng.normal(size=(len(source),) + X.shape[1:]) * scale.reshape((-1,) + (1,) * (X.ndim - 1))
+    rows = X[source] + np.where((view > 0).reshape(jitter.shape[:1] + (1,) * (X.ndim - 1)), jitter, 0)
+    return {"X": rows.astype(np.float32), "labels": labels[source], "split": split[source],
+            "paths": [paths[i] for i in source], "view": view, "augment": k, "augment_policy": "toy"}
+
+
 def write_cache(path: str | Path, layers: dict[str, np.ndarray], labels: np.ndarray,
                 label_names: list[str] | None = None, split: list[str] | np.ndarray | None = None,
-                paths: list[str] | None = None, complete: bool = True, **attrs) -> Path:
+                paths: list[str] | None = None, view: np.ndarray | None = None, complete: bool = True,
+                **attrs) -> Path:
     """Write `layers` (name -> (N, ...) array or np.memmap) and per-row metadata as a schema-1 cache;
-    `attrs` override TOY_ATTRS."""
+    `view` (0 = clean, 1.. = augmented) is written when given, like a cache made with AUGMENT=K (without it the
+    file looks like one written before augmentation existed); `attrs` override TOY_ATTRS."""
     path = Path(path)
     labels = np.asarray(labels, dtype=np.int32)
     n = len(labels)
@@ -63,6 +92,8 @@ def write_cache(path: str | Path, layers: dict[str, np.ndarray], labels: np.ndar
         file.create_dataset("labels", data=labels)
         file.create_dataset("label_names", data=np.array(label_names, dtype=object), dtype=utf8)
         file.create_dataset("split", data=np.array(split.tolist(), dtype=object), dtype=utf8)
+        if view is not None:
+            file.create_dataset("view", data=np.asarray(view, dtype=np.int16))
         file.create_dataset("skipped", shape=(0,), dtype=[("path", utf8), ("reason", utf8)])
         for key, value in meta.items():
             file.attrs[key] = value

@@ -81,7 +81,8 @@ def plan_jobs(cfg: ClassifyConfig) -> tuple[list[HeadSpec], list[Job], list[str]
         if not layers:
             notes.append(f"skipped {cache.name}: it has none of the layers {cfg.layer}")
             continue
-        plan = plan_evaluation(cache.labels, cache.split, cache.label_names, cfg.cv, cfg.seed, source=cache.name)
+        plan = plan_evaluation(cache.labels, cache.split, cache.label_names, cfg.cv, cfg.seed, source=cache.name,
+                               images=cache.images, view=cache.view)
         notes += plan.notes
         for layer in layers:
             specs = {}
@@ -98,8 +99,17 @@ def _run_dir(out: str | None) -> Path:
     return run_dir
 
 
+def _clean_config(config_json: str) -> str:
+    """The cache's ExtractConfig without augmentation: predict must extract the clean view of new images."""
+    settings = json.loads(config_json or "{}")
+    if settings.get("augment"):
+        settings["augment"] = 0
+    return json.dumps(settings) if settings else config_json
+
+
 def _record(job: Job, head: HeadSpec, ev: Evaluation, params: dict, cfg: ClassifyConfig, n_fit: int) -> dict:
-    """model.json: the source cache's identity and settings, the reduction, the head, classes and scores."""
+    """model.json: the source cache's identity and settings, the reduction, the head, classes and scores.
+    The training views (augment) are recorded apart; `config_json` is how predict extracts: clean."""
     attrs = job.cache.attrs
     return {
         "model_file": "model.joblib",
@@ -109,6 +119,9 @@ def _record(job: Job, head: HeadSpec, ev: Evaluation, params: dict, cfg: Classif
         "metrics": {**ev.scores, "fit_s": ev.fit_s, "predict_s": ev.predict_s},
         "seed": cfg.seed, "cv": cfg.cv, "source_file": str(job.cache.path.resolve()),
         **{key: attrs.get(key, "") for key in SOURCE_ATTRS},
+        "config_json": _clean_config(attrs.get("config_json", "")),
+        "augment": int(attrs.get("augment", 0) or 0), "augment_policy": attrs.get("augment_policy", ""),
+        "augment_seed": int(attrs.get("augment_seed", 0) or 0),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"python": sys.version.split()[0], "numpy": np.__version__, "scikit-learn": sklearn.__version__},
     }
@@ -168,11 +181,13 @@ def classify(cfg: ClassifyConfig) -> Path:
                                   len(job.cache.label_names), cfg.seed)
                 notes += [f"{job.key} {head.name}: {note}" for note in ev.notes]
                 rows.append({"backbone": job.cache.backbone, "layer": job.layer, "reduce": job.reduce.name,
-                             "head": head.name, "scheme": job.plan.scheme, **ev.scores,
+                             "head": head.name, "augment": job.cache.augment, "scheme": job.plan.scheme, **ev.scores,
                              "fit_s": ev.fit_s, "predict_s": ev.predict_s, "reduce_s": loaded.seconds,
                              "dim": job.reduce.dim(job.cache.shapes[job.layer]), "n_fit": len(job.plan.fit_rows),
+                             "n_fit_images": int(job.plan.clean[job.plan.fit_rows].sum()),
                              "n_eval": len(ev.eval_rows), "streamed": loaded.streamed,
-                             "params": json.dumps(ev.params, default=str), "cache": str(job.cache.path)})
+                             "params": json.dumps(ev.params, default=str), "cache": str(job.cache.path),
+                             "data_id": job.cache.data_id})
                 if cfg.save_all:
                     _save(run_dir / "models" / f"{job.key}__{head.name}", job, head, ev, loaded, cfg)
                 # the leaderboard's order: accuracy, balanced accuracy, lower log-loss, faster fit

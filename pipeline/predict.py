@@ -126,7 +126,7 @@ def predict(cfg: PredictConfig) -> Path:
     check_compatible(record, cache)
     model = joblib.load(model_dir / record["model_file"])
     names = np.array(record["class_names"])
-    layer, rows = record["layer"], np.arange(len(cache.labels))
+    layer, rows = record["layer"], np.flatnonzero(cache.view == 0)  # one prediction per image: its clean view
     probabilities, predicted = None, np.empty(len(rows), dtype=np.int64)
     with sklearn.config_context(working_memory=max(1, budget // READ_SHARE // 2**20)):
         for positions, raw in iter_blocks(cache.path, layer, rows, block_rows_for(cache.shapes[layer], budget)):
@@ -136,13 +136,13 @@ def predict(cfg: PredictConfig) -> Path:
                 probabilities = np.zeros((len(rows), len(names))) if probabilities is None else probabilities
                 probabilities[positions] = scores
     root = Path(str(cache.attrs.get("data_root", "")))
-    table = pd.DataFrame({"path": [str(root / p) for p in cache.paths], "predicted": names[predicted]})
+    table = pd.DataFrame({"path": [str(root / p) for p in cache.paths[rows]], "predicted": names[predicted]})
     if probabilities is not None:
         for i, name in enumerate(names):
             table[f"p_{name}"] = probabilities[:, i]
-    if np.any(cache.labels >= 0):
+    if np.any(cache.labels[rows] >= 0):
         known = np.array(cache.label_names + [""])
-        table["label"] = known[cache.labels]  # -1 -> '' (unlabelled)
+        table["label"] = known[cache.labels[rows]]  # -1 -> '' (unlabelled)
     table.to_csv(out, index=False)
     return out
 

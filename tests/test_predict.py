@@ -51,6 +51,19 @@ def test_unlabelled_data_gets_predictions_without_a_label_column(trained, tmp_pa
     assert len(table) == 5 and "label" not in table and set(table["predicted"]) <= {"ant", "bee", "wasp"}
 
 
+def test_an_augmented_cache_gets_one_prediction_per_image(trained, tmp_path):
+    """Augmented views are training rows: predict reads the clean view of each image only."""
+    _, run, _, maps, y = trained
+    view = np.array([0, 1, 2] * 4, np.int16)
+    rows = np.repeat(np.arange(4), 3)
+    paths = [f"img{i}.jpg" for i in rows]
+    data = write_cache(tmp_path / "aug.h5", {"map": maps[rows]}, y[rows], label_names=["ant", "bee", "wasp"],
+                       paths=paths, view=view)
+    table = pd.read_csv(predict(PredictConfig(model=str(run / "best"), data=str(data), out=str(tmp_path / "p.csv"))))
+    assert list(table["path"].map(lambda p: p.rsplit("/", 1)[-1])) == ["img0.jpg", "img1.jpg", "img2.jpg", "img3.jpg"]
+    assert list(table["label"]) == [["ant", "bee", "wasp"][c] for c in y[:4]]
+
+
 @pytest.mark.parametrize("attrs,expected", [
     ({"backbone": "othernet"}, "backbone: model 'toynet', data 'othernet'"),
     ({"preprocessing": "caffe"}, "preprocessing: model 'none (synthetic features)', data 'caffe'"),
