@@ -42,20 +42,24 @@ class Sizes:
     registry_size: int | None = None  # quick mode: a small input side for ResNet50 / VGG19 (Lite0 keeps 224)
     jit_probe: bool = True  # section 1: also time the model with XLA (compiling costs minutes on 2 cores)
     split_images: int | None = None  # section 5: None uses every image; else this many per split (staged copies)
+    cases: tuple[str, ...] = ("lite0", "resnet50", "vgg19_block2_pool")  # section 1 models
+    memory_dtypes: tuple[str, ...] = ("float32", "float16")  # section 3
+    scaling_heads: str = "all"  # section 6: 'all' or comma-separated head names
 
     @classmethod
     def full(cls) -> "Sizes":
-        return cls(throughput_images={"lite0": 192, "resnet50": 96, "vgg19_block2_pool": 96}, naive_images=96,
-                   memory_images=48, memory_batch=16, memory_size=256, storage_images=64, storage_rows=512,
-                   head_epochs=3, scaling_samples=250, scaling_dims=(64, 256, 1280, 5120), scaling_budget_s=20.0)
+        return cls(throughput_images={"lite0": 128, "resnet50": 96, "vgg19_block2_pool": 96}, naive_images=64,
+                   memory_images=32, memory_batch=16, memory_size=256, storage_images=64, storage_rows=512,
+                   head_epochs=3, scaling_samples=200, scaling_dims=(64, 256, 1280, 5120), scaling_budget_s=10.0)
 
     @classmethod
     def quick(cls) -> "Sizes":
         """The smoke test: every code path, tiny inputs, about a minute."""
         return cls(throughput_images={"lite0": 8, "resnet50": 8, "vgg19_block2_pool": 8}, naive_images=8,
                    memory_images=4, memory_batch=4, memory_size=32, storage_images=8, storage_rows=32,
-                   head_epochs=2, scaling_samples=40, scaling_dims=(16, 64), scaling_budget_s=2.0, batch_size=8,
-                   registry_size=32, jit_probe=False, split_images=8)
+                   head_epochs=2, scaling_samples=60, scaling_dims=(16, 64), scaling_budget_s=2.0, batch_size=8,
+                   registry_size=32, jit_probe=False, split_images=8, cases=("vgg19_block2_pool",),
+                   memory_dtypes=("float16",), scaling_heads="ridge,knn,sgd")
 
 
 @dataclass

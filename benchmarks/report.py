@@ -85,14 +85,16 @@ def plot_sections(folder: Path, sections: list[Section]) -> None:
         fig.tight_layout()
         fig.savefig(folder / "section1_throughput.png", dpi=110)
         plt.close(fig)
-        s.plots.append("section1_throughput.png")
+        if "section1_throughput.png" not in s.plots:
+            s.plots.append("section1_throughput.png")
     if 3 in by_number and by_number[3].rows:
         s = by_number[3]
         fig, ax = plt.subplots(figsize=(6, 3.5))
         extra = by_number.get(2)
         for dtype in ("float32", "float16"):
             pts = [(r["images"], r["peak_rss_mb"]) for r in s.rows if r["dtype"] == dtype]
-            ax.plot(*zip(*pts), "o-", label=f"ours, {dtype}")
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=f"ours, {dtype}")
         if extra:
             for method in ("naive loop", "keras peer (image_dataset_from_directory + predict)"):
                 pts = [(int(r["model"].rsplit("N=", 1)[1]), r["peak_rss_mb"]) for r in extra.rows
@@ -106,7 +108,8 @@ def plot_sections(folder: Path, sections: list[Section]) -> None:
         fig.tight_layout()
         fig.savefig(folder / "section3_memory.png", dpi=110)
         plt.close(fig)
-        s.plots.append("section3_memory.png")
+        if "section3_memory.png" not in s.plots:
+            s.plots.append("section3_memory.png")
     if 6 in by_number and by_number[6].rows:
         s = by_number[6]
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -123,4 +126,5 @@ def plot_sections(folder: Path, sections: list[Section]) -> None:
         fig.tight_layout()
         fig.savefig(folder / "section6_scaling.png", dpi=110)
         plt.close(fig)
-        s.plots.append("section6_scaling.png")
+        if "section6_scaling.png" not in s.plots:
+            s.plots.append("section6_scaling.png")

@@ -25,7 +25,7 @@ def section_memory(sizes: Sizes, sources: Sources, work: Path, log, children: di
                   "peak RSS at 4N ÷ peak RSS at N ≤ 1.1 (flat) for float16 and float32",
                   ["dtype", "images", "peak_rss_mb", "growth_mb", "file_mb", "img_s", "rss_ratio_4n_n"])
     vgg = {**CASES[2].resolve(sources), "size": sizes.memory_size, "batch": sizes.memory_batch}
-    for dtype in ("float32", "float16"):
+    for dtype in sizes.memory_dtypes:
         recs = {}
         for n in (n1, n4):
             key = ("extract", n, dtype)

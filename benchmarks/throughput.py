@@ -7,7 +7,6 @@ shared machine during the run affects both sides alike.
 """
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +136,7 @@ def measure_case(case: Case, sources: Sources, sizes: Sizes, n: int, batch: int,
     if jit_probe and not jit:
         _, _, fwd_jit = _build(params, batch, jit=True)
         time_forward(fwd_jit, batches[:1])  # compile
-        probe = batches[:max(1, min(2, len(batches)))]
+        probe = batches[:1]
         row["model_only_xla_img_s"] = rate(len(probe) * batch, time_forward(fwd_jit, probe))
         row["xla_speedup"] = ratio(row["model_only_xla_img_s"], model_rate)
         if row["xla_speedup"] > 1.1:  # worth turning on: the end-to-end rate with --jit, after the fix
@@ -155,7 +154,7 @@ def section_input_pipeline(sizes: Sizes, sources: Sources, work: Path, log) -> S
                     "wait_input_s", "model_s", "write_s", "decode_cpu_s"]
     xla_cols = ["model", "model_only_img_s", "model_only_xla_img_s", "xla_speedup", "end_to_end_img_s",
                 "end_to_end_xla_img_s"]
-    for case in CASES:
+    for case in [c for c in CASES if c.name in sizes.cases]:
         log(f"section 1: {case.label(sizes)} on {sizes.throughput_images[case.name]} images")
         sec.rows.append(measure_case(case, sources, sizes, sizes.throughput_images[case.name], sizes.batch_size, work,
                                      jit_probe=sizes.jit_probe))
@@ -165,7 +164,7 @@ def section_input_pipeline(sizes: Sizes, sources: Sources, work: Path, log) -> S
     sec.extra_tables.append(("Profile: where an image's time goes (ms per image; decode and resize on one core, "
                              "model from the model-only run, write and stage seconds from the end-to-end run)",
                              profile_cols, sec.rows))
-    sec.extra_tables.append(("The biggest cost is the model: XLA (`--jit`) before/after, model-only on 1-2 batches and, "
+    sec.extra_tables.append(("The biggest cost is the model: XLA (`--jit`) before/after, model-only on 1 batch and, "
                              "where XLA helps by >10%, end-to-end with `--jit`", xla_cols, sec.rows))
     return sec
 
@@ -255,7 +254,3 @@ def section_gpu(sizes: Sizes, sources: Sources, work: Path, log) -> Section:
     sec.notes.append("End-to-end on a GPU is bounded by decoding on the host CPU cores: compare end_to_end_img_s with "
                      "decode_img_s_per_core × cores.")
     return sec
-
-
-def temp_work() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="bench_")
