@@ -12,38 +12,12 @@ import os
 import resource
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-
-class RssSampler:
-    """Highest resident set size seen while the `with` block runs (a 10 ms sampler thread)."""
-
-    def __init__(self, interval: float = 0.01):
-        import psutil
-
-        self.process, self.interval = psutil.Process(), interval
-        self.before = self.peak = self.process.memory_info().rss
-        self._stop = threading.Event()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> "RssSampler":
-        self.before = self.peak = self.process.memory_info().rss
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
+from classifiers.memory import PeakMemory  # noqa: E402  (after the log level, before TensorFlow loads)
 
 
 def _model(params: dict):
@@ -65,10 +39,10 @@ def job_extract(params: dict) -> dict:
                         else [], weights=params["weights"], image_size=params["size"], batch_size=params["batch"],
                         dtype=params.get("dtype", "float32"), pool=params.get("pool", "none"), out=str(out),
                         overwrite=True)
-    with RssSampler() as mem:
+    with PeakMemory(interval_s=0.01) as mem:
         res = extract(cfg, verbose=False)
     t = res.timings
-    return {"images": res.processed, "seconds": t.wall_s, "growth_mb": (mem.peak - mem.before) / 2**20,
+    return {"images": res.processed, "seconds": t.wall_s, "growth_mb": mem.peak_growth / 2**20,
             "file_mb": out.stat().st_size / 2**20, "decode_cpu_s": t.decode_cpu_s, "wait_input_s": t.wait_input_s,
             "model_s": t.model_s, "write_s": t.write_s}
 
@@ -85,7 +59,7 @@ def job_naive(params: dict) -> dict:
     warm = cv2.resize(cv2.imread(str(paths[0])), (size, size))
     model.predict(spec.preprocess.fn(warm[None].astype("float32")), verbose=0)  # untimed warm-up (tracing)
     start = time.perf_counter()
-    with RssSampler() as mem:
+    with PeakMemory(interval_s=0.01) as mem:
         features = []
         for path in paths:
             img = cv2.resize(cv2.imread(str(path)), (size, size))
@@ -93,7 +67,7 @@ def job_naive(params: dict) -> dict:
             features.append(model.predict(x, verbose=0))
         np.save(params["out"], np.concatenate(features))
     seconds = time.perf_counter() - start
-    return {"images": len(paths), "seconds": seconds, "growth_mb": (mem.peak - mem.before) / 2**20,
+    return {"images": len(paths), "seconds": seconds, "growth_mb": mem.peak_growth / 2**20,
             "file_mb": Path(params["out"]).stat().st_size / 2**20}
 
 
@@ -119,9 +93,9 @@ def job_keras(params: dict) -> dict:
         stage_images(Path(params["data"]), params["batch"], Path(tmp) / "warm")
         keras_peer(spec, model, str(Path(tmp) / "warm"), params["size"], params["batch"], str(Path(tmp) / "w.npy"))
     start = time.perf_counter()
-    with RssSampler() as mem:
+    with PeakMemory(interval_s=0.01) as mem:
         n = keras_peer(spec, model, params["data"], params["size"], params["batch"], params["out"])
-    return {"images": n, "seconds": time.perf_counter() - start, "growth_mb": (mem.peak - mem.before) / 2**20,
+    return {"images": n, "seconds": time.perf_counter() - start, "growth_mb": mem.peak_growth / 2**20,
             "file_mb": Path(params["out"]).stat().st_size / 2**20}
 
 

@@ -9,6 +9,16 @@ from benchmarks.common import Section, fmt
 STATUS = {True: "**met**", False: "**not met**", None: "report only"}
 
 
+def _save(fig, folder: Path, name: str, section: Section) -> None:
+    """Write one section's figure and list it in that section (once, however often the report is rewritten)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(folder / name, dpi=110)
+    plt.close(fig)
+    if name not in section.plots:
+        section.plots.append(name)
+
 def _table(columns: list[str], rows: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
@@ -82,11 +92,7 @@ def plot_sections(folder: Path, sections: list[Section]) -> None:
         ax.set_ylabel("images / s")
         ax.set_title("Section 1: end-to-end vs model-only (same run)")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(folder / "section1_throughput.png", dpi=110)
-        plt.close(fig)
-        if "section1_throughput.png" not in s.plots:
-            s.plots.append("section1_throughput.png")
+        _save(fig, folder, "section1_throughput.png", s)
     if 3 in by_number and by_number[3].rows:
         s = by_number[3]
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -105,11 +111,7 @@ def plot_sections(folder: Path, sections: list[Section]) -> None:
         ax.set_ylabel("peak RSS (MiB)")
         ax.set_title("Sections 2-3: peak memory vs images (VGG19 block2_pool)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(folder / "section3_memory.png", dpi=110)
-        plt.close(fig)
-        if "section3_memory.png" not in s.plots:
-            s.plots.append("section3_memory.png")
+        _save(fig, folder, "section3_memory.png", s)
     if 6 in by_number and by_number[6].rows:
         s = by_number[6]
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -123,8 +125,4 @@ def plot_sections(folder: Path, sections: list[Section]) -> None:
             ax.set_ylabel("fit seconds (with search)")
         axes[1].legend(fontsize=7)
         fig.suptitle("Section 6: stage-two fit time scaling")
-        fig.tight_layout()
-        fig.savefig(folder / "section6_scaling.png", dpi=110)
-        plt.close(fig)
-        if "section6_scaling.png" not in s.plots:
-            s.plots.append("section6_scaling.png")
+        _save(fig, folder, "section6_scaling.png", s)

@@ -25,6 +25,9 @@ from features.errors import UsageError, did_you_mean
 SCHEMA_VERSION = 1
 # A block read costs: stored rows + selected copy + float32 cast + reduced output; keep it under budget / READ_SHARE.
 READ_SHARE = 8
+# A streamed head's batch costs more: the block, its shuffled copy, the standardised copy and the float64 copy the
+# linear models make (about 6x the block, measured in tests/test_classify_stream.py): keep it under budget / 32.
+STREAM_SHARE = 32
 # Heads that hold the matrix (scaling copies, CV splits, float64 solvers) need about this many times its size.
 IN_MEMORY_FACTOR = 8
 
@@ -289,7 +292,7 @@ def load_reduced(cache: Cache, layer: str, spec: ReduceSpec, rows: np.ndarray, f
         block = _fit_incremental(cache, layer, spec, reducer, fit_rows, block, budget, desc)
     dim = spec.dim(shape)
     if len(rows) * dim * 4 * IN_MEMORY_FACTOR > budget:
-        stream = RowStream(cache.path, layer, rows, reducer, dim, block)
+        stream = RowStream(cache.path, layer, rows, reducer, dim, min(block, block_rows_for(shape, budget, STREAM_SHARE)))
         return Loaded(stream, reducer, rows, time.perf_counter() - start, streamed=True)
     X = np.empty((len(rows), dim), dtype=np.float32)
     with tqdm(total=len(rows), desc=f"reduce {desc}", unit="img", leave=False, disable=len(rows) * row_values < 5e7) as bar:

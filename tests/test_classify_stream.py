@@ -1,7 +1,12 @@
 """A cache larger than the memory budget goes through the streaming path, and RSS stays under the budget."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,11 +36,9 @@ def big_cache(tmp_path_factory):
     path = write_cache(folder / "big.h5", {"block": maps}, y, split=split)
     del maps
     (folder / "maps.npy").unlink()
-    # warm-up: first use of sklearn, pandas, matplotlib allocates caches that are no part of the budget
     small = write_cache(folder / "small.h5", {"block": np.zeros((40, 2, 2, 4), np.float32) + y[:40, None, None, None]},
                         y[:40], split=split[:40])
-    classify(ClassifyConfig(features=str(small), heads="default", reduce=["flatten", "avg"], out=str(folder / "warm")))
-    return path
+    return path, small
 
 
 def _peak_growth(run) -> tuple[int, object]:
@@ -57,12 +60,34 @@ def _peak_growth(run) -> tuple[int, object]:
     return max(0, peak[0] - start), result
 
 
+def measure(cfg_json: str) -> None:
+    """Run in a fresh process: warm the libraries up (their first-use caches are no part of the budget), then
+    classify under the RSS sampler, and print {"growth": bytes, "run": dir} as the last line."""
+    cfg = json.loads(cfg_json)
+    warm = cfg.pop("warm")
+    classify(ClassifyConfig(features=warm, heads="default", reduce=["flatten", "avg"], out=cfg["out"] + "-warm"))
+    growth, run = _peak_growth(lambda: classify(ClassifyConfig(**cfg)))
+    print(json.dumps({"growth": growth, "run": str(run)}))
+
+
+def _classify_in_fresh_process(big_cache, **cfg) -> tuple[int, Path]:
+    """A process that ran other tests keeps their heap (arenas, fragmentation); RSS is only meaningful in a new one."""
+    path, warm = big_cache
+    arg = json.dumps({**cfg, "features": str(path), "warm": str(warm), "memory_budget": str(BUDGET)})
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", f"from tests.test_classify_stream import measure; measure({arg!r})"],
+                          cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    return record["growth"], Path(record["run"])
+
+
 def test_flattened_maps_over_the_budget_stream_through_sgd(big_cache, tmp_path):
     cache_bytes = N * SIDE * SIDE * CHANNELS * 4
     assert cache_bytes > 3 * BUDGET
-    cfg = ClassifyConfig(features=str(big_cache), heads="sgd,logreg", reduce=["flatten"], out=str(tmp_path / "run"),
-                         memory_budget=f"{BUDGET}")
-    growth, run = _peak_growth(lambda: classify(cfg))
+    growth, run = _classify_in_fresh_process(big_cache, heads="sgd,logreg", reduce=["flatten"],
+                                             out=str(tmp_path / "run"))
     board = pd.read_csv(run / "leaderboard.csv")
     assert board["head"].tolist() == ["sgd"] and bool(board["streamed"].iloc[0])  # logreg needs RAM: skipped
     assert board["accuracy"].iloc[0] >= 0.95 and board["dim"].iloc[0] == SIDE * SIDE * CHANNELS
@@ -71,9 +96,7 @@ def test_flattened_maps_over_the_budget_stream_through_sgd(big_cache, tmp_path):
 
 
 def test_pooling_streams_the_reduction_and_then_every_head_runs_in_memory(big_cache, tmp_path):
-    cfg = ClassifyConfig(features=str(big_cache), heads="default", out=str(tmp_path / "run"),
-                         memory_budget=f"{BUDGET}")
-    growth, run = _peak_growth(lambda: classify(cfg))
+    growth, run = _classify_in_fresh_process(big_cache, heads="default", out=str(tmp_path / "run"))
     board = pd.read_csv(run / "leaderboard.csv")
     assert len(board) == 5 and set(board["reduce"]) == {"avg"} and not board["streamed"].any()
     assert board["accuracy"].iloc[0] == 1.0
