@@ -28,7 +28,9 @@ class Sizes:
     """How many images / samples each section uses. `full` keeps `make bench` near 15 minutes on 2 cores."""
 
     throughput_images: dict[str, int]  # section 1, per model case
-    steady_images: dict[str, int]  # section 2: N per case (2N is also run), whole processes
+    steady_cases: tuple[str, ...]  # section 2 groups (whole processes on N and 2N images)
+    steady_seconds: float  # section 2: the extra work of a 2N run over its N run, long against start-up noise
+    steady_range: tuple[int, int]  # section 2: bounds of N
     memory_images: int  # N of sections 2 and 3 (4N is also run)
     memory_batch: int
     memory_size: int  # input side for the VGG19 block2_pool memory runs
@@ -49,7 +51,8 @@ class Sizes:
     @classmethod
     def full(cls) -> "Sizes":
         return cls(throughput_images={"lite0": 128, "resnet50": 96, "vgg19_block2_pool": 96},
-                   steady_images={"lite0": 64, "vgg19_block2_pool": 32, "lite0_12mp": 16},
+                   steady_cases=("lite0", "vgg19_block2_pool", "lite0_12mp"), steady_seconds=6.0,
+                   steady_range=(16, 1000),
                    memory_images=32, memory_batch=16, memory_size=256, storage_images=64, storage_rows=512,
                    head_epochs=3, scaling_samples=200, scaling_dims=(64, 256, 1280, 5120), scaling_budget_s=10.0)
 
@@ -57,7 +60,7 @@ class Sizes:
     def quick(cls) -> "Sizes":
         """The smoke test: every code path, tiny inputs, about a minute."""
         return cls(throughput_images={"lite0": 8, "resnet50": 8, "vgg19_block2_pool": 8},
-                   steady_images={"vgg19_block2_pool": 8},
+                   steady_cases=("vgg19_block2_pool",), steady_seconds=0.2, steady_range=(4, 8),
                    memory_images=4, memory_batch=4, memory_size=32, storage_images=8, storage_rows=32,
                    head_epochs=2, scaling_samples=60, scaling_dims=(16, 64), scaling_budget_s=2.0, batch_size=8,
                    registry_size=32, jit_probe=False, split_images=8, cases=("vgg19_block2_pool",),
@@ -112,9 +115,10 @@ def list_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def stage_images(source: Path, n: int, dest: Path) -> Path:
+def stage_images(source: Path, n: int, dest: Path, link: bool = False) -> Path:
     """`dest/<class>/<k>_<name>`: the source JPEGs copied until there are n, taking the classes in turn (real
-    files on disk, balanced class folders, so a Keras directory reader and our catalog both see labels)."""
+    files on disk, balanced class folders, so a Keras directory reader and our catalog both see labels). `link`:
+    hard links where the file system allows (thousands of images at no disk cost; read from the page cache alike)."""
     files = list_images(source)
     if not files:
         raise FileNotFoundError(f"no JPEG images under {source}; expected class folders of .jpg files.")
@@ -129,7 +133,12 @@ def stage_images(source: Path, n: int, dest: Path) -> Path:
         src = group[(k // len(groups)) % len(group)]
         target = dest / src.parent.name / f"{k:05d}_{src.name}"
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, target)
+        try:
+            if not link:
+                raise OSError
+            os.link(src, target)
+        except OSError:
+            shutil.copyfile(src, target)
     return dest
 
 

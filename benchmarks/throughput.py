@@ -217,7 +217,7 @@ def stage_photos(source: Path, n: int, dest: Path) -> Path:
 
     if dest.exists() and len(list_images(dest)) == n:
         return dest
-    folder = stage_images(source, n, dest)
+    folder = stage_images(source, n, dest)  # copies, rewritten below
     for path in list_images(folder):
         img = cv2.resize(cv2.imread(str(path)), PHOTO_SIZE, interpolation=cv2.INTER_CUBIC)
         cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 92])
@@ -232,37 +232,52 @@ class SteadyCase:
     case: Case
     photos: bool
     target_vs_tf: float
+    pace: float = 1.0  # expected rates ÷ the model-only rate's (decode-bound photos: slower), to size N only
 
 
 STEADY = [SteadyCase("lite0", CASES[0], False, 2.5), SteadyCase("vgg19_block2_pool", CASES[2], False, 1.4),
-          SteadyCase("lite0_12mp", CASES[0], True, 1.0)]
+          SteadyCase("lite0_12mp", CASES[0], True, 1.0, pace=0.4)]
 METHOD_NAMES = {"naive": "naive loop", "keras": "keras peer (image_dataset_from_directory + predict)",
                 "extract_tf": "ours, --engine tf", "extract": "ours (default engine)"}
+PACE = {"naive": 0.4, "keras": 1.0, "extract_tf": 1.0, "extract": 3.0}  # rough img/s ÷ TF model-only: sizes N only
+UNIQUE_PHOTOS = 24  # distinct upscaled photos, hard-linked as often as a run needs
+
+
+def steady_n(method: str, sc: SteadyCase, tf_rate: float, sizes: Sizes) -> int:
+    """N such that the 2N run does about `sizes.steady_seconds` more work than the N run, whatever the method's
+    speed: long enough against start-up noise, short enough for the slow methods."""
+    lo, hi = sizes.steady_range
+    expected = sizes.steady_seconds * tf_rate * PACE[method] * sc.pace
+    return int(min(hi, max(lo, expected if expected == expected else lo)))
 
 
 def steady_group(sc: SteadyCase, sizes: Sizes, sources: Sources, work: Path, log) -> list[dict]:
     """Every method as a whole process on N and on 2N images: steady img/s = N / (T(2N) - T(N)); plus TensorFlow's
     compiled model-only rate measured in a process of its own, the reference of every ratio."""
-    n = sizes.steady_images[sc.name]
+    lo = sizes.steady_range[0]
     params = {**sc.case.resolve(sources, sizes, work), "batch": sizes.batch_size}
-    stage = stage_photos if sc.photos else stage_images
-    data = {k: stage(sources.images, k, work / f"s2_{sc.name}_{k}") for k in (n, 2 * n)}
+    source = (stage_photos(sources.images, UNIQUE_PHOTOS, work / "s2_photos") if sc.photos
+              else stage_images(sources.images, min(len(list_images(sources.images)), 400), work / "s2_src"))
     label = f"{sc.case.label(sizes)}{' on 12-MP photos' if sc.photos else ''}"
-    run_child("extract", {**params, "data": str(data[n]), "out": str(work / "s2_warm.h5")})  # keeps the export
-    model_only = run_child("model_only", {**params, "data": str(data[n])})
+    warm = stage_images(source, lo, work / f"s2_{sc.name}_warm", link=True)
+    run_child("extract", {**params, "data": str(warm), "out": str(work / "s2_warm.h5")})  # keeps the export
+    model_only = run_child("model_only", {**params, "data": str(warm)})
     tf_rate = rate(model_only["images"], model_only["seconds"])
     rows = [{"model": label, "method": "TensorFlow compiled, model only (reference)", "images": model_only["images"],
              "img_s": tf_rate, "vs_tf_model_only": 1.0, "peak_rss_mb": model_only["peak_rss_mb"]}]
-    recs = {}
+    recs, ns = {}, {}
     for method in METHOD_NAMES:
+        n = ns[method] = steady_n(method, sc, tf_rate, sizes)
         log(f"section 2: {label}, {METHOD_NAMES[method]} on {n} and {2 * n} images (whole processes)")
         job, extra = ("extract", {"engine": "tf"}) if method == "extract_tf" else (method, {})
-        recs[method] = [run_child(job, {**params, **extra, "data": str(data[k]),
-                                        "out": str(work / f"s2_{method}.{'h5' if job == 'extract' else 'npy'}")})
-                        for k in (n, 2 * n)]
-    steady = {m: rate(n, r[1]["process_s"] - r[0]["process_s"]) for m, r in recs.items()}
+        recs[method] = []
+        for k in (n, 2 * n):
+            data = stage_images(source, k, work / f"s2_{sc.name}_{method}", link=True)
+            out = work / f"s2_{method}.{'h5' if job == 'extract' else 'npy'}"
+            recs[method].append(run_child(job, {**params, **extra, "data": str(data), "out": str(out)}))
+    steady = {m: rate(ns[m], r[1]["process_s"] - r[0]["process_s"]) for m, r in recs.items()}
     for m, (one, two) in recs.items():
-        rows.append({"model": label, "method": METHOD_NAMES[m], "images": f"{n} / {2 * n}", "img_s": steady[m],
+        rows.append({"model": label, "method": METHOD_NAMES[m], "images": f"{ns[m]} / {2 * ns[m]}", "img_s": steady[m],
                      "vs_tf_model_only": ratio(steady[m], tf_rate), "vs_keras_peer": ratio(steady[m], steady["keras"]),
                      "speedup_vs_naive": ratio(steady[m], steady["naive"]),
                      "process_s": f"{one['process_s']:.1f} / {two['process_s']:.1f}",
@@ -272,7 +287,7 @@ def steady_group(sc: SteadyCase, sizes: Sizes, sources: Sources, work: Path, log
 
 def section_naive(sizes: Sizes, sources: Sources, work: Path, log, children: dict) -> Section:
     """Ours vs TensorFlow's model-only rate, the Keras peer and the naive loop: whole processes, steady rates."""
-    groups = [sc for sc in STEADY if sc.name in sizes.steady_images]
+    groups = [sc for sc in STEADY if sc.name in sizes.steady_cases]
     sec = Section(2, "Whole processes side by side: ours vs TensorFlow's model-only rate, the Keras peer and the "
                      "naive per-image loop",
                   "ours (default engine), steady rate ≥ " + ", ".join(f"{sc.target_vs_tf}× TF's model-only rate for "
@@ -309,7 +324,9 @@ def section_naive(sizes: Sizes, sources: Sources, work: Path, log, children: dic
     sec.met = met and rss["extract"] <= 1.1
     sec.value = "; ".join(values) + f"; peak RSS 4N/N: naive {rss['naive']:.2f}, ours {rss['extract']:.2f}"
     sec.notes.append("Steady rate = N / (T(2N) − T(N)), T the wall time of a whole process (imports, model load, "
-                     "decoding, model, writing), so start-up is excluded and everything else counted. The ONNX export "
+                     "decoding, model, writing), so start-up is excluded and everything else counted. N differs by "
+                     f"method: each 2N run does about {sizes.steady_seconds:g} s more work than its N run. The "
+                     "images are real JPEGs (hard links of the same files where N exceeds the set). The ONNX export "
                      "is made once before (it is kept beside the caches, as in any second run).")
     return sec
 
