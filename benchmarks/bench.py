@@ -1,6 +1,6 @@
 """Run the benchmark sections and write results.md / results.csv / PNG plots.
 
-    python -m benchmarks                      # all seven sections (~15 min on 2 cores), into benchmarks/
+    python -m benchmarks                      # all seven sections (~20-25 min on 2 cores), into benchmarks/
     python -m benchmarks --sections 1,3       # some of them
     python -m benchmarks --quick --out /tmp/b # the smoke version (tiny inputs), used by tests/test_bench.py
 """

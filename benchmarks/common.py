@@ -25,7 +25,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg")  # what image_dataset_from_directory and the 
 
 @dataclass(frozen=True)
 class Sizes:
-    """How many images / samples each section uses. `full` keeps `make bench` near 15 minutes on 2 cores."""
+    """How many images / samples each section uses. `full` keeps `make bench` within about 25 minutes on 2 cores."""
 
     throughput_images: dict[str, int]  # section 1, per model case
     steady_cases: tuple[str, ...]  # section 2 groups (whole processes on N and 2N images)
