@@ -101,6 +101,26 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def load_keras(path: str | Path, what: str):
+    """A `.keras` file loaded with safe_mode=True (no Lambda layer or other stored code runs); a file Keras cannot
+    or will not load is refused in one line (Keras itself says "File not found" for a garbage file that exists)."""
+    import keras
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{what} file '{path}' does not exist.")
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as err:  # Keras raises ValueError, OSError, zip and JSON errors alike for a bad file
+        text = str(err)
+        if "Lambda" in text or "safe_mode" in text:
+            raise UsageError(f"{what} file '{path}' contains a Lambda layer (stored Python code), which is never "
+                             f"loaded because it could run anything. Re-save the model with ordinary layers.") from None
+        first = text.strip().splitlines()[0][:160] if text.strip() else "no details"
+        raise UsageError(f"{what} file '{path}' is not a readable Keras model ({type(err).__name__}: {first}). "
+                         f"Expected a .keras archive written by model.save().") from None
+
+
 def sidecar_path(model_file: Path) -> Path:
     return model_file.with_suffix(".json")
 
@@ -114,9 +134,7 @@ def _user_model(path: Path, preprocess: str | None) -> BackboneSpec:
                          '{"preprocess": "mean=127,std=128", "input_size": 224}. A silent /255 is never assumed.')
 
     def build(weights, input_shape):
-        import keras
-
-        return keras.models.load_model(path, compile=False)
+        return load_keras(path, "backbone")
 
     return BackboneSpec(str(path), build, resolve_preprocess(spec), int(meta.get("input_size", 224)),
                         meta.get("default_layer"), file=path)

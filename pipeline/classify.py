@@ -112,7 +112,6 @@ def _record(job: Job, head: HeadSpec, ev: Evaluation, params: dict, cfg: Classif
     The training views (augment) are recorded apart; `config_json` is how predict extracts: clean."""
     attrs = job.cache.attrs
     return {
-        "model_file": "model.joblib",
         "head": head.name, "params": params, "layer": job.layer, "reduce": job.reduce.name,
         "row_shape": list(job.cache.shapes[job.layer]), "feature_dim": job.reduce.dim(job.cache.shapes[job.layer]),
         "class_names": job.cache.label_names, "scheme": job.plan.scheme, "n_fit": n_fit,

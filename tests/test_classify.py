@@ -45,7 +45,7 @@ def test_separable_toy_cache_is_classified_perfectly(toy, tmp_path):
         assert key in record
     oof = pd.read_csv(run / "best" / "eval_predictions.csv")
     assert len(oof) == 90 and (oof["label"] == oof["predicted"]).all()  # out-of-fold, every labelled row once
-    for name in ("leaderboard.md", "report.md", "accuracy.png", "best/confusion_matrix.png", "best/model.joblib"):
+    for name in ("leaderboard.md", "report.md", "accuracy.png", "best/confusion_matrix.png", "best/model.skops"):
         assert (run / name).stat().st_size > 0
     assert "**Best:**" in (run / "report.md").read_text()
 
