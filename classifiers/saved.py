@@ -107,11 +107,16 @@ def _publish(model_dir: Path, write: Callable[[Path], None], record: dict) -> di
 
 
 def _backbone_location(record: dict, model_dir: Path) -> dict:
-    """`backbone_file`: where the recorded .keras backbone is now, relative to the model folder (found by hash)."""
+    """Where the recorded .keras backbone is now (found by hash): relative to the model folder, which survives
+    moving the folder together with the backbone, and absolute, which survives moving the folder alone."""
     if not record.get("backbone_file_sha256"):
         return {}
     found = _find_by_hash(_candidates(record, model_dir), record["backbone_file_sha256"])
-    return {"backbone_file": Path(os.path.relpath(found.resolve(), model_dir.resolve())).as_posix()} if found else {}
+    if found is None:
+        return {}
+    found = found.resolve()
+    return {"backbone_file": Path(os.path.relpath(found, model_dir.resolve())).as_posix(),
+            "backbone_abspath": str(found)}
 
 
 def load_record(model_dir: str | Path) -> dict:
@@ -184,11 +189,12 @@ def load_network(path: str | Path):
 
 
 def _candidates(record: dict, model_dir: Path) -> list[Path]:
-    """Where the backbone may be: beside the folder as recorded, the recorded path (absolute, or from the current
-    directory), and a copy inside the model folder."""
+    """Where the backbone may be: as recorded relative to the model folder, at its recorded absolute path, at the
+    path given to extract (from the current directory), and a copy inside the model folder."""
     recorded = Path(str(record.get("backbone", "")))
-    paths = [model_dir / record["backbone_file"]] if record.get("backbone_file") else []
-    return paths + [recorded, model_dir / recorded.name]
+    saved_at = [model_dir / record["backbone_file"]] if record.get("backbone_file") else []
+    saved_at += [Path(record["backbone_abspath"])] if record.get("backbone_abspath") else []
+    return saved_at + [recorded, model_dir / recorded.name]
 
 
 def _find_by_hash(paths: list[Path], sha256: str) -> Path | None:

@@ -303,6 +303,7 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True) -> Path:
     if saved.is_network(record):
         raise UsageError(f"MODEL {cfg.model!r} is not a stage-two model (model_file {record['model_file']!r}). "
                          f"Expected a directory written by `make classify`, e.g. results/<run>/best.")
+    head = saved.load_head(model_dir, record, cfg.trust_pickle)  # a bad or untrusted head fails before any work
     get_policy(cfg.augment_policy)
     xcfg = recorded_config(record, model_dir)
     spec = get_backbone(xcfg.backbone, xcfg.preprocess)
@@ -326,7 +327,6 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True) -> Path:
                            for rows in (plan.fit, plan.monitor, plan.score))
     precision = resolve_precision(cfg.precision)
     keras.utils.set_random_seed(cfg.seed)
-    head = saved.load_head(model_dir, record, cfg.trust_pickle)
     model, trunk, start = build_network(spec, xcfg.weights, size, record["layer"], record["pool"], head,
                                         len(class_names), precision)
     preprocess = spec.preprocess.fn
@@ -422,10 +422,10 @@ def predict_images(record: dict, model_dir: Path, data: Path, batch_size: int | 
     """`make predict` for a fine-tuned model: clean views of every image under `data` through model.keras. Returns
     predict's table (path, predicted, p_<class>…, label when the folder has labels) and the files it could not use
     as (path, reason)."""
+    model = saved.load_network(model_dir / record["model_file"])
     xcfg = recorded_config(record, model_dir)
     preprocess = get_backbone(xcfg.backbone, xcfg.preprocess).preprocess.fn
     catalog = discover(data)
-    model = saved.load_network(model_dir / record["model_file"])
     images = Images(catalog.root, catalog.paths, np.arange(len(catalog)))
     size, failed = int(record["image_size"]), list(catalog.ignored)
     probs, rows = probabilities(model, clean(images, size, xcfg.resize, batch_size or 32, 0, failed)(), preprocess)
