@@ -383,6 +383,8 @@ def _finetune_record(record: dict, cfg: FinetuneConfig, xcfg: ExtractConfig, siz
     return {
         "model_file": MODEL_FILE, "kind": "finetuned", "head": f"finetune:{record['head']}",
         **{key: record.get(key) for key in keep},
+        # where the .keras backbone was found; saved.save_network checks its hash and records it relocatably
+        **({"backbone_abspath": str(Path(xcfg.backbone).resolve())} if record.get("backbone_file_sha256") else {}),
         "image_size": size, "reduce": record["reduce"], "scheme": plan.scheme, "n_fit": n_fit, "n_eval": n_eval,
         "n_monitor": len(plan.monitor), "metrics": {**scores, "start_accuracy": before["accuracy"],
                                                     "fit_s": sum(p["seconds"] for p in phases.values())},

@@ -11,7 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from sklearn.pipeline import Pipeline
+
 from classifiers import saved
+from classifiers.heads import get_head, list_heads
+from classifiers.reduce import get_reduce
 from classifiers.testing import separable, write_cache
 from conftest import LITE0, write_images
 from features.backbones import get_backbone, load_keras
@@ -61,6 +65,23 @@ def toy(tmp_path_factory):
 def _copy_model(run, dest):
     shutil.copytree(run / "best", dest)
     return dest
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("head", list_heads() + ["pca+logreg"])
+def test_every_head_round_trips_through_the_allow_listed_format(tmp_path, head, n_classes):
+    """Each registered head, behind a reduce step, loads back with only the allow-listed types and predicts the same."""
+    rng = np.random.default_rng(n_classes)
+    X, y = rng.normal(size=(40, 2, 2, 6)).astype("float32"), np.arange(40) % n_classes
+    X[np.arange(40), 0, 0, y] += 2.0
+    model = Pipeline([("reduce", get_reduce("avg").build()), ("head", get_head(head).build(0))])
+    if head == "mlp":
+        model.set_params(head__epochs=2)
+    model.fit(X, y)
+    saved.save(tmp_path, model, {"class_names": list("abc"[:n_classes]), "log_loss": np.float64("nan")})
+    loaded = saved.load_head(tmp_path, saved.load_record(tmp_path))
+    np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
+    assert (tmp_path / saved.KERAS_HEAD).exists() == (head == "mlp")
 
 
 def test_model_json_is_strict_json_with_nan_as_null(toy):
