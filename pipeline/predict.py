@@ -104,9 +104,8 @@ def predict(cfg: PredictConfig) -> Path:
         table = _predict_cache(model, record, cache, budget)
         root = Path(str(cache.attrs.get("data_root", "")))
         skipped = [(str(root / path), reason) for path, reason in cache.skipped]
-    table = pd.concat([table.assign(**{ERROR: ""}),
-                       pd.DataFrame({"path": [p for p, _ in skipped], "predicted": "", ERROR: [r for _, r in skipped]})],
-                      ignore_index=True)
+    unused = pd.DataFrame({"path": [p for p, _ in skipped], "predicted": "", ERROR: [r for _, r in skipped]})
+    table = pd.concat([table.assign(**{ERROR: ""}), unused], ignore_index=True)
     if "label" in table:
         table["label"] = table["label"].fillna("")
     table = table[[c for c in table.columns if c != ERROR] + [ERROR]]
@@ -152,15 +151,20 @@ def check_outputs(out: Path, derived_cache: Path | None, record: dict) -> None:
     """Before any work: the CSV may replace only this command's earlier output for the same classes, and the
     derived cache only a feature cache; the folder must be writable."""
     if out.is_dir():
-        raise UsageError(f"--out {str(out)!r} is a folder; expected a CSV file path, e.g. {str(out / 'predictions.csv')!r}.")
+        raise UsageError(f"--out {str(out)!r} is a folder; expected a CSV file path, e.g. "
+                         f"{str(out / 'predictions.csv')!r}.")
     if out.exists() and not _is_earlier_output(out, record):
         raise UsageError(f"--out {str(out)!r} exists and is not an earlier prediction CSV of this model; it is not "
                          f"replaced. Choose another --out, or move that file away.")
-    if derived_cache is not None and derived_cache.exists() and "schema_version" not in (read_attrs(derived_cache) or {}):
+    if derived_cache and derived_cache.exists() and "schema_version" not in (read_attrs(derived_cache) or {}):
         raise UsageError(f"{str(derived_cache)!r}, where predict keeps the features of the new images (beside "
                          f"--out), exists and is not a feature cache; it is not replaced. Choose another --out, or "
                          f"move that file away.")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {str(out)!r}: its folder cannot be created ({err.strerror}). "
+                         f"Choose another --out.") from None
     if not os.access(out.parent, os.W_OK):
         raise UsageError(f"--out {str(out)!r}: the folder {str(out.parent)!r} is not writable. Choose another --out.")
 
