@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,9 @@ def load_keras(path: str | Path, what: str):
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{what} file '{path}' does not exist.")
+    if not zipfile.is_zipfile(path):
+        raise UsageError(f"{what} file '{path}' is not a Keras model: a .keras file is a zip archive written by "
+                         f"model.save(), and this one is not ({path.stat().st_size} bytes).")
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as err:  # Keras raises ValueError, OSError, zip and JSON errors alike for a bad file

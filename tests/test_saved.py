@@ -161,8 +161,12 @@ def test_keras_files_with_code_or_garbage_are_one_line(tmp_path):
     with pytest.raises(UsageError, match="lam.keras' contains a Lambda layer"):
         build_base(get_backbone(str(tmp_path / "lam.keras"), "tf"), "imagenet", 4)
     (tmp_path / "junk.keras").write_bytes(b"not a zip archive at all")
-    with pytest.raises(UsageError, match=r"junk.keras' is not a readable Keras model"):
+    with pytest.raises(UsageError, match=r"junk.keras' is not a Keras model: a .keras file is a zip archive"):
         load_keras(tmp_path / "junk.keras", "backbone")
+    shutil.make_archive(str(tmp_path / "zip"), "zip", tmp_path, "junk.keras")  # a zip, but no Keras model inside
+    shutil.move(tmp_path / "zip.zip", tmp_path / "zip.keras")
+    with pytest.raises(UsageError, match=r"zip.keras' is not a readable Keras model \(\w+Error"):
+        load_keras(tmp_path / "zip.keras", "backbone")
 
 
 def test_predict_refuses_to_replace_files_it_did_not_write(toy, tmp_path, capsys):
