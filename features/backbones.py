@@ -108,11 +108,9 @@ def sidecar_path(model_file: Path) -> Path:
 def read_sidecar(model_file: Path) -> dict:
     """The sidecar's settings, each checked: a broken sidecar is named with the fix, never a traceback."""
     sidecar = sidecar_path(model_file)
-    if not sidecar.exists():
-        return {}
     example = '{"preprocess": "mean=127,std=128", "input_size": 224}'
     try:
-        meta = json.loads(sidecar.read_text())
+        meta = json.loads(sidecar.read_text()) if sidecar.exists() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UsageError(f"sidecar '{sidecar}' of backbone '{model_file}' is not valid JSON ({err}). Expected an "
                          f"object such as {example}.") from None
