@@ -19,7 +19,7 @@ from features.backbones import BackboneSpec, get_backbone, sha256_file
 from features.catalog import Catalog, discover
 from features.errors import UsageError
 from features.extract import Decoding, Timings, extract_rows, make_forward
-from features.images import RESIZE_POLICIES
+from features.images import DECODER, INTERPOLATION, RESIZE_POLICIES
 from features.model import POOLS, build_base, cut, gpu_count, runtime_versions, weights_identity
 from features.store import (COMPRESSIONS, STORAGE_DTYPES, CacheWriter, Progress, identity_diff, read_attrs)
 from pipeline.config import ExtractConfig, default_out, shard_out
@@ -118,7 +118,8 @@ def plan_attrs(cfg: ExtractConfig, spec: BackboneSpec, catalog: Catalog, size: i
         "weights_source": cfg.weights,
         "image_size": size,
         "resize": cfg.resize,
-        "interpolation": "area when shrinking, linear when enlarging (OpenCV)",
+        "interpolation": INTERPOLATION,
+        "decoder": DECODER,
         "preprocessing": spec.preprocess.description,
         "color": "RGB",
         "pool": cfg.pool,
@@ -174,7 +175,7 @@ def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
         progress = Progress(skipped=[list(item) for item in catalog.ignored])
     else:
         writer, status = CacheWriter.reopen(out), "resumed"
-    decoding = Decoding(size, cfg.resize, cfg.augment_policy, cfg.seed, cfg.workers or os.cpu_count() or 1)
+    decoding = Decoding(size, cfg.resize, cfg.augment_policy, cfg.seed, cfg.workers or len(os.sched_getaffinity(0)))
     try:
         processed, timings = extract_rows(catalog, forward, writer, progress, cfg.batch_size, decoding, verbose)
     finally:

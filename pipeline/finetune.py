@@ -32,11 +32,11 @@ from classifiers.convert import HEAD_PREFIX, NotConvertible, check_classes, to_k
 from classifiers.evaluate import metrics
 from classifiers.holdout import holdout_mask
 from classifiers.report import plot_confusion, plot_leaderboard, rank, write_leaderboard
-from features.augment import get_policy, view_loader
+from features.augment import file_loader, get_policy
 from features.backbones import BackboneSpec, get_backbone
 from features.catalog import Catalog, discover
 from features.errors import UsageError, did_you_mean
-from features.images import decode_rgb, decode_stream
+from features.images import decode_stream
 from features.model import build_base, cut
 from pipeline.config import ExtractConfig
 from pipeline.predict import load_record
@@ -174,12 +174,12 @@ def set_phase(model, trunk, phase: int, unfreeze: str) -> list[str]:
     return [layer.name for layer in train]
 
 
-def image_batches(images: Images, size: int, load: Callable[[str, np.ndarray], np.ndarray], batch_size: int,
+def image_batches(images: Images, size: int, load: Callable[[str, Path], np.ndarray], batch_size: int,
                  order: np.ndarray, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(uint8 pixels, codes) batches in `order`, decoded by stage one's thread pool; unreadable files are dropped."""
     root, paths = images.root, images.paths
     todo = ((i, root / paths[i]) for i in order)
-    stream = decode_stream(todo, lambda path: load(path.relative_to(root).as_posix(), decode_rgb(path)),
+    stream = decode_stream(todo, lambda path: load(path.relative_to(root).as_posix(), path),
                            workers or os.cpu_count() or 1, lookahead=3 * batch_size)
     pixels, codes = [], []
     for item in stream:
@@ -203,7 +203,7 @@ class EpochViews:
 
     def __call__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.images.paths))
-        load = view_loader(self.size, self.resize, self.policy, self.seed, self.epoch + 1)
+        load = file_loader(self.size, self.resize, self.policy, self.seed, self.epoch + 1)
         yield from image_batches(self.images, self.size, load, self.batch_size, order, self.workers)
 
 
@@ -218,7 +218,7 @@ def dataset(generator: Callable[[], Iterator], size: int, preprocess: Callable):
 
 def clean(images: Images, size: int, resize: str, batch_size: int, workers: int) -> Callable[[], Iterator]:
     """Clean views (the stage-one resize) in file order: what is monitored, scored and predicted."""
-    load = view_loader(size, resize, "", 0, 0)
+    load = file_loader(size, resize, "", 0, 0)
     return lambda: image_batches(images, size, load, batch_size, np.arange(len(images.paths)), workers)
 
 
