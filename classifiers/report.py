@@ -22,7 +22,7 @@ from classifiers.memory import format_bytes  # noqa: E402
 SORT_BY = ["accuracy", "balanced_accuracy", "log_loss", "fit_s"]
 SORT_ASCENDING = [False, False, True, True]
 SHOWN = ["backbone", "layer", "reduce", "head", "augment", "scheme", "accuracy", "accuracy_std", "augment_gain",
-         "balanced_accuracy", "macro_f1", "top5", "log_loss", "fit_s", "predict_s"]
+         "balanced_accuracy", "macro_f1", "top5", "log_loss", "fit_s", "predict_s", "error"]
 # an augmented row is compared with the clean row of the same data, features and head
 SAME_MODEL = ["data_id", "backbone", "layer", "reduce", "head", "scheme"]
 

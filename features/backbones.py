@@ -129,8 +129,31 @@ def sidecar_path(model_file: Path) -> Path:
     return model_file.with_suffix(".json")
 
 
+def read_sidecar(model_file: Path) -> dict:
+    """The sidecar's settings, each checked: a broken sidecar is named with the fix, never a traceback."""
+    sidecar = sidecar_path(model_file)
+    example = '{"preprocess": "mean=127,std=128", "input_size": 224}'
+    try:
+        meta = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"sidecar '{sidecar}' of backbone '{model_file}' is not valid JSON ({err}). Expected an "
+                         f"object such as {example}.") from None
+    if not isinstance(meta, dict):
+        raise UsageError(f"sidecar '{sidecar}' holds a {type(meta).__name__}, expected an object such as {example}.")
+    size = meta.get("input_size", 224)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+        raise UsageError(f"sidecar '{sidecar}': input_size {size!r} is not valid. Expected the model's input side "
+                         "length in pixels, a whole number >= 8 such as 224.")
+    for key in ("preprocess", "default_layer"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise UsageError(f"sidecar '{sidecar}': {key} {meta[key]!r} is not valid. Expected a string"
+                             + (" such as \"tf\" or \"mean=127,std=128\"." if key == "preprocess" else
+                                ": a layer name."))
+    return {**meta, "input_size": size}
+
+
 def _user_model(path: Path, preprocess: str | None) -> BackboneSpec:
-    meta = json.loads(sidecar_path(path).read_text()) if sidecar_path(path).exists() else {}
+    meta = read_sidecar(path)
     spec = preprocess or meta.get("preprocess")
     if not spec:
         raise UsageError(f"backbone '{path}' does not declare its preprocessing. Pass --preprocess "
@@ -140,7 +163,7 @@ def _user_model(path: Path, preprocess: str | None) -> BackboneSpec:
     def build(weights, input_shape):
         return load_keras(path, "backbone")
 
-    return BackboneSpec(str(path), build, resolve_preprocess(spec), int(meta.get("input_size", 224)),
+    return BackboneSpec(str(path), build, resolve_preprocess(spec), meta["input_size"],
                         meta.get("default_layer"), file=path)
 
 
