@@ -5,7 +5,8 @@ Why one module: classify writes the folder, predict and finetune read it, and ot
 machines. So opening one never runs code from it: heads are stored with `skops.io`, whose loader builds only
 allow-listed types; Keras networks are loaded with `safe_mode=True` (no Lambda layers, no custom code); the pickle
 (`model.joblib`) of older versions loads only when the caller says it trusts the folder. The folder is relocatable:
-the `.keras` backbone is recorded by sha256 and path relative to the folder and found wherever those agree.
+the `.keras` backbone is recorded by sha256 and found by it (at its absolute path, the path given to extract, or
+copied into the folder).
 model.json is strict JSON (NaN written as null), so any JSON reader takes it.
 
 >>> dumps({"log_loss": float("nan"), "n": 3})
@@ -107,16 +108,12 @@ def _publish(model_dir: Path, write: Callable[[Path], None], record: dict) -> di
 
 
 def _backbone_location(record: dict, model_dir: Path) -> dict:
-    """Where the recorded .keras backbone is now (found by hash): relative to the model folder, which survives
-    moving the folder together with the backbone, and absolute, which survives moving the folder alone."""
+    """`backbone_abspath`: where the recorded .keras backbone (found by hash) is now. Absolute, not relative to the
+    folder: a results folder is written under a temporary name and renamed into place when complete."""
     if not record.get("backbone_file_sha256"):
         return {}
     found = _find_by_hash(_candidates(record, model_dir), record["backbone_file_sha256"])
-    if found is None:
-        return {}
-    found = found.resolve()
-    return {"backbone_file": Path(os.path.relpath(found, model_dir.resolve())).as_posix(),
-            "backbone_abspath": str(found)}
+    return {"backbone_abspath": str(found.resolve())} if found else {}
 
 
 def load_record(model_dir: str | Path) -> dict:
@@ -189,11 +186,10 @@ def load_network(path: str | Path):
 
 
 def _candidates(record: dict, model_dir: Path) -> list[Path]:
-    """Where the backbone may be: as recorded relative to the model folder, at its recorded absolute path, at the
-    path given to extract (from the current directory), and a copy inside the model folder."""
+    """Where the backbone may be: at its recorded absolute path (this machine, any working directory), at the path
+    given to extract (from the project folder, on any machine), and a copy inside the model folder (anywhere)."""
     recorded = Path(str(record.get("backbone", "")))
-    saved_at = [model_dir / record["backbone_file"]] if record.get("backbone_file") else []
-    saved_at += [Path(record["backbone_abspath"])] if record.get("backbone_abspath") else []
+    saved_at = [Path(record["backbone_abspath"])] if record.get("backbone_abspath") else []
     return saved_at + [recorded, model_dir / recorded.name]
 
 

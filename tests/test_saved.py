@@ -225,8 +225,7 @@ def test_a_missing_backbone_is_named_with_its_hash_and_found_in_the_model_folder
     root, run = lite0_run
     copy = _copy_model(run, tmp_path / "best")
     record = json.loads((copy / "model.json").read_text())
-    (copy / "model.json").write_text(json.dumps({**record, "backbone_file": "gone.keras",
-                                                 "backbone_abspath": str(tmp_path / "gone.keras")}))
+    (copy / "model.json").write_text(json.dumps({**record, "backbone_abspath": str(tmp_path / "gone.keras")}))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match=f"{LITE0.name}' \\(sha256 {record['backbone_file_sha256']}\\)"):
         predict(PredictConfig(model=str(copy), data=str(root / "data"), out="p.csv"))
