@@ -54,13 +54,13 @@ def job_model_only(params: dict) -> dict:
     import numpy as np
 
     from benchmarks.common import list_images
-    from benchmarks.throughput import _build, decode_profile, time_forward
+    from benchmarks.forward import decode_profile, model_forward, time_forward
 
     batch = params["batch"]
     paths = list_images(Path(params["data"]))
     pixels, _ = decode_profile(paths[:batch] * -(-max(2 * batch, len(paths)) // batch), params["size"])
     batches = [pixels[i:i + batch] for i in range(0, len(pixels) - len(pixels) % batch, batch)]
-    _, _, forward = _build(params, batch, "tf")
+    _, _, forward = model_forward(params, batch, "tf")
     for _ in range(2):
         time_forward(forward, batches[:1])
     seconds = time_forward(forward, batches)

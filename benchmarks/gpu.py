@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import find_sources, git_state, list_images, rate, ratio, stage_images
-from benchmarks.throughput import CASES, _build, time_forward
+from benchmarks.forward import model_forward, time_forward
+from benchmarks.throughput import CASES
 from features.images import load_image
 
 
@@ -70,14 +71,11 @@ def main(argv: list[str] | None = None) -> int:
             params = case.resolve(sources, None, work)
             feed = decoder_feed_rate(paths, params["size"], cores)
             pixels = np.stack([load_image(p, params["size"], "crop") for p in paths[:batch]] * 2)
-            rows = [("TF float32 (reference)", model_rate(_build(params, batch, "tf")[2], pixels, batch,
-                                                          args.seconds))]
-            rows.append(("TF mixed + XLA (auto on GPU)",
-                         model_rate(_build(params, batch, "tf", jit=True, precision="mixed")[2], pixels, batch,
-                                    args.seconds)))
-            if ort_gpu:
-                rows.append(("ONNX Runtime CUDA", model_rate(_build(params, batch, "onnx")[2], pixels, batch,
-                                                             args.seconds)))
+            configs = [("TF float32 (reference)", dict(engine="tf")),
+                       ("TF mixed + XLA (auto on GPU)", dict(engine="tf", jit=True, precision="mixed"))]
+            configs += [("ONNX Runtime CUDA", dict(engine="onnx"))] if ort_gpu else []
+            rows = [(what, model_rate(model_forward(params, batch, **kw)[2], pixels, batch, args.seconds))
+                    for what, kw in configs]
             rows.append((f"decoder feed, {cores} threads", feed))
             for what, value in rows:
                 print(f"{case.label():<24} {what:<40} {value:>9.0f} {ratio(value, rows[0][1]):>9.2f}")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import Section, Sizes, Sources, list_images, rate, ratio, run_child, stage_images
+from benchmarks.forward import decode_profile, exported_graph, model_forward, time_forward, time_to_tensor
 
 
 @dataclass(frozen=True)
@@ -63,67 +64,6 @@ CASES = [
 ]
 
 
-def _build(params: dict, batch: int, engine: str = "tf", jit: bool = False, precision: str = "float32",
-           export: Path | None = None):
-    """(spec, cut model, forward) of one engine; `export`: an ONNX file written by an earlier extract, reused."""
-    from features.backbones import get_backbone
-    from features.engines import ENGINES, EngineOptions, Graph
-    from features.model import build_base, cut
-
-    spec = get_backbone(params["backbone"])
-    base = build_base(spec, params["weights"], params["size"], precision)
-    layers = [params["layer"] or spec.default_layer or base.layers[-1].name]
-    model = cut(base, layers)
-    graph = Graph(model, spec.preprocess.fn, batch, params["size"])
-    return spec, model, ENGINES[engine](graph, EngineOptions(jit, export, keep_export=export is not None))
-
-
-def exported_graph(cache: Path) -> Path:
-    """The ONNX file an extract into `cache` used (engines/<hash>.onnx beside it), from the cache's own attributes."""
-    from features.engines import export_path
-    from features.store import read_attrs
-
-    return export_path(cache.parent / "engines", read_attrs(cache))
-
-
-def decode_profile(paths: list[Path], size: int) -> tuple[np.ndarray, dict]:
-    """Decode every file on ONE thread (img/s per core), timing file read + JPEG decode and resize separately."""
-    import cv2
-
-    from features.images import NEEDED_SHORT, RESIZE_POLICIES, decode_rgb
-
-    cv2.setNumThreads(1)
-    out = np.empty((len(paths), size, size, 3), np.uint8)
-    t_decode = t_resize = 0.0
-    for i, path in enumerate(paths):
-        t0 = time.perf_counter()
-        img = decode_rgb(path, NEEDED_SHORT["crop"](size))  # as extract decodes: DCT-scaled where a JPEG allows
-        t1 = time.perf_counter()
-        out[i] = RESIZE_POLICIES["crop"](img, size)
-        t_resize += time.perf_counter() - t1
-        t_decode += t1 - t0
-    n = len(paths)
-    return out, {"decode_ms": 1e3 * t_decode / n, "resize_ms": 1e3 * t_resize / n,
-                 "decode_img_s_per_core": rate(n, t_decode + t_resize)}
-
-
-def time_forward(forward, batches: list[np.ndarray]) -> float:
-    start = time.perf_counter()
-    for b in batches:
-        forward(b)  # numpy arrays out: device -> host included, as extract does
-    return time.perf_counter() - start
-
-
-def time_to_tensor(batch: np.ndarray, repeats: int = 5) -> float:
-    """Host -> device (here: host -> TF tensor) copy of one batch, seconds per image."""
-    import tensorflow as tf
-
-    start = time.perf_counter()
-    for _ in range(repeats):
-        tf.identity(tf.constant(batch)).numpy()
-    return (time.perf_counter() - start) / (repeats * len(batch))
-
-
 def measure_case(case: Case, sources: Sources, sizes: Sizes, n: int, batch: int, work: Path, *, jit: bool = False,
                  precision: str = "float32", peer: bool = True, jit_probe: bool = False) -> dict:
     """Model-only (TensorFlow, and the engine extract chose) vs end-to-end (vs the Keras peer) for one model, all
@@ -142,10 +82,10 @@ def measure_case(case: Case, sources: Sources, sizes: Sizes, n: int, batch: int,
                         precision=precision, out=str(work / f"{case.name}.h5"), overwrite=True)
     first = extract(cfg.replace(data=str(warm), out=str(work / f"{case.name}_warm.h5")), verbose=False)  # exports
     engine = first.engine
-    spec, model, tf_fwd = _build(params, batch, "tf", jit, precision)
+    spec, model, tf_fwd = model_forward(params, batch, "tf", jit, precision)
     fwds = {"tf": tf_fwd}
     if engine != "tf":
-        fwds[engine] = _build(params, batch, engine, export=exported_graph(first.path))[2]
+        fwds[engine] = model_forward(params, batch, engine, export=exported_graph(first.path))[2]
     batches = [pixels[i:i + batch] for i in range(0, n - n % batch, batch)]
     half = max(1, len(batches) // 2)
     seconds = dict.fromkeys(fwds, 0.0)
@@ -174,7 +114,7 @@ def measure_case(case: Case, sources: Sources, sizes: Sizes, n: int, batch: int,
         row["keras_peer_img_s"] = rate(n, time.perf_counter() - start)
         row["ours_vs_peer"] = ratio(e2e, row["keras_peer_img_s"])
     if jit_probe and not jit:
-        _, _, fwd_jit = _build(params, batch, "tf", jit=True)
+        _, _, fwd_jit = model_forward(params, batch, "tf", jit=True)
         time_forward(fwd_jit, batches[:1])  # compile
         probe = batches[:1]
         row["model_only_xla_img_s"] = rate(len(probe) * batch, time_forward(fwd_jit, probe))
