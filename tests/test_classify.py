@@ -115,14 +115,14 @@ def test_user_mistakes_give_one_clear_line(toy, tmp_path, capsys):
     assert "Invalid memory size '2 lots'" in _error_line(capsys, "--features", str(toy), "--memory-budget", "2 lots")
 
 
-def test_default_features_are_the_complete_caches_under_features(tmp_path, monkeypatch, capsys):
+def test_default_features_are_the_complete_caches_under_cache(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UsageError, match="No complete feature caches under 'features'"):
+    with pytest.raises(UsageError, match="No complete feature caches under 'cache'"):
         classify(ClassifyConfig())
-    (tmp_path / "features").mkdir()
+    (tmp_path / "cache").mkdir()
     X, y = separable(10, 2, 4)
-    write_cache(tmp_path / "features" / "ok.h5", {"vec": X}, y)
-    write_cache(tmp_path / "features" / "partial.h5", {"vec": X}, y, complete=False)
+    write_cache(tmp_path / "cache" / "ok.h5", {"vec": X}, y)
+    write_cache(tmp_path / "cache" / "partial.h5", {"vec": X}, y, complete=False)
     run = classify(ClassifyConfig(heads="ridge", cv=2))
     assert run.parent.name == "results" and len(pd.read_csv(run / "leaderboard.csv")) == 1
-    assert "skipped incomplete cache 'features/partial.h5'" in capsys.readouterr().err
+    assert "skipped incomplete cache 'cache/partial.h5'" in capsys.readouterr().err
