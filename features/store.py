@@ -329,7 +329,7 @@ def _read(path: Path, dset: h5py.Dataset, start: int, stop: int) -> np.ndarray:
     except OSError as err:
         bad = _scan_block(dset, start, stop) or list(range(start, stop))
         raise UsageError(f"{path} is damaged: rows {_ranges(bad)} of {dset.name.lstrip('/')} fail their checksum "
-                         f"({str(err).split(';')[0].strip()}). {fix_hint(path)}") from None
+                         f"({err.__class__.__name__} from HDF5). {fix_hint(path)}") from None
 
 
 def _nonfinite_rows(block: np.ndarray) -> np.ndarray:
