@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from features.errors import UsageError
-from features.store import CacheWriter, Progress, copy_rows, existing_cache, identity_diff, open_cache
+from features.store import (CacheWriter, Progress, copy_rows, existing_cache, identity_diff, open_cache, partial_path,
+                            read_attrs)
 from pipeline.config import ExtractConfig, default_out, shard_out
 
 SHARD_NAME = re.compile(r"^(?P<stem>.+)\.shard(?P<index>\d+)-of-(?P<count>\d+)(?P<suffix>\.[^.]+)$")
@@ -92,9 +93,11 @@ def check_shards(shards: list[Path]) -> list[dict]:
     attrs = [existing_cache(p) for p in shards]
     incomplete = []
     for i, (path, a) in enumerate(zip(shards, attrs)):
-        if a is None or not a.get("complete"):
+        if a is None or not a.get("complete"):  # an unfinished shard is still under its partial name
+            started = a or read_attrs(partial_path(path)) or {}
             progress = Progress.load(path)
-            done = f"{progress.files_done} of {a.get('num_candidates')} files done" if progress else "no progress record"
+            done = (f"{progress.files_done} of {started.get('num_candidates', '?')} files done" if progress
+                    else "no progress record")
             incomplete.append(f"{i} ({path.name}: {done})")
     if incomplete:
         raise UsageError(f"cannot merge: shard(s) {'; '.join(incomplete)} of {count} incomplete. Rerun or resubmit "
