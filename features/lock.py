@@ -21,11 +21,12 @@ from features.errors import UsageError
 
 
 def lock_path(path: Path) -> Path:
-    return path.with_name(path.name + ".lock")
+    """Hidden, like the partial file: it stays after the run (deleting a lock file races with runs opening it)."""
+    return path.with_name(f".{path.name}.lock")
 
 
 def holder_path(path: Path) -> Path:
-    return path.with_name(path.name + ".lock.json")
+    return path.with_name(f".{path.name}.lock.json")
 
 
 def _holder(path: Path) -> str:
