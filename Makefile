@@ -24,7 +24,7 @@ FINETUNE_FLAGS = $(call flag,MODEL,model) $(call flag,DATA,data) $(call flag,OUT
   $(call flag,BATCH,batch-size) $(call flag,SIZE,image-size) $(call flag,AUGMENT_POLICY,augment-policy) \
   $(call flag,PRECISION,precision) $(call flag,SEED,seed) $(if $(OVERWRITE),--overwrite) $(if $(TRUST_PICKLE),--trust-pickle)
 
-.PHONY: install demo test test-all extract layers backbones weights classify predict finetune merge slurm-extract bench bench-gpu bench-finetune clean
+.PHONY: install demo test test-all extract layers backbones weights classify predict finetune merge verify slurm-extract bench bench-gpu bench-finetune clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python >= 3.10 or run 'make PYTHON=python3 ...'" >&2; exit 1; }
@@ -68,6 +68,9 @@ finetune: $(STAMP)
 merge: $(STAMP)
 	$(PY) -m pipeline merge $(call flag,SHARDS_OF,shards-of) $(call flag,OUT,out) $(if $(VIRTUAL),--virtual) \
 	  $(if $(OVERWRITE),--overwrite)
+
+verify: $(STAMP)
+	$(PY) -m pipeline verify $(if $(CACHE),'$(CACHE)',$(error CACHE=<file.h5> is required, e.g. make verify CACHE=cache/x.h5))
 
 slurm-extract: $(STAMP)
 	$(PY) -m pipeline slurm $(EXTRACT_FLAGS) $(call flag,SHARDS,shards) $(call flag,TASKS,tasks) \

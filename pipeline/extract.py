@@ -23,7 +23,8 @@ from features.errors import UsageError
 from features.extract import Decoding, Timings, extract_rows
 from features.images import DECODER, INTERPOLATION, RESIZE_POLICIES
 from features.model import POOLS, build_base, cut, gpu_count, runtime_versions, weights_identity
-from features.store import (COMPRESSIONS, STORAGE_DTYPES, CacheWriter, Progress, identity_diff, read_attrs)
+from features.store import (COMPRESSIONS, STORAGE_DTYPES, CacheWriter, Progress, existing_cache, identity_diff,
+                            partial_path, read_attrs)
 from pipeline.config import ExtractConfig, default_out, shard_out
 
 SHARD_ENV = [("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("JOB_COMPLETION_INDEX", "JOB_COMPLETION_COUNT")]
@@ -198,30 +199,41 @@ def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
         processed, timings = extract_rows(catalog, forward, writer, progress, cfg.batch_size, decoding, verbose)
     finally:
         writer.close()
-    if progress.rows_written == 0:
-        out.unlink(missing_ok=True)
+    if progress.rows_written == 0:  # nothing was published (CacheWriter.finalize): an earlier cache at `out` stays
         raise UsageError(f"none of the {len(catalog)} files under '{cfg.data}' could be used: "
                          + "; ".join(f"{p}: {r}" for p, r in progress.skipped[:5]))
     return ExtractResult(out, status, progress.rows_written, progress.skipped, shapes, timings, processed, engine)
 
 
 def _existing(out: Path, attrs: dict, overwrite: bool) -> Progress | str | None:
-    """'complete' (reuse), a Progress to resume from, or None (start a new file)."""
-    if not out.exists() or overwrite:
+    """'complete' (reuse), a Progress to resume the partial file from, or None (start it anew). Anything at `out` that
+    is not a cache of this tool is refused, --overwrite included (overwrite replaces caches only)."""
+    found = existing_cache(out)
+    if overwrite:
         return None
-    found = read_attrs(out)
-    if found is None:
-        print(f"warning: {out} cannot be opened (interrupted while it was being created); starting it again.")
+    if found is not None:
+        diff = identity_diff(found, attrs)
+        if diff:
+            raise UsageError(f"{out} exists with a different configuration ({'; '.join(diff[:4])}). "
+                             "Pass --overwrite to replace it, or choose another --out.")
+        if found.get("complete"):
+            return "complete"
+    partial = partial_path(out)
+    if not partial.exists():
         return None
-    diff = identity_diff(found, attrs)
+    started = read_attrs(partial)
+    if started is None:
+        print(f"warning: {partial} cannot be opened (killed while it was being created); starting it again.")
+        return None
+    diff = identity_diff(started, attrs)
     if diff:
-        raise UsageError(f"{out} exists with a different configuration ({'; '.join(diff[:4])}). "
-                         "Pass --overwrite to replace it, or choose another --out.")
-    if found.get("complete"):
-        return "complete"
+        raise UsageError(f"an interrupted extraction into {out} ({partial.name}) has a different configuration "
+                         f"({'; '.join(diff[:4])}). Finish it with its own flags, or pass --overwrite to start anew.")
+    if started.get("batch_size") != attrs["batch_size"]:
+        raise UsageError(f"{out} is half written with batch size {started.get('batch_size')}; resume it with "
+                         f"--batch-size {started.get('batch_size')} (BATCH={started.get('batch_size')}), or pass "
+                         f"--overwrite to start anew with {attrs['batch_size']}.")
     progress = Progress.load(out)
-    if progress is None or found.get("batch_size") != attrs["batch_size"]:
-        print(f"warning: {out} is incomplete and cannot be resumed (no progress record, or another batch size); "
-              "starting it again.")
-        return None
+    if progress is None:
+        print(f"warning: {partial} has no progress record; starting it again.")
     return progress

@@ -5,6 +5,7 @@ from collections import Counter
 
 import numpy as np
 
+from features.store import read_attrs
 from pipeline.extract import ExtractResult
 
 
@@ -17,11 +18,8 @@ def human_bytes(n: float) -> str:
 
 
 def print_extract_summary(r: ExtractResult) -> None:
-    import h5py
-
-    with h5py.File(r.path, "r") as f:
-        itemsize = f[f"features/{next(iter(r.layer_shapes))}"].dtype.itemsize
-        dtype = f.attrs["dtype"]
+    dtype = str((read_attrs(r.path) or {}).get("dtype", "float32"))
+    itemsize = np.dtype(dtype).itemsize
     t = r.timings
     rate = r.processed / t.wall_s if t.wall_s else 0.0
     lines = [

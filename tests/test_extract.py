@@ -18,7 +18,7 @@ import pytest
 from features.backbones import get_backbone
 from features.images import load_image
 from features.model import build_base
-from features.store import progress_path
+from features.store import partial_path, progress_path
 from pipeline.config import ExtractConfig
 from pipeline.extract import extract
 from tests.conftest import ROOT, run_cli, write_images
@@ -145,7 +145,8 @@ def test_killed_run_resumes_to_identical_contents(tmp_path):
     assert proc.poll() is None, f"extraction ended before it could be killed: {proc.stderr.read()[-2000:]}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    with h5py.File(out) as f:
+    assert not out.exists()  # nothing at the target until the cache is complete
+    with h5py.File(partial_path(out)) as f:
         assert not f.attrs["complete"]
     done_before = json.loads(progress_path(out).read_text())["rows_written"]
     assert 24 <= done_before < 240
@@ -156,7 +157,7 @@ def test_killed_run_resumes_to_identical_contents(tmp_path):
     fresh = run_cli(*args, "--out", str(tmp_path / "fresh.h5"))
     assert fresh.returncode == 0, fresh.stderr
     assert_same_cache(out, tmp_path / "fresh.h5")
-    assert not progress_path(out).exists()
+    assert not progress_path(out).exists() and not partial_path(out).exists()
 
 
 @pytest.mark.parametrize("args,message", [
