@@ -87,7 +87,8 @@ def write_cache(path: str | Path, layers: dict[str, np.ndarray], labels: np.ndar
         for start in range(0, n, step):  # block by block, so a np.memmap larger than RAM can be written
             stop = min(n, start + step)
             writer.write(start, [values[start:stop] for values in layers.values()], paths[start:stop],
-                         labels[start:stop].tolist(), split[start:stop].tolist(), view[start:stop].tolist())
+                         labels[start:stop].tolist(), split[start:stop].tolist(), view[start:stop].tolist(),
+                         [(-1, -1)] * (stop - start))
         if complete:
             writer.finalize(Progress(rows_written=n, files_done=n))
     finally:

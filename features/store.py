@@ -37,7 +37,7 @@ CHUNK_CACHE_BYTES = 64 << 20
 COPY_BLOCK_BYTES = 64 << 20  # rows are copied and verified in blocks of about this size
 COMPRESSIONS = ("none", "lzf")
 STORAGE_DTYPES = ("float16", "float32")
-PER_ROW = ("paths", "labels", "split", "view")
+PER_ROW = ("paths", "labels", "split", "view", "file_stamp")
 # Attributes that must match for a file to be resumed or reused as is.
 IDENTITY_ATTRS = ("backbone", "backbone_file_sha256", "weights", "image_size", "resize", "decoder", "preprocessing",
                   "pool", "dtype", "compression", "precision", "layers", "source_fingerprint", "shard",
@@ -171,6 +171,7 @@ class Rows(NamedTuple):
     labels: list[int]
     splits: list[str]
     views: list[int]
+    stamps: list[tuple[int, int]]  # (size, mtime_ns) of each row's file; (-1, -1) where unknown
 
 
 class CacheWriter:
@@ -221,6 +222,7 @@ class CacheWriter:
         per_row("split", (), h5py.string_dtype("utf-8", 5), text_rows)
         per_row("labels", (), "int32", text_rows)
         per_row("view", (), "int16", text_rows)
+        per_row("file_stamp", (2,), "int64", text_rows)
         names = _fixed_utf8(label_names)
         f.create_dataset("label_names", data=names, chunks=(max(1, len(names)),), maxshape=(None,), fletcher32=True)
         f.flush()
@@ -239,7 +241,7 @@ class CacheWriter:
         return cls(path, f, [str(v) for v in f.attrs["layers"]], lock)
 
     def write(self, row: int, features: list[np.ndarray], paths: list[str], labels: list[int], splits: list[str],
-              views: list[int]) -> None:
+              views: list[int], stamps: list[tuple[int, int]]) -> None:
         """Write rows [row, row+n) and flush them, so a progress record saved afterwards never claims unwritten rows."""
         n = len(paths)
         for layer, values in zip(self.layers, features):
@@ -248,6 +250,7 @@ class CacheWriter:
         self.file["labels"][row : row + n] = labels
         self.file["split"][row : row + n] = _fixed_utf8(splits, 5)
         self.file["view"][row : row + n] = views
+        self.file["file_stamp"][row : row + n] = np.asarray(stamps, np.int64).reshape(n, 2)
         self.file.flush()
 
     def link_features(self, sources: list[tuple[Path, int]], shapes: dict[str, tuple[int, ...]],
@@ -353,6 +356,7 @@ class Cache:
     view: np.ndarray = field(repr=False)  # 0 = the clean view, 1.. = augmented views of a training image
     skipped: list[tuple[str, str]] = field(default_factory=list, repr=False)
     dtypes: dict[str, np.dtype] = field(default_factory=dict, repr=False)
+    file_stamps: np.ndarray | None = field(default=None, repr=False)  # (N, 2) size, mtime_ns; -1 where unknown
     path_bytes: int = 1  # width of the fixed-length `paths` strings
 
     @functools.cached_property
@@ -417,7 +421,8 @@ class Cache:
         for lo in range(0, len(rows), step):
             sel = rows[lo:lo + step]
             yield Rows([self.read(layer, sel) for layer in layers], self.paths[sel].tolist(),
-                       self.labels[sel].tolist(), self.split[sel].tolist(), self.view[sel].tolist())
+                       self.labels[sel].tolist(), self.split[sel].tolist(), self.view[sel].tolist(),
+                       self.file_stamps[sel].tolist())
 
 
 def read_blocks(path: Path, layer: str, rows: np.ndarray, block_rows: int, rng: np.random.Generator | None = None
@@ -494,9 +499,12 @@ def open_cache(path: str | Path) -> Cache:
                 if file[name].dtype.kind == "S" else np.array([_plain(v) for v in _metadata(path, file, name)], str)
                 for name in ("paths", "split", "label_names")}
         skipped = [(_plain(p), _plain(r)) for p, r in file["skipped"][()]] if "skipped" in file else []
+        # caches written before updates existed have no `file_stamp`: their files count as unknown (never reused)
+        stamps = (_metadata(path, file, "file_stamp").astype(np.int64) if "file_stamp" in file
+                  else np.full((len(labels), 2), -1, np.int64))
         return Cache(path=path, attrs=attrs, shapes={k: tuple(int(d) for d in v.shape[1:]) for k, v in features.items()},
                      labels=labels, label_names=text["label_names"].tolist(), split=text["split"],
-                     paths=text["paths"], view=view, skipped=skipped,
+                     paths=text["paths"], view=view, skipped=skipped, file_stamps=stamps,
                      dtypes={k: v.dtype for k, v in features.items()}, path_bytes=file["paths"].dtype.itemsize)
 
 

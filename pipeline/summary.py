@@ -27,6 +27,9 @@ def print_extract_summary(r: ExtractResult) -> None:
         f"images: {r.images} written, {len(r.skipped)} skipped; {r.processed} processed in this run "
         f"in {t.wall_s:.1f} s ({rate:.1f} img/s)",
     ]
+    if r.status == "updated":
+        lines.append(f"update: {r.reused} rows kept from the earlier cache (unchanged files), {r.processed} new or "
+                     "changed images through the model")
     for layer, shape in r.layer_shapes.items():
         per_image = int(np.prod(shape)) * itemsize
         lines.append(f"  features/{layer}: (N, {', '.join(map(str, shape))}) {dtype}, {human_bytes(per_image)} per image")

@@ -91,8 +91,8 @@ def test_batch_writes_rewrite_chunks_in_place_and_never_the_metadata(tmp_path):
         return b"".join(kept) + data[at:]
 
     before, meta = chunks(), outside(chunks())
-    writer.write(0, [X[:6]], [f"x/{i}.jpg" for i in range(6)], [0] * 6, ["train"] * 6, [0] * 6)
-    writer.write(6, [X[6:9]], [f"x/{i}.jpg" for i in range(6, 9)], [0] * 3, ["val"] * 3, [0] * 3)
+    writer.write(0, [X[:6]], [f"x/{i}.jpg" for i in range(6)], [0] * 6, ["train"] * 6, [0] * 6, [(i, 7) for i in range(6)])
+    writer.write(6, [X[6:9]], [f"x/{i}.jpg" for i in range(6, 9)], [0] * 3, ["val"] * 3, [0] * 3, [(-1, -1)] * 3)
     assert chunks() == before and outside(before) == meta
     writer.close()
     assert not (tmp_path / "c.h5").exists()  # unpublished until finalize
