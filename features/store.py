@@ -41,7 +41,7 @@ PER_ROW = ("paths", "labels", "split", "view")
 # Attributes that must match for a file to be resumed or reused as is.
 IDENTITY_ATTRS = ("backbone", "backbone_file_sha256", "weights", "image_size", "resize", "decoder", "preprocessing",
                   "pool", "dtype", "compression", "precision", "layers", "source_fingerprint", "shard",
-                  "num_candidates", "augment", "augment_policy", "augment_seed")
+                  "num_candidates", "augment", "augment_policy", "augment_seed", "engine")
 
 
 def cache_dir() -> Path:
