@@ -17,11 +17,14 @@ import pandas as pd  # noqa: E402
 from sklearn.metrics import confusion_matrix  # noqa: E402
 
 from classifiers.memory import format_bytes  # noqa: E402
+from classifiers.stats import choose, explain  # noqa: E402
 
-# leaderboard order: best first; ties broken by balanced accuracy, then lower log-loss, then faster fit
+# accuracy order (before classifiers.stats.choose moves the best tied row first): ties broken by balanced
+# accuracy, then lower log-loss, then faster fit
 SORT_BY = ["accuracy", "balanced_accuracy", "log_loss", "fit_s"]
 SORT_ASCENDING = [False, False, True, True]
-SHOWN = ["backbone", "layer", "reduce", "head", "augment", "scheme", "accuracy", "accuracy_std", "augment_gain",
+SHOWN = ["backbone", "layer", "reduce", "head", "augment", "scheme", "accuracy", "ci_low", "ci_high",
+         "tied", "accuracy_std", "augment_gain",
          "balanced_accuracy", "macro_f1", "top5", "log_loss", "fit_s", "predict_s"]
 # an augmented row is compared with the clean row of the same data, features and head
 SAME_MODEL = ["data_id", "backbone", "layer", "reduce", "head", "scheme"]
@@ -50,15 +53,19 @@ def augment_gains(table: pd.DataFrame) -> pd.DataFrame:
     return gains.sort_values(["gain", "head"], ascending=[False, True], kind="stable").reset_index(drop=True)
 
 
-def rank(rows: list[dict]) -> pd.DataFrame:
-    """The leaderboard: best first, with `augment_gain` (accuracy minus the clean twin's) on augmented rows."""
+def rank(rows: list[dict], correct: list[pd.Series] | None = None, seed: int = 0) -> pd.DataFrame:
+    """The leaderboard: best first (classifiers.stats.choose: the lowest log-loss among rows tied with the top
+    accuracy), with 95% intervals, and `augment_gain` (accuracy minus the clean twin's) on augmented rows.
+    `correct[i]` (optional) is row i's per-image correctness, indexed by image path, for the paired tests."""
     table = _with_augment(pd.DataFrame(rows).drop(columns="augment_gain", errors="ignore"))  # recomputed
+    table["row_id"] = np.arange(len(table))
     keys = SAME_MODEL + ["augment", "cache"]  # one leaderboard row each
     gains = augment_gains(table)[keys + ["gain"]].rename(columns={"gain": "augment_gain"})
     table = table.merge(gains, on=keys, how="left")
     table = table.sort_values(SORT_BY, ascending=SORT_ASCENDING, na_position="last", kind="stable")
+    table = choose(table.reset_index(drop=True), dict(enumerate(correct or [])), seed).drop(columns="row_id")
     table.insert(0, "rank", np.arange(1, len(table) + 1))
-    return table.reset_index(drop=True)
+    return table
 
 
 def shown(table: pd.DataFrame, top: int | None = None) -> pd.DataFrame:
@@ -168,6 +175,7 @@ def write_report(run_dir: Path, table: pd.DataFrame, record: dict, run: dict, no
         f"accuracy **{_fmt(best['accuracy'], best['accuracy_std'])}**, balanced accuracy "
         f"{_fmt(best['balanced_accuracy'])}, macro-F1 {_fmt(best['macro_f1'])}, log-loss {_fmt(best['log_loss'])}"
         + (f", top-5 {_fmt(best['top5'])}" if not pd.isna(best["top5"]) else "") + ".", "",
+        f"- Why this one: {explain(table)}",
         f"- Evaluation: {how}.",
         f"- Data: {int(best['n_fit_images'])} training and {int(best['n_eval'])} scored images"
         + (f" (trained on {int(best['n_fit'])} rows: clean and augmented views {best['augment']}; only clean "
@@ -214,6 +222,8 @@ def summary(run_dir: Path, top: int = 10) -> str:
         f"balanced {_fmt(best['balanced_accuracy'])}, macro-F1 {_fmt(best['macro_f1'])}",
         f"{len(table)} combinations in {run['seconds']:.1f} s; peak memory {format_bytes(run['peak_bytes'])} "
         f"(budget {format_bytes(run['budget_bytes'])}); {len(run['notes'])} warning(s), see report.md",
+        f"why:     {explain(table)}",
         f"results: {run_dir}/  (report.md, leaderboard.csv, accuracy.png, best/)",
+        f"report:  {run_dir / 'report.html'}",
         f"next:    make predict MODEL={run_dir / 'best'} DATA=<image folder>",
     ])

@@ -30,6 +30,7 @@ from classifiers.heads import HeadSpec, resolve_heads
 from classifiers.memory import PeakMemory, parse_bytes
 from classifiers.reduce import ReduceSpec, get_reduce, resolve_reduce
 from classifiers.report import plot_leaderboard, rank, save_model, write_leaderboard, write_report
+from pipeline.page import write_page
 from features.errors import UsageError
 
 # cache attributes copied into model.json: how the features were made, so predict can make them again
@@ -151,6 +152,12 @@ def _save(model_dir: Path, job: Job, head: HeadSpec, ev: Evaluation, loaded, cfg
                _eval_table(job, ev))
 
 
+def _correct(job: Job, ev: Evaluation) -> pd.Series:
+    """Per scored image, whether the head got it right, keyed by data and path: what the paired tests compare."""
+    keys = [f"{job.cache.data_id}:{path}" for path in job.cache.paths[ev.eval_rows]]
+    return pd.Series(ev.predictions == job.cache.labels[ev.eval_rows], index=keys)
+
+
 def classify(cfg: ClassifyConfig) -> Path:
     """Run every head on every (cache, layer, reduce); write the leaderboard, plots, report and best model."""
     started = time.perf_counter()
@@ -160,7 +167,7 @@ def classify(cfg: ClassifyConfig) -> Path:
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     for note in notes:
         tqdm.write(f"warning: {note}", file=sys.stderr)
-    rows, best = [], None
+    rows, correct, evaluated = [], [], {}
     # working_memory (MiB) caps sklearn's chunked pairwise work (knn distances) to a share of the budget
     with PeakMemory() as memory, sklearn.config_context(working_memory=max(1, budget // READ_SHARE // 2**20)), \
             tqdm(total=len(jobs) * len(heads), desc="classify", unit="head") as bar:
@@ -190,18 +197,18 @@ def classify(cfg: ClassifyConfig) -> Path:
                              "data_id": job.cache.data_id})
                 if cfg.save_all:
                     _save(run_dir / "models" / f"{job.key}__{head.name}", job, head, ev, loaded, cfg)
-                # the leaderboard's order: accuracy, balanced accuracy, lower log-loss, faster fit
-                key = (ev.scores["accuracy"], ev.scores["balanced_accuracy"],
-                       -np.nan_to_num(ev.scores["log_loss"], nan=np.inf), -ev.fit_s)
-                if best is None or key > best[0]:
-                    best = (key, job, head, ev, loaded)
-    if best is None:
+                correct.append(_correct(job, ev))
+                evaluated[(str(job.cache.path), job.layer, job.reduce.name, head.name)] = (job, head, ev)
+    if not rows:
         raise UsageError(f"No head could run: every reduced matrix exceeded --memory-budget {cfg.memory_budget} and "
                          f"none of the heads {[h.name for h in heads]} streams. Add HEADS=sgd or mlp, use a pooling "
                          f"reduce (avg, grid4), or raise the budget.")
-    _, job, head, ev, loaded = best
+    table = rank(rows, correct, cfg.seed)  # row 0 is the best: classifiers.stats.choose
+    best_job, head, ev = evaluated[tuple(table.loc[0, ["cache", "layer", "reduce", "head"]])]
+    if best_job is not job:  # the best features are not the last ones read, still in memory: read them again
+        job = best_job
+        loaded = load_reduced(job.cache, job.layer, job.reduce, job.plan.rows, job.plan.fit_rows, budget)
     _save(run_dir / "best", job, head, ev, loaded, cfg)
-    table = rank(rows)
     write_leaderboard(table, run_dir)
     plot_leaderboard(run_dir)
     run = {"seconds": time.perf_counter() - started, "peak_bytes": memory.peak_growth, "budget_bytes": budget,
@@ -209,4 +216,5 @@ def classify(cfg: ClassifyConfig) -> Path:
     (run_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     record = json.loads((run_dir / "best" / "model.json").read_text())
     write_report(run_dir, table, record, run, notes)
+    write_page(run_dir, table, job, head, ev, loaded, cfg.seed, budget)
     return run_dir
