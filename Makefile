@@ -23,7 +23,7 @@ FINETUNE_FLAGS = $(call flag,MODEL,model) $(call flag,DATA,data) $(call flag,OUT
   $(call flag,BATCH,batch-size) $(call flag,SIZE,image-size) $(call flag,AUGMENT_POLICY,augment-policy) \
   $(call flag,PRECISION,precision) $(call flag,SEED,seed) $(if $(OVERWRITE),--overwrite)
 
-.PHONY: install demo test test-all extract layers backbones weights classify predict finetune merge slurm-extract bench clean
+.PHONY: install demo test test-all extract layers backbones weights classify predict audit finetune merge slurm-extract bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python >= 3.10 or run 'make PYTHON=python3 ...'" >&2; exit 1; }
@@ -60,6 +60,10 @@ classify: $(STAMP)
 
 predict: $(STAMP)
 	$(PY) -m pipeline predict $(PREDICT_FLAGS)
+
+audit: $(STAMP)
+	$(PY) -m pipeline audit $(call flag,FEATURES,features) $(call flag,LAYER,layer) $(call flag,REDUCE,reduce) \
+	  $(call flag,THRESHOLD,threshold) $(call flag,OUT,out) $(call flag,SEED,seed) $(call flag,MEMORY,memory-budget)
 
 finetune: $(STAMP)
 	$(PY) -m pipeline finetune $(FINETUNE_FLAGS)

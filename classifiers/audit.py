@@ -123,7 +123,7 @@ def audit_cache(cache: Cache, layer: str | None = None, reduce: str | None = Non
                 seed: int = 0, threshold: float = DUPLICATE_SIMILARITY) -> Audit:
     """Audit the clean view of every image of a cache at `layer` (default: its last), pooled by `reduce`
     (default: avg for spatial maps)."""
-    layer = layer or list(cache.shapes)[-1]
+    layer = layer or list(cache.attrs.get("layers") or cache.shapes)[-1]  # the file lists layers alphabetically
     if not layers_in(cache, [layer]):
         raise UsageError(f"Layer {layer!r} is not in {cache.name}; it has: {', '.join(cache.shapes)}.")
     rows = np.flatnonzero(cache.view == 0)

@@ -19,9 +19,9 @@ JPEG_QUALITY = 70
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:72em;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .5em;text-align:right}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .5em;text-align:right;white-space:nowrap}
 th{background:#f4f4f4}tr.tied td{background:#eef7ee}.note{color:#555;font-size:.9em}
-.gallery{display:flex;flex-wrap:wrap;gap:.6em}.card{width:140px;font-size:.75em;border:1px solid #ddd;padding:4px}
+.gallery{display:flex;flex-wrap:wrap;gap:.6em}.card{width:140px;font-size:.75em;border:1px solid #ddd;padding:4px;overflow-wrap:anywhere}
 .card img{max-width:128px;max-height:128px;display:block;margin:auto}.pair{display:flex;gap:4px}
 .pair .card{width:132px}img.plot{max-width:100%}.missing{width:128px;height:96px;background:#eee;color:#888}
 """

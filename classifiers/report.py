@@ -90,8 +90,15 @@ def write_leaderboard(table: pd.DataFrame, run_dir: Path) -> None:
         gains.to_csv(run_dir / "augment_gain.csv", index=False)
 
 
+def _error_bars(part: pd.DataFrame) -> np.ndarray:
+    """(2, n) distances from accuracy to the 95% interval's ends; ± the fold std in leaderboards without one."""
+    if "ci_low" not in part:
+        return np.vstack([part["accuracy_std"].fillna(0)] * 2)
+    return np.nan_to_num(np.vstack([part["accuracy"] - part["ci_low"], part["ci_high"] - part["accuracy"]]).clip(0))
+
+
 def plot_leaderboard(run_dir: Path) -> Path:
-    """accuracy.png: accuracy (± std across folds) of every head, grouped by backbone / layer / reduce."""
+    """accuracy.png: accuracy (with its 95% interval) of every head, grouped by backbone / layer / reduce."""
     table = pd.read_csv(run_dir / "leaderboard.csv")
     extra = table.reindex(columns=["augment", "cache"]).fillna("").astype(str)
     label = (table["backbone"] + "\n" + table["layer"] + " · " + table["reduce"]
@@ -104,7 +111,7 @@ def plot_leaderboard(run_dir: Path) -> Path:
     for i, head in enumerate(heads):
         part = table[table["head"] == head].set_index("features").reindex(groups)
         ax.bar(np.arange(len(groups)) + (i - (len(heads) - 1) / 2) * width, part["accuracy"], width,
-               yerr=part["accuracy_std"].fillna(0), label=head, capsize=2)
+               yerr=_error_bars(part), label=head, capsize=2)
     ax.set_xticks(np.arange(len(groups)), groups, fontsize=8)
     ax.set_ylabel(f"accuracy ({table['scheme'].iloc[0]})")
     ax.set_ylim(max(0.0, np.nanmin(table["accuracy"]) - 0.1), 1.0)

@@ -24,7 +24,8 @@ AUDIT_MAX = 30  # findings of each kind shown with thumbnails
 
 
 def _thumb(root: Path, path: str, lines: list[str]) -> str:
-    return html.card(html.thumbnail_uri(root / path), lines)
+    """A thumbnail of `path` (relative to the cache's data_root) captioned by `lines` and the file name."""
+    return html.card(html.thumbnail_uri(root / path), [*lines, Path(path).name])
 
 
 def leaderboard_section(table: pd.DataFrame) -> str:
@@ -73,8 +74,8 @@ def gallery_section(preds: pd.DataFrame, root: Path) -> str:
     wrong = mistakes(preds)
     shown_rows = wrong.head(GALLERY_MAX)
     cards = [_thumb(root, r.path, [f"true: {r.label}", f"predicted: {r.predicted}",
-                                   f"confidence: {r.confidence:.3f}" if not pd.isna(r.confidence) else "confidence: –",
-                                   Path(r.path).name]) for r in shown_rows.itertuples()]
+                                   f"confidence: {r.confidence:.3f}" if not pd.isna(r.confidence) else "confidence: –"])
+             for r in shown_rows.itertuples()]
     text = (f"{len(wrong)} of {len(preds)} scored images are misclassified"
             + (f"; the {GALLERY_MAX} most confident mistakes are shown" if len(wrong) > GALLERY_MAX else "") + ".")
     return html.section("Misclassified images", html.note(text), html.gallery(cards), anchor="mistakes")
@@ -127,7 +128,7 @@ def write_page(run_dir: Path, table: pd.DataFrame, job, head, ev, loaded, seed: 
     """report.html (and learning_curve.*, audit/*.csv) of a classify run, from its saved files and the best job."""
     root = Path(str(job.cache.attrs.get("data_root", "")))
     preds = pd.read_csv(run_dir / "best" / "eval_predictions.csv", keep_default_na=False)
-    sections = [leaderboard_section(table), layers_section(table, run_dir, list(job.cache.shapes)),
+    sections = [leaderboard_section(table), layers_section(table, run_dir, list(job.cache.attrs.get("layers") or job.cache.shapes)),
                 confusion_section(preds, job.cache.label_names, run_dir / "best"), gallery_section(preds, root)]
     sections.append(curve_section(run_dir, head, ev, loaded, job, seed) if not loaded.streamed else
                     html.section("Learning curve", html.note("skipped: the features are streamed from disk.")))
