@@ -45,6 +45,9 @@ def mcnemar_p(a: pd.Series, b: pd.Series) -> float:
 
 
 def _interval(row: pd.Series, correct: pd.Series | None, seed: int) -> tuple[float, float]:
+    """The row's 95% interval; one already in the row (a leaderboard re-ranked from its CSV) is kept."""
+    if correct is None and not pd.isna(row.get("ci_low", np.nan)):
+        return row["ci_low"], row["ci_high"]
     scheme = str(row["scheme"])
     if scheme.startswith("cv"):
         return fold_ci(row["accuracy"], row.get("accuracy_std", np.nan), int(scheme[2:]))
@@ -82,5 +85,5 @@ def explain(table: pd.DataFrame) -> str:
                        if not pd.isna(r["log_loss"]))
     return (f"{len(tied)} rows are statistically tied with the top accuracy {top['accuracy']:.4f} (exact McNemar "
             f"test on the same images, p >= {ALPHA}); among them {name} has the lowest log-loss "
-            f"({best['log_loss']:.3g}" + (f"; vs {losses}" if losses else "") + "), then the fastest fit, so it is "
-            f"the best model (accuracy {best['accuracy']:.4f}, 95% CI {best['ci_low']:.3f}–{best['ci_high']:.3f}).")
+            f"({best['log_loss']:.3g}" + (f"; vs {losses}" if losses else "") + "; equal log-losses would go to the faster fit), "
+            f"so it is the best model (accuracy {best['accuracy']:.4f}, 95% CI {best['ci_low']:.3f}–{best['ci_high']:.3f}).")
