@@ -92,6 +92,8 @@ def label_issues(X: np.ndarray, meta: pd.DataFrame, label_names: list[str], seed
     labelled = np.flatnonzero(meta["y"].to_numpy() >= 0)
     y = meta["y"].to_numpy()[labelled]
     present, y_dense = np.unique(y, return_inverse=True)  # cleanlab wants classes 0..K-1, all present
+    if len(present) < 2:  # unlabelled or single-class data: no label can be doubted
+        return pd.DataFrame(columns=["path", "split", "label", "suggested", "p_label"])
     probs = out_of_fold_probabilities(X[labelled], y_dense, seed)
     found = find_label_issues(y_dense, probs, return_indices_ranked_by="self_confidence")
     table = meta.iloc[labelled[found]][["path", "split", "label"]].reset_index(drop=True)

@@ -6,6 +6,7 @@ class (all their views) are fitted and scored on the same held-out images (the f
 """
 from __future__ import annotations
 
+import time
 import warnings
 
 import numpy as np
@@ -17,6 +18,7 @@ from classifiers.heads import HeadSpec
 
 SIZES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 REPEATS = 5
+BUDGET_S = 60.0  # seconds of fitting after which no larger size is started
 
 
 def draw(images: np.ndarray, y: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
@@ -45,27 +47,32 @@ def _accuracy(spec: HeadSpec, params: dict, X, rows: np.ndarray, y: np.ndarray, 
     return float(np.mean(predicted == y[rows[score]]))
 
 
+def _point(accs: np.ndarray, per_class: int, n_train: int) -> dict:
+    ok = accs[~np.isnan(accs)]
+    stats = {k: getattr(ok, k)() if len(ok) else np.nan for k in ("mean", "std", "min", "max")}
+    return {"per_class": per_class, "n_train": n_train, "runs": len(ok), **stats}
+
+
 def learning_curve(spec: HeadSpec, params: dict, X, rows: np.ndarray, y: np.ndarray, plan: Plan, seed: int = 0,
-                   repeats: int = REPEATS) -> pd.DataFrame:
+                   repeats: int = REPEATS, budget_s: float = BUDGET_S) -> pd.DataFrame:
     """One row per size: per_class, n_train (images), runs, mean, std, min, max accuracy. `X[i]` holds cache row
-    `rows[i]`; `y` is per cache row. The last size is the whole training set (one run)."""
+    `rows[i]`; `y` is per cache row. The last row is every training image (one run; per_class = the smallest
+    class). Sizes stop growing once `budget_s` seconds are spent (slow heads such as mlp get fewer points)."""
     position = {row: i for i, row in enumerate(rows.tolist())}
     fit_rows, score_rows = plan.folds[0]
     fit = np.array([position[r] for r in fit_rows])
     score = np.array([position[r] for r in score_rows])
     images, labels = plan.images[fit_rows], y[fit_rows]
     smallest = min(len(np.unique(images[labels == c])) for c in np.unique(labels))
-    sizes = [n for n in SIZES if n < smallest] + [smallest]
-    rng, out = np.random.default_rng(seed), []
-    for n in sizes:
-        runs = 1 if n == smallest else repeats
-        picks = [fit[draw(images, labels, n, rng)] for _ in range(runs)]
+    rng, out, start = np.random.default_rng(seed), [], time.perf_counter()
+    for n in [n for n in SIZES if n < smallest]:
+        picks = [fit[draw(images, labels, n, rng)] for _ in range(repeats)]
         accs = np.array([_accuracy(spec, params, X, rows, y, p, score, seed) for p in picks])
-        ok = accs[~np.isnan(accs)]
-        out.append({"per_class": n, "n_train": len(np.unique(plan.images[rows[picks[0]]])), "runs": len(ok),
-                    "mean": ok.mean() if len(ok) else np.nan, "std": ok.std() if len(ok) else np.nan,
-                    "min": ok.min() if len(ok) else np.nan, "max": ok.max() if len(ok) else np.nan})
-    return pd.DataFrame(out)
+        out.append(_point(accs, n, len(np.unique(plan.images[rows[picks[0]]]))))
+        if time.perf_counter() - start > budget_s:
+            break
+    full = np.array([_accuracy(spec, params, X, rows, y, fit, score, seed)])
+    return pd.DataFrame(out + [_point(full, smallest, len(np.unique(images)))])
 
 
 def plot_curve(curve: pd.DataFrame, head: str, path) -> None:

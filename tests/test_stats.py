@@ -62,3 +62,20 @@ def test_a_faster_head_wins_a_tie_of_equal_log_loss():
     table = pd.DataFrame([_row("slow", 0.9, 0.3, 5.0), _row("fast", 0.9, 0.3, 0.1)]).assign(row_id=[0, 1])
     chosen = choose(table, {0: _correct(range(15)), 1: _correct(range(15))})
     assert list(chosen["head"]) == ["fast", "slow"]
+
+
+def test_audit_finds_planted_duplicates_and_outliers_in_synthetic_features():
+    from classifiers.audit import audit
+    from classifiers.testing import separable
+
+    X, y = separable(30, 3, 64, seed=1, spread=2.0)
+    X = np.abs(X)
+    X[5] = X[40] * 1.01  # a near copy, in another split below
+    X[7] = 50 * np.random.default_rng(2).normal(size=64)  # far from everything
+    meta = pd.DataFrame({"path": [f"img{i}.jpg" for i in range(len(y))], "y": y,
+                         "split": np.where(np.arange(len(y)) % 2, "val", "train"),
+                         "label": np.array(["a", "b", "c"])[y]})
+    found = audit(X, meta, ["a", "b", "c"], threshold=0.999)
+    pair = found.duplicates.iloc[0]
+    assert {pair["path_a"], pair["path_b"]} == {"img5.jpg", "img40.jpg"} and pair["cross_split"]
+    assert "img7.jpg" in set(found.outliers["path"])
