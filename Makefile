@@ -78,7 +78,7 @@ slurm-extract: $(STAMP)
 	  $(call flag,TIME,time) $(call flag,ACCOUNT,account) $(call flag,LOG_DIR,log-dir) $(if $(DRY_RUN),--dry-run)
 
 bench: $(STAMP)
-	$(PY) -m pipeline bench $(call flag,SECTIONS,sections)
+	$(PY) -m benchmarks $(call flag,SECTIONS,sections)
 
 clean:
-	rm -rf features/*.h5 features/*.progress.json results build *.egg-info
+	rm -rf cache results build *.egg-info

@@ -1,1 +1,1 @@
-"""Benchmarks of the two-stage pipeline: `python -m pipeline bench` (see benchmarks/bench.py)."""
+"""Benchmarks of the two-stage pipeline: `python -m benchmarks` (see benchmarks/bench.py)."""

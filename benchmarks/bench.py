@@ -1,8 +1,8 @@
 """Run the benchmark sections and write results.md / results.csv / PNG plots.
 
-    python -m pipeline bench                      # all seven sections (~15 min on 2 cores), into benchmarks/
-    python -m pipeline bench --sections 1,3       # some of them
-    python -m pipeline bench --quick --out /tmp/b # the smoke version (tiny inputs), used by tests/test_bench.py
+    python -m benchmarks                      # all seven sections (~15 min on 2 cores), into benchmarks/
+    python -m benchmarks --sections 1,3       # some of them
+    python -m benchmarks --quick --out /tmp/b # the smoke version (tiny inputs), used by tests/test_bench.py
 """
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def run_bench(numbers: list[int], quick: bool, out_dir: Path, log=print, command
     facts = machine_facts()
     sizes = Sizes.quick() if quick else Sizes.full()
     start = time.perf_counter()
-    command = command or " ".join(["python", "-m", "pipeline", "bench"] + sys.argv[2:])
+    command = command or " ".join(["python", "-m", "benchmarks"] + sys.argv[1:])
 
     def write(sections: list[Section], sources) -> None:
         """Called after every section, so a long run that fails late keeps what it measured."""

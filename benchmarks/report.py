@@ -29,7 +29,7 @@ def _table(columns: list[str], rows: list[dict]) -> list[str]:
 def write_markdown(path: Path, facts: dict, settings: list[str], sections: list[Section], explanations: dict[int, str],
                    profile_notes: list[str]) -> None:
     lines = ["# Benchmarks", "",
-             "Written by `make bench` (`python -m pipeline bench`). Every target is a ratio of figures measured side "
+             "Written by `make bench` (`python -m benchmarks`). Every target is a ratio of figures measured side "
              "by side in the same run; absolute figures are shown for context only (the machine is shared).", "",
              "## Machine", "", "| fact | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in facts.items()]

@@ -51,19 +51,18 @@ def _real_features(sources: Sources, n: int, work: Path) -> dict[str, np.ndarray
     """Lite0 activations of n real images at STORAGE_LAYERS, float32, via the same compiled forward as extract."""
     from benchmarks.throughput import decode_profile
     from features.backbones import get_backbone
+    from features.extract import make_forward
     from features.model import build_base, cut
-    from pipeline.config import ExtractConfig
-    from pipeline.extract import make_forward
 
     spec = get_backbone(str(sources.lite0))
     model = cut(build_base(spec, "imagenet", 224), STORAGE_LAYERS)
     batch = min(n, 32)
-    forward = make_forward(model, spec, ExtractConfig(batch_size=batch), 224)
+    forward = make_forward(model, spec.preprocess.fn, batch, 224)
     pixels, _ = decode_profile(list_images(stage_images(sources.images, n, work / "img_storage")), 224)
     outs: dict[str, list] = {name: [] for name in STORAGE_LAYERS}
     for i in range(0, n - n % batch, batch):
         for name, o in zip(STORAGE_LAYERS, forward(pixels[i:i + batch])):
-            outs[name].append(o.numpy())
+            outs[name].append(o)
     return {name: np.concatenate(v) for name, v in outs.items()}
 
 

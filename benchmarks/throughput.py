@@ -1,6 +1,6 @@
 """Sections 1, 2 and 7: how close end-to-end extraction gets to the model alone, and how far ahead of the naive loop.
 
-The model-only limit is the very compiled function `extract` runs per batch (`pipeline.extract.make_forward`:
+The model-only limit is the very compiled function `extract` runs per batch (`features.extract.make_forward`:
 uint8 -> preprocess -> model -> cast), called on pre-decoded batches already in memory, after untimed warm-up
 calls. It is timed in two halves, one before and one after the end-to-end run, so that a change in the load of the
 shared machine during the run affects both sides alike.
@@ -44,17 +44,14 @@ CASES = [
 
 def _build(params: dict, batch: int, jit: bool = False, precision: str = "float32"):
     from features.backbones import get_backbone
+    from features.extract import make_forward
     from features.model import build_base, cut
-    from pipeline.config import ExtractConfig
-    from pipeline.extract import make_forward
 
     spec = get_backbone(params["backbone"])
     base = build_base(spec, params["weights"], params["size"], precision)
     layers = [params["layer"] or spec.default_layer or base.layers[-1].name]
     model = cut(base, layers)
-    cfg = ExtractConfig(backbone=params["backbone"], weights=params["weights"], image_size=params["size"],
-                        batch_size=batch, jit=jit, precision=precision)
-    return spec, model, make_forward(model, spec, cfg, params["size"])
+    return spec, model, make_forward(model, spec.preprocess.fn, batch, params["size"], jit=jit).compiled
 
 
 def decode_profile(paths: list[Path], size: int) -> tuple[np.ndarray, dict]:
@@ -236,7 +233,7 @@ def section_gpu(sizes: Sizes, sources: Sources, work: Path, log) -> Section:
                    "decode_img_s_per_core"])
     if not tf.config.list_physical_devices("GPU"):
         sec.notes.append("No GPU is visible to TensorFlow on this machine, so this section was not run. On a GPU node "
-                         "run `make bench SECTIONS=7` (or `python -m pipeline bench --sections 7`): it measures "
+                         "run `make bench SECTIONS=7` (or `python -m benchmarks --sections 7`): it measures "
                          "table 1 for Lite0, ResNet50 and VGG19 block2_pool with precision float32/mixed × XLA off/on, "
                          "and prints how close end-to-end ResNet50 gets to the published ≈ 7k img/s.")
         return sec

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from classifiers.reduce import ReduceSpec
 from features.errors import UsageError, did_you_mean
+from features.store import cache_dir
 
 SCHEMA_VERSION = 1
 # A block read costs: stored rows + selected copy + float32 cast + reduced output; keep it under budget / READ_SHARE.
@@ -92,7 +93,7 @@ def open_cache(path: str | Path) -> Cache:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Feature cache {str(path)!r} does not exist. Create it with `make extract`, "
-                                f"or pass FEATURES=<file.h5> of an existing cache (see `ls features/`).")
+                                f"or pass FEATURES=<file.h5> of an existing cache (see `ls cache/`).")
     try:
         file = h5py.File(path, "r")
     except OSError as err:
@@ -144,12 +145,13 @@ def _is_complete(path: Path) -> bool:
         return False
 
 
-def find_caches(spec: str | None, root: str | Path = "features") -> tuple[list[Path], list[str]]:
+def find_caches(spec: str | None, root: str | Path | None = None) -> tuple[list[Path], list[str]]:
     """FEATURES -> cache paths, plus notes on what was passed over.
 
-    `spec` is one file, a comma-separated list, or a glob; None takes every complete `*.h5` under `root`
-    (incomplete ones are noted and skipped; named ones are checked by `open_cache`, which refuses them).
+    `spec` is one file, a comma-separated list, or a glob; None takes every complete `*.h5` under `root` (default: the
+    cache folder); incomplete ones are noted and skipped; named ones are checked by `open_cache`, which refuses them.
     """
+    root = cache_dir() if root is None else root
     notes: list[str] = []
     if spec is None:
         found = sorted(Path(root).glob("*.h5"))

@@ -29,6 +29,7 @@ from sklearn.svm import LinearSVC
 from sklearn.utils.validation import check_is_fitted
 
 from classifiers.data import iter_batches
+from classifiers.holdout import holdout_mask
 from features.errors import UsageError, did_you_mean
 
 
@@ -146,22 +147,6 @@ def resolve_heads(text: str | None) -> list[HeadSpec]:
     named = {"default": [n for n in list_heads() if HEADS[n].default], "all": list_heads()}
     names = named.get(text) or [part.strip() for part in text.split(",") if part.strip()]
     return [get_head(name) for name in dict.fromkeys(names)]
-
-
-def holdout_mask(y: np.ndarray, fraction: float, rng: np.random.Generator,
-                 groups: np.ndarray | None = None) -> np.ndarray:
-    """Stratified boolean mask of rows held out for validation; a class keeps at least one training image.
-
-    `groups` (image id per row) holds out whole images, so the augmented views of a held-out image never train
-    the model they validate; None: every row is its own image.
-    """
-    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
-    first = np.unique(groups, return_index=True)[1]  # one row per image stands for its class
-    mask = np.zeros(len(y), dtype=bool)
-    for cls in np.unique(y):
-        images = rng.permutation(groups[first[y[first] == cls]])
-        mask |= np.isin(groups, images[:min(len(images) - 1, int(round(fraction * len(images))))])
-    return mask
 
 
 class StreamingSGDClassifier(ClassifierMixin, BaseEstimator):

@@ -15,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from classifiers.data import iter_batches
-from classifiers.heads import holdout_mask
+from classifiers.holdout import holdout_mask
 
 
 class KerasMLPClassifier(ClassifierMixin, BaseEstimator):

@@ -151,3 +151,19 @@ def layer_shapes(model, size: int) -> list[tuple[str, str, tuple]]:
     probe = keras.Model(model.input, [layer.output for layer in usable])
     outs = probe(np.zeros((1, size, size, 3), "float32"), training=False)
     return [(layer.name, type(layer).__name__, tuple(o.shape[1:])) for layer, o in zip(usable, outs)]
+
+
+def runtime_versions() -> dict[str, str]:
+    """The library versions a cache records, so a reader can tell which software computed its numbers."""
+    import h5py
+    import keras
+    import tensorflow as tf
+
+    return {"keras_version": keras.__version__, "tensorflow_version": tf.__version__, "h5py_version": h5py.__version__}
+
+
+def gpu_count() -> int:
+    """GPUs TensorFlow sees (imports TensorFlow: call only when a model is about to run anyway)."""
+    import tensorflow as tf
+
+    return len(tf.config.list_physical_devices("GPU"))

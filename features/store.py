@@ -27,6 +27,11 @@ IDENTITY_ATTRS = ("backbone", "backbone_file_sha256", "weights", "image_size", "
                   "augment", "augment_policy", "augment_seed")
 
 
+def cache_dir() -> Path:
+    """Where caches go unless --out says otherwise: $FEATURE_CACHE_DIR, else cache/ in the working directory."""
+    return Path(os.environ.get("FEATURE_CACHE_DIR") or "cache")
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

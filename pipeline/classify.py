@@ -4,7 +4,7 @@
 and reduced once, then every head is fitted and scored on that matrix. Example:
 
     >>> from pipeline.classify import ClassifyConfig, classify
-    >>> run_dir = classify(ClassifyConfig(features="features/x.h5", heads="logreg,knn"))  # doctest: +SKIP
+    >>> run_dir = classify(ClassifyConfig(features="cache/x.h5", heads="logreg,knn"))  # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ SOURCE_ATTRS = ("source_fingerprint", "backbone", "backbone_file_sha256", "weigh
 class ClassifyConfig:
     """Everything `classify` needs. Field names are the CLI flags (`--memory-budget` ↔ `memory_budget`)."""
 
-    features: str | None = None  # file, comma-separated files, or a glob; None: every complete cache in features/
+    features: str | None = None  # file, comma-separated files, or a glob; None: every complete cache in cache/
     layer: list[str] = field(default_factory=list)  # empty: every layer of each cache
     heads: str = "default"  # default | all | comma-separated names (pca+<head> composes)
     reduce: list[str] = field(default_factory=list)  # empty: avg for spatial maps, none for vectors

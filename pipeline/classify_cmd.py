@@ -28,7 +28,7 @@ def catalogue() -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", default=_DEFAULTS.features,
-                        help="cache file, comma-separated files, or a glob (default: every complete features/*.h5)")
+                        help="cache file, comma-separated files, or a glob (default: every complete cache/*.h5)")
     parser.add_argument("--layer", type=_names, default=[], help="comma-separated layers (default: all in each cache)")
     parser.add_argument("--heads", default=_DEFAULTS.heads,
                         help="'default' (fast set), 'all', or comma-separated names; see --list")

@@ -24,7 +24,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("pipeline.finetune_cmd", "fine-tune the backbone + best head end to end (two phases) from a saved model"),
     "merge": ("pipeline.merge_cmd", "join the shards of one extraction into a single cache"),
     "slurm": ("pipeline.slurm_cmd", "submit a sharded extraction as a SLURM job array plus a dependent merge"),
-    "bench": ("pipeline.bench_cmd", "run the benchmarks and write benchmarks/results.md"),
     "demo": ("pipeline.demo_cmd", "extract + classify on the shipped data and model"),
 }
 

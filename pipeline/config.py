@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from features.store import cache_dir
+
 
 @dataclass
 class ExtractConfig:
@@ -24,7 +26,7 @@ class ExtractConfig:
     image_size: int | None = None  # None: the backbone's native size
     resize: str = "crop"  # crop | stretch
     preprocess: str | None = None  # override for user models: caffe | tf | torch | none | mean=..,std=..
-    out: str | None = None  # None: a readable name under features/
+    out: str | None = None  # None: a readable name under cache/ ($FEATURE_CACHE_DIR)
     labels: str | None = None  # CSV mapping image id/path -> label
     path_column: str | None = None
     label_column: str | None = None
@@ -58,7 +60,7 @@ class ExtractConfig:
 
 
 def default_out(cfg: ExtractConfig, layers: list[str], shard: tuple[int, int] | None) -> Path:
-    """features/<data>__<backbone>__<layers>[__pool][__size][__dtype][.shardI-of-N].h5: readable, derived from the config."""
+    """cache/<data>__<backbone>__<layers>[__pool][__size][__dtype][.shardI-of-N].h5: readable, derived from the config."""
     data = Path(cfg.data).resolve().name or "data"
     backbone = Path(cfg.backbone).stem if cfg.backbone.endswith(".keras") else cfg.backbone
     parts = [data, backbone, "+".join(layers)]
@@ -72,7 +74,7 @@ def default_out(cfg: ExtractConfig, layers: list[str], shard: tuple[int, int] | 
         parts.append(cfg.dtype)
     if cfg.weights != "imagenet":
         parts.append("w-" + Path(cfg.weights).stem)
-    return shard_out(Path("features") / f"{'__'.join(parts)}.h5", shard)
+    return shard_out(cache_dir() / f"{'__'.join(parts)}.h5", shard)
 
 
 def shard_out(out: Path, shard: tuple[int, int] | None) -> Path:

@@ -18,7 +18,8 @@ import time
 
 from features.errors import UsageError
 from pipeline.config import ExtractConfig, shard_out
-from pipeline.extract import ExtractResult, Timings, extract, parse_shard
+from features.extract import Timings
+from pipeline.extract import ExtractResult, extract, parse_shard
 from pipeline.merge import merge, merged_out
 
 

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=d.image_size, help="model input side; default: the backbone's native size")
     p.add_argument("--resize", default=d.resize, help="crop (shorter side, centre crop; default) | stretch (as Keras)")
     p.add_argument("--preprocess", default=d.preprocess, help="for .keras files: caffe | tf | torch | none | mean=M,std=S")
-    p.add_argument("--out", default=d.out, help="output .h5; default a readable name under features/")
+    p.add_argument("--out", default=d.out, help="output .h5; default a readable name under cache/")
     p.add_argument("--labels", default=d.labels, help="CSV mapping image path or id to label")
     p.add_argument("--path-column", default=d.path_column)
     p.add_argument("--label-column", default=d.label_column)

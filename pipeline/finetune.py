@@ -30,7 +30,7 @@ import pandas as pd
 
 from classifiers.convert import HEAD_PREFIX, NotConvertible, check_classes, to_keras
 from classifiers.evaluate import metrics
-from classifiers.heads import holdout_mask
+from classifiers.holdout import holdout_mask
 from classifiers.report import plot_confusion, plot_leaderboard, rank, write_leaderboard
 from features.augment import get_policy, view_loader
 from features.backbones import BackboneSpec, get_backbone

@@ -1,4 +1,4 @@
-"""`python -m pipeline merge --shards-of features/X.h5`: join X.shard*-of-N.h5 into X.h5 (or --out)."""
+"""`python -m pipeline merge --shards-of cache/X.h5`: join X.shard*-of-N.h5 into X.h5 (or --out)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ from pipeline.merge import MergeResult, merge
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards-of", required=True,
-                   help="the merged cache's path (features/X.h5) or any one shard of it (features/X.shard0-of-4.h5)")
+                   help="the merged cache's path (cache/X.h5) or any one shard of it (cache/X.shard0-of-4.h5)")
     p.add_argument("--out", default=None, help="merged .h5; default: the shards' name without .shardI-of-N")
     p.add_argument("--virtual", action="store_true",
                    help="zero copy: features/* become HDF5 virtual datasets reading the shard files (keep them in place)")

@@ -11,7 +11,8 @@ import pytest
 
 from classifiers.data import open_cache
 from classifiers.evaluate import evaluate, plan_evaluation
-from classifiers.heads import get_head, holdout_mask
+from classifiers.heads import get_head
+from classifiers.holdout import holdout_mask
 from classifiers.testing import separable, with_views, write_cache
 from features.errors import UsageError
 from pipeline.classify import ClassifyConfig, classify

@@ -1,4 +1,6 @@
-"""`python -m pipeline bench`: run the benchmark sections and write benchmarks/results.md, .csv and plots."""
+"""`python -m benchmarks` (`make bench`): run the benchmark sections and write benchmarks/results.md, .csv and plots.
+
+Benchmarks sit above every package of the tool and import it; nothing in the tool imports them."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from features.errors import UsageError
+from benchmarks.bench import default_out, parse_sections, run_bench
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,13 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for results.md, results.csv and the PNG plots (default: benchmarks/)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from benchmarks.bench import default_out, parse_sections, run_bench
-
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
     try:
         numbers = parse_sections(args.sections)
     except ValueError as err:
-        raise UsageError(str(err)) from None
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else default_out()
     sections = run_bench(numbers, args.quick, out, log=lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True))
     for s in sections:
@@ -32,3 +36,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{s.number}. {s.title.split(' (')[0]}: {s.value} [{status}]")
     print(f"wrote {out / 'results.md'}, {out / 'results.csv'}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

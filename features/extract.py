@@ -1,0 +1,146 @@
+"""The stage-one engine room: the compiled forward pass and the decode -> model -> write loop.
+
+Decoding runs in a thread pool ahead of the model, HDF5 writes in a thread behind it; the model runs as one compiled
+function on fixed-shape batches in which every image's slot is its index in the whole set modulo the batch size, so each
+image is computed identically whether the run is interrupted and resumed, sharded, or not. `pipeline.extract` resolves
+the configuration and decides what to run; this module only runs it.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from features.augment import view_loader
+from features.catalog import Catalog
+from features.images import decode_rgb, decode_stream
+from features.model import pool_features
+from features.store import CacheWriter, Progress
+
+# uint8 pixels (batch, size, size, 3) -> one float array per cut layer, (batch, *row_shape)
+Forward = Callable[[np.ndarray], list[np.ndarray]]
+
+
+@dataclass
+class Timings:
+    decode_cpu_s: float = 0.0  # summed over decoder threads
+    wait_input_s: float = 0.0  # time the model loop waited for decoded images
+    model_s: float = 0.0
+    write_s: float = 0.0
+    wall_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How each candidate becomes pixels: the model input side, resize policy, augmentation and decoder threads."""
+
+    size: int
+    resize: str = "crop"
+    augment_policy: str = "standard"
+    seed: int = 0
+    workers: int = 1
+
+
+def make_forward(model, preprocess: Callable, batch_size: int, size: int, pool: str = "none",
+                 dtype: str = "float32", jit: bool = False) -> Forward:
+    """One compiled call per batch: uint8 pixels -> preprocess -> model -> pool -> storage dtype, as numpy arrays."""
+    import tensorflow as tf
+
+    @tf.function(jit_compile=jit, autograph=False, input_signature=[tf.TensorSpec((batch_size, size, size, 3), tf.uint8)])
+    def compiled(pixels):
+        outs = model(preprocess(tf.cast(pixels, tf.float32)), training=False)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        return [tf.cast(pool_features(o, pool), dtype) for o in outs]
+
+    def forward(pixels: np.ndarray) -> list[np.ndarray]:
+        return [o.numpy() for o in compiled(pixels)]
+
+    forward.compiled = compiled  # the graph itself, for benchmarks that time the model alone
+    return forward
+
+
+def extract_rows(catalog: Catalog, forward: Forward, writer: CacheWriter, progress: Progress, batch_size: int,
+                 decoding: Decoding, verbose: bool = True) -> tuple[int, Timings]:
+    """Push candidates progress.files_done.. through `forward` into `writer`, saving `progress` after every flushed
+    batch; then finalize the file. Returns the images pushed through the model in this call, and where time went."""
+    t = Timings()
+    start = time.perf_counter()
+    size = decoding.size
+    views = {v: view_loader(size, decoding.resize, decoding.augment_policy, decoding.seed, v)
+             for v in set(catalog.views)}
+
+    def load(i: int) -> np.ndarray:
+        return views[catalog.views[i]](catalog.paths[i], decode_rgb(catalog.root / catalog.paths[i]))
+
+    todo = ((i, i) for i in range(progress.files_done, len(catalog)))
+    stream = decode_stream(todo, load, decoding.workers, lookahead=3 * batch_size)
+    batch_rows: list[int] = []
+    batch = np.zeros((batch_size, size, size, 3), "uint8")
+    pending_skips: list[list[str]] = []
+    processed = 0
+    bar = tqdm(total=len(catalog), initial=progress.files_done, unit="img", desc="extract", disable=not verbose,
+               dynamic_ncols=True)
+
+    def slot(i: int) -> int:
+        """Candidate i's place in its batch follows its index in the whole set, so a shard puts every image where a
+        one-process run does: outputs depend on the place (on CPU the last one differs by ~1e-6), merges stay exact."""
+        return (catalog.offset + i) % batch_size
+
+    def commit(row: int, feats: list[np.ndarray], rows: list[int], done: Progress) -> None:
+        t0 = time.perf_counter()
+        if rows:
+            writer.write(row, feats, [catalog.paths[i] for i in rows], [catalog.labels[i] for i in rows],
+                         [catalog.splits[i] for i in rows], [catalog.views[i] for i in rows])
+        done.save(writer.path)  # only after the rows it counts are flushed to disk
+        t.write_s += time.perf_counter() - t0
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as write_pool, bar:
+        in_flight: Future | None = None
+
+        def flush(files_done: int) -> None:
+            nonlocal processed, in_flight
+            n = len(batch_rows)
+            feats = []
+            if n:
+                t0 = time.perf_counter()
+                feats = [o[[slot(i) for i in batch_rows]] for o in forward(batch)]
+                batch[:] = 0  # unused slots are zeros whether or not the run was resumed
+                t.model_s += time.perf_counter() - t0
+            if in_flight is not None:
+                in_flight.result()  # one batch in flight: memory stays bounded, errors surface here
+            row = progress.rows_written
+            progress.rows_written += n
+            progress.files_done = files_done
+            progress.skipped.extend(pending_skips)
+            snapshot = Progress(progress.rows_written, files_done, list(progress.skipped))
+            in_flight = write_pool.submit(commit, row, feats, list(batch_rows), snapshot)
+            processed += n
+            batch_rows.clear()
+            pending_skips.clear()
+
+        while True:
+            t0 = time.perf_counter()
+            item = next(stream, None)
+            t.wait_input_s += time.perf_counter() - t0
+            if item is None:
+                break
+            t.decode_cpu_s += item.seconds
+            if item.pixels is None:
+                if catalog.views[item.index] == 0:  # a file's augmented views fail with it: record it once
+                    pending_skips.append([catalog.paths[item.index], item.reason])
+            else:
+                batch[slot(item.index)] = item.pixels
+                batch_rows.append(item.index)
+            if slot(item.index) == batch_size - 1:
+                flush(item.index + 1)
+            bar.update(1)
+            bar.set_postfix(skipped=len(progress.skipped) + len(pending_skips), refresh=False)
+        flush(len(catalog))
+        in_flight.result()
+    writer.finalize(progress)
+    t.wall_s = time.perf_counter() - start
+    return processed, t
