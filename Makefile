@@ -16,7 +16,7 @@ EXTRACT_FLAGS = $(call flag,BACKBONE,backbone) $(call flag,LAYER,layer) $(call f
   $(call flag,AUGMENT,augment) $(call flag,AUGMENT_POLICY,augment-policy) $(call flag,SEED,seed) $(if $(JIT),--jit) $(if $(OVERWRITE),--overwrite)
 CLASSIFY_FLAGS = $(call flag,FEATURES,features) $(call flag,LAYER,layer) $(call flag,HEADS,heads) \
   $(call flag,REDUCE,reduce) $(call flag,CV,cv) $(call flag,SEED,seed) $(call flag,OUT,out) $(call flag,MEMORY,memory-budget) \
-  $(if $(SAVE_ALL),--save-all)
+  $(if $(SAVE_ALL),--save-all) $(if $(NO_REPORT),--no-report)
 PREDICT_FLAGS = $(call flag,MODEL,model) $(call flag,DATA,data) $(call flag,OUT,out) $(call flag,BATCH,batch-size)
 FINETUNE_FLAGS = $(call flag,MODEL,model) $(call flag,DATA,data) $(call flag,OUT,out) $(call flag,UNFREEZE,unfreeze) \
   $(call flag,HEAD_EPOCHS,head-epochs) $(call flag,EPOCHS,epochs) $(call flag,LR,lr) $(call flag,PATIENCE,patience) \

@@ -18,14 +18,13 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from classifiers.data import Cache, layers_in, load_reduced
+from classifiers.data import READ_SHARE, Cache, layers_in, load_reduced
 from classifiers.reduce import resolve_reduce
 from features.errors import UsageError
 
 DUPLICATE_SIMILARITY = 0.88  # Lite0 avg_pool: planted re-encoded 90% copies score 0.90-0.93, distinct photos < 0.85
 NEIGHBOURS = 5
 OUTLIER_Z = 3.5
-BLOCK_ROWS = 1024  # similarity rows computed at once: BLOCK_ROWS x N floats
 
 
 @dataclass
@@ -45,15 +44,17 @@ class Audit:
                 f"{len(self.outliers)} outlier(s)")
 
 
-def neighbours(X: np.ndarray, k: int = NEIGHBOURS) -> tuple[np.ndarray, np.ndarray]:
-    """(similarity, index) of each row's k most cosine-similar other rows, computed in blocks of rows."""
-    unit = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+def neighbours(X: np.ndarray, k: int = NEIGHBOURS, budget: int = 2 << 30) -> tuple[np.ndarray, np.ndarray]:
+    """(similarity, index) of each row's k most cosine-similar other rows, computed in blocks of rows whose
+    similarities (float32) and partition indices (int64) stay under budget / READ_SHARE."""
+    unit = (X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)).astype(np.float32)
     k = min(k, len(X) - 1)
     sims, index = np.empty((len(X), k), np.float32), np.empty((len(X), k), np.int64)
-    for start in range(0, len(X), BLOCK_ROWS):
-        block = unit[start:start + BLOCK_ROWS] @ unit.T
+    step = max(1, budget // (READ_SHARE * 16 * len(X)))
+    for start in range(0, len(X), step):
+        block = unit[start:start + step] @ unit.T
         block[np.arange(len(block)), np.arange(start, start + len(block))] = -np.inf  # not its own neighbour
-        top = np.argsort(-block, axis=1)[:, :k]
+        top = np.argpartition(block, -k, axis=1)[:, -k:]
         index[start:start + len(block)] = top
         sims[start:start + len(block)] = np.take_along_axis(block, top, axis=1)
     return sims, index
@@ -114,9 +115,9 @@ def outliers(sims: np.ndarray, meta: pd.DataFrame, z: float = OUTLIER_Z) -> pd.D
 
 
 def audit(X: np.ndarray, meta: pd.DataFrame, label_names: list[str], layer: str = "", seed: int = 0,
-          threshold: float = DUPLICATE_SIMILARITY) -> Audit:
+          threshold: float = DUPLICATE_SIMILARITY, budget: int = 2 << 30) -> Audit:
     """Every check on one feature matrix; `meta` has path, split, label (name) and y (class index, -1 none)."""
-    sims, index = neighbours(X)
+    sims, index = neighbours(X, budget=budget)
     return Audit(near_duplicates(sims, index, meta, threshold), label_issues(X, meta, label_names, seed),
                  outliers(sims, meta), layer, len(X))
 
@@ -137,4 +138,4 @@ def audit_cache(cache: Cache, layer: str | None = None, reduce: str | None = Non
     names = np.array(cache.label_names + [""])
     meta = pd.DataFrame({"path": cache.paths[rows], "split": cache.split[rows], "label": names[cache.labels[rows]],
                          "y": cache.labels[rows]})
-    return audit(loaded.X, meta, cache.label_names, f"{layer}/{spec.name}", seed, threshold)
+    return audit(loaded.X, meta, cache.label_names, f"{layer}/{spec.name}", seed, threshold, budget)

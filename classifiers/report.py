@@ -229,8 +229,8 @@ def summary(run_dir: Path, top: int = 10) -> str:
         f"balanced {_fmt(best['balanced_accuracy'])}, macro-F1 {_fmt(best['macro_f1'])}",
         f"{len(table)} combinations in {run['seconds']:.1f} s; peak memory {format_bytes(run['peak_bytes'])} "
         f"(budget {format_bytes(run['budget_bytes'])}); {len(run['notes'])} warning(s), see report.md",
-        f"why:     {explain(table)}",
+        *([f"why:     {explain(table)}"] if "tied" in table else []),
         f"results: {run_dir}/  (report.md, leaderboard.csv, accuracy.png, best/)",
-        f"report:  {run_dir / 'report.html'}",
         f"next:    make predict MODEL={run_dir / 'best'} DATA=<image folder>",
+        *([f"report:  {run_dir / 'report.html'}"] if (run_dir / "report.html").exists() else []),
     ])

@@ -52,6 +52,7 @@ class ClassifyConfig:
     out: str | None = None  # None: results/<UTC timestamp>/
     memory_budget: str = "2GiB"
     save_all: bool = False
+    report: bool = True  # report.html with learning curve and data audit (pipeline/page.py)
 
 
 @dataclass
@@ -216,5 +217,6 @@ def classify(cfg: ClassifyConfig) -> Path:
     (run_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     record = json.loads((run_dir / "best" / "model.json").read_text())
     write_report(run_dir, table, record, run, notes)
-    write_page(run_dir, table, job, head, ev, loaded, cfg.seed, budget)
+    if cfg.report:
+        write_page(run_dir, table, job, head, ev, loaded, cfg.seed, budget)
     return run_dir

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import sklearn
 from sklearn.metrics import classification_report
+from threadpoolctl import threadpool_limits
 
 from classifiers import html
 from classifiers.audit import Audit, audit_cache
 from classifiers.curve import learning_curve, plot_curve
+from classifiers.data import READ_SHARE
 from classifiers.report import shown
 from classifiers.stats import explain
 from features.errors import UsageError
@@ -130,8 +133,11 @@ def write_page(run_dir: Path, table: pd.DataFrame, job, head, ev, loaded, seed: 
     preds = pd.read_csv(run_dir / "best" / "eval_predictions.csv", keep_default_na=False)
     sections = [leaderboard_section(table), layers_section(table, run_dir, list(job.cache.attrs.get("layers") or job.cache.shapes)),
                 confusion_section(preds, job.cache.label_names, run_dir / "best"), gallery_section(preds, root)]
-    sections.append(curve_section(run_dir, head, ev, loaded, job, seed) if not loaded.streamed else
-                    html.section("Learning curve", html.note("skipped: the features are streamed from disk.")))
+    # the same limits as the heads' own evaluation: sklearn's pairwise work (knn) in budget-sized chunks, one BLAS thread
+    with sklearn.config_context(working_memory=max(1, budget // READ_SHARE // 2**20)), \
+            threadpool_limits(limits=1, user_api="blas"):
+        sections.append(curve_section(run_dir, head, ev, loaded, job, seed) if not loaded.streamed else
+                        html.section("Learning curve", html.note("skipped: the features are streamed from disk.")))
     try:
         audit = audit_cache(job.cache, budget=budget, seed=seed)
         save_audit(audit, run_dir / "audit")
