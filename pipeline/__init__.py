@@ -1,7 +1,9 @@
 """Orchestration of the two stages, the CLI (`python -m pipeline`, `feature-cache`) and the notebook API.
 
 `from pipeline import extract, classify, predict, audit` gives the keyword functions of pipeline/api.py. They are
-loaded on first use, so `import pipeline` stays light (no TensorFlow, no scikit-learn).
+loaded on first use, so `import pipeline` stays light (no TensorFlow, no scikit-learn). The attribute names
+belong to the functions: reach the stage modules with `from pipeline.classify import ClassifyConfig` (or
+`sys.modules`), not with `import pipeline.classify as m`.
 """
 import importlib
 import sys

@@ -149,3 +149,17 @@ def test_report_loads_in_chromium_without_errors_and_shows_every_mistake(planted
         found = _dump_dom(chromium, run / "report.html")
     assert found["errors"] == [] and found["broken"] == 0
     assert found["gallery"] == expected > 0, json.dumps(found)
+
+
+def test_classify_ends_by_printing_the_report_path_also_under_cv(tmp_path):
+    from classifiers.testing import separable, write_cache
+
+    X, y = separable(20, 3, 16, seed=3)
+    cache = write_cache(tmp_path / "toy.h5", {"vec": X}, y)  # no splits: 5-fold CV, images absent from disk
+    done = run_cli("classify", "--features", str(cache), "--heads", "logreg,ridge", "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == f"report:  {tmp_path / 'run' / 'report.html'}"
+    board = pd.read_csv(tmp_path / "run" / "leaderboard.csv")
+    assert board["scheme"].iloc[0] == "cv5" and (board["ci_low"] <= board["accuracy"]).all()
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert 'id="curve"' in page and 'id="duplicates"' in page and "image not found" not in page  # no mistakes
