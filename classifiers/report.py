@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import joblib
 import matplotlib
 
 matplotlib.use("Agg")
@@ -16,6 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import confusion_matrix  # noqa: E402
 
+from classifiers import saved  # noqa: E402
 from classifiers.memory import format_bytes  # noqa: E402
 from classifiers.stats import choose, explain  # noqa: E402
 
@@ -25,7 +25,7 @@ SORT_BY = ["accuracy", "balanced_accuracy", "log_loss", "fit_s"]
 SORT_ASCENDING = [False, False, True, True]
 SHOWN = ["backbone", "layer", "reduce", "head", "augment", "scheme", "accuracy", "ci_low", "ci_high",
          "tied", "accuracy_std", "augment_gain",
-         "balanced_accuracy", "macro_f1", "top5", "log_loss", "fit_s", "predict_s"]
+         "balanced_accuracy", "macro_f1", "top5", "log_loss", "fit_s", "predict_s", "error"]
 # an augmented row is compared with the clean row of the same data, features and head
 SAME_MODEL = ["data_id", "backbone", "layer", "reduce", "head", "scheme"]
 
@@ -53,17 +53,18 @@ def augment_gains(table: pd.DataFrame) -> pd.DataFrame:
     return gains.sort_values(["gain", "head"], ascending=[False, True], kind="stable").reset_index(drop=True)
 
 
-def rank(rows: list[dict], correct: list[pd.Series] | None = None, seed: int = 0) -> pd.DataFrame:
+def rank(rows: list[dict], correct: dict[int, pd.Series] | None = None, seed: int = 0) -> pd.DataFrame:
     """The leaderboard: best first (classifiers.stats.choose: the lowest log-loss among rows tied with the top
     accuracy), with 95% intervals, and `augment_gain` (accuracy minus the clean twin's) on augmented rows.
-    `correct[i]` (optional) is row i's per-image correctness, indexed by image path, for the paired tests."""
+    `correct[i]` (optional) is row i's per-image correctness, indexed by image path, for the paired tests
+    (failed heads have none)."""
     table = _with_augment(pd.DataFrame(rows).drop(columns="augment_gain", errors="ignore"))  # recomputed
     table["row_id"] = np.arange(len(table))
     keys = SAME_MODEL + ["augment", "cache"]  # one leaderboard row each
     gains = augment_gains(table)[keys + ["gain"]].rename(columns={"gain": "augment_gain"})
     table = table.merge(gains, on=keys, how="left")
     table = table.sort_values(SORT_BY, ascending=SORT_ASCENDING, na_position="last", kind="stable")
-    table = choose(table.reset_index(drop=True), dict(enumerate(correct or [])), seed).drop(columns="row_id")
+    table = choose(table.reset_index(drop=True), correct, seed).drop(columns="row_id")
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     return table
 
@@ -149,13 +150,8 @@ def plot_confusion(model_dir: Path, class_names: list[str]) -> Path:
 
 
 def save_model(model_dir: Path, model, record: dict, eval_predictions: pd.DataFrame) -> Path:
-    """model.joblib (reduce step + head), model.json (everything predict needs), eval predictions, confusion plot."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    joblib.dump(model, model_dir / record["model_file"])
-    save_keras = getattr(model[-1], "save_keras", None)  # the mlp head also leaves its net as a plain .keras file
-    if save_keras is not None:
-        save_keras(model_dir / "head.keras")
-    (model_dir / "model.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    """The saved model (classifiers/saved.py: model.skops + model.json), eval predictions, confusion plot."""
+    saved.save(model_dir, model, record)
     eval_predictions.to_csv(model_dir / "eval_predictions.csv", index=False)
     plot_confusion(model_dir, record["class_names"])
     return model_dir

@@ -44,7 +44,7 @@ def _correct(wrong: range, n: int = 150) -> pd.Series:
 
 def test_among_heads_tied_with_the_top_the_lower_log_loss_wins():
     rows = [_row("knn", 140 / 150, 2.26, 0.1), _row("logreg", 139 / 150, 0.19, 0.5), _row("sgd", 100 / 150, 0.5, 0.1)]
-    correct = [_correct(range(10)), _correct(range(11)), _correct(range(50))]
+    correct = {0: _correct(range(10)), 1: _correct(range(11)), 2: _correct(range(50))}
     table = rank(rows, correct)
     assert list(table["head"]) == ["logreg", "knn", "sgd"]
     assert list(table["tied"]) == [True, True, False]
