@@ -162,4 +162,4 @@ def test_classify_ends_by_printing_the_report_path_also_under_cv(tmp_path):
     board = pd.read_csv(tmp_path / "run" / "leaderboard.csv")
     assert board["scheme"].iloc[0] == "cv5" and (board["ci_low"] <= board["accuracy"]).all()
     page = (tmp_path / "run" / "report.html").read_text()
-    assert 'id="curve"' in page and 'id="duplicates"' in page and "image not found" not in page  # no mistakes
+    assert 'id="curve"' in page and 'id="duplicates"' in page and "0 of 60 scored images are misclassified" in page
