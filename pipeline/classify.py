@@ -31,6 +31,7 @@ from classifiers.evaluate import Evaluation, Plan, evaluate, fit_final, plan_eva
 from classifiers.heads import HeadSpec, resolve_heads
 from classifiers.memory import PeakMemory, parse_bytes
 from classifiers.reduce import ReduceSpec, get_reduce, resolve_reduce
+from classifiers.saved import write_json
 from classifiers.report import plot_leaderboard, rank, save_model, write_leaderboard, write_report
 from pipeline.page import write_page
 from features.errors import UsageError
@@ -208,7 +209,7 @@ def _run(cfg: ClassifyConfig, heads: list[HeadSpec], jobs: list[Job], notes: lis
          started: float) -> None:
     """Every head on every job, written into `run_dir`. A head that fails is recorded as failed with its error
     (leaderboard and notes) and the run goes on with the others."""
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    write_json(run_dir / "config.json", dataclasses.asdict(cfg))
     for note in notes:
         tqdm.write(f"warning: {note}", file=sys.stderr)
     rows, correct, evaluated = [], {}, {}
@@ -270,7 +271,7 @@ def _run(cfg: ClassifyConfig, heads: list[HeadSpec], jobs: list[Job], notes: lis
     plot_leaderboard(run_dir)
     run = {"seconds": time.perf_counter() - started, "peak_bytes": memory.peak_growth, "budget_bytes": budget,
            "seed": cfg.seed, "notes": notes}
-    (run_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    write_json(run_dir / "run.json", run)
     record = json.loads((run_dir / "best" / "model.json").read_text())
     write_report(run_dir, table, record, run, notes)
     if cfg.report:
