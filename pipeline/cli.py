@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "weights": ("pipeline.inspect_cmd", "pre-fetch ImageNet weights into the Keras cache (needs internet)"),
     "classify": ("pipeline.classify_cmd", "train and rank many cheap heads on cached features"),
     "predict": ("pipeline.predict_cmd", "apply a saved head to new images"),
+    "audit": ("pipeline.audit_cmd", "find near-duplicates (leakage), likely label errors and outliers in a cache"),
     "finetune": ("pipeline.finetune_cmd", "fine-tune the backbone + best head end to end (two phases) from a saved model"),
     "verify": ("pipeline.verify_cmd", "check every row of a cache against its checksums and for NaN/inf"),
     "merge": ("pipeline.merge_cmd", "join the shards of one extraction into a single cache"),
