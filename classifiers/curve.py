@@ -15,6 +15,7 @@ import pandas as pd
 from classifiers.data import take_rows
 from classifiers.evaluate import Plan, class_scores
 from classifiers.heads import HeadSpec
+from classifiers.report import save_figure
 
 SIZES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 REPEATS = 5
@@ -77,10 +78,7 @@ def learning_curve(spec: HeadSpec, params: dict, X, rows: np.ndarray, y: np.ndar
 
 def plot_curve(curve: pd.DataFrame, head: str, path) -> None:
     """learning_curve.png: mean accuracy ± std (bars) and the range of draws (band), log-scaled size axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # Agg: classifiers.report sets it on import
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.fill_between(curve["per_class"], curve["min"], curve["max"], alpha=0.2, label="range of draws")
@@ -92,6 +90,4 @@ def plot_curve(curve: pd.DataFrame, head: str, path) -> None:
     ax.set_title("Learning curve: does more data pay?")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

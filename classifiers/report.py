@@ -118,11 +118,7 @@ def plot_leaderboard(run_dir: Path) -> Path:
     ax.set_ylim(max(0.0, np.nanmin(table["accuracy"]) - 0.1), 1.0)
     ax.legend(fontsize=8, ncols=min(len(heads), 5), loc="lower right")
     ax.set_title("Accuracy by layer and head")
-    fig.tight_layout()
-    path = run_dir / "accuracy.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, run_dir / "accuracy.png")
 
 
 def plot_confusion(model_dir: Path, class_names: list[str]) -> Path:
@@ -142,8 +138,12 @@ def plot_confusion(model_dir: Path, class_names: list[str]) -> Path:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"Confusion matrix (accuracy {np.trace(matrix) / max(1, matrix.sum()):.3f})")
+    return save_figure(fig, model_dir / "confusion_matrix.png")
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Every figure of a run the same way (tight layout, 110 dpi), and closed: a long run makes many."""
     fig.tight_layout()
-    path = model_dir / "confusion_matrix.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
