@@ -13,7 +13,7 @@ from benchmarks.bench import default_out, parse_sections, run_bench
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sections", default="all",
-                        help="comma-separated section numbers 1-7, or 'all' (default). Example: --sections 1,3")
+                        help="comma-separated section numbers 1-8, or 'all' (default). Example: --sections 1,3")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes: checks that every section runs (the smoke test); figures are not meaningful")
     parser.add_argument("--out", default=None,

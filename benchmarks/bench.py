@@ -14,7 +14,7 @@ from pathlib import Path
 from benchmarks.common import ROOT, Section, Sizes, find_sources, fmt, machine_facts
 from benchmarks.report import plot_sections, write_csv, write_markdown
 
-ALL_SECTIONS = (1, 2, 3, 4, 5, 6, 7)
+ALL_SECTIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 def parse_sections(text: str | None) -> list[int]:
@@ -25,7 +25,7 @@ def parse_sections(text: str | None) -> list[int]:
     except ValueError:
         wanted = [-1]
     if not wanted or any(n not in ALL_SECTIONS for n in wanted):
-        raise ValueError(f"sections '{text}' is not valid. Expected comma-separated numbers from 1 to 7, e.g. 1,3.")
+        raise ValueError(f"sections '{text}' is not valid. Expected comma-separated numbers from 1 to 8, e.g. 1,3.")
     return wanted
 
 
@@ -34,6 +34,7 @@ def run_sections(numbers: list[int], sizes: Sizes, work: Path, log, strict: bool
     from benchmarks.heads import section_heads_vs_training, section_scaling
     from benchmarks.storage import section_memory, section_storage
     from benchmarks.throughput import section_gpu, section_input_pipeline, section_naive
+    from benchmarks.update import section_update
 
     sources = find_sources()
     children: dict = {}  # child-process records shared by sections 2 and 3 (same runs are not repeated)
@@ -45,6 +46,7 @@ def run_sections(numbers: list[int], sizes: Sizes, work: Path, log, strict: bool
         5: lambda: section_heads_vs_training(sizes, sources, work, log),
         6: lambda: section_scaling(sizes, log),
         7: lambda: section_gpu(sizes, sources, work, log),
+        8: lambda: section_update(sizes, sources, work, log),
     }
     out = []
     for n in numbers:

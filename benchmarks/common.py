@@ -47,6 +47,7 @@ class Sizes:
     cases: tuple[str, ...] = ("lite0", "resnet50", "vgg19_block2_pool")  # section 1 models
     memory_dtypes: tuple[str, ...] = ("float32", "float16")  # section 3
     scaling_heads: str = "all"  # section 6: 'all' or comma-separated head names
+    update_images: int = 2000  # section 8: N of the full run (1% of N is added for the first update)
 
     @classmethod
     def full(cls) -> "Sizes":
@@ -64,7 +65,7 @@ class Sizes:
                    memory_images=4, memory_batch=4, memory_size=32, storage_images=8, storage_rows=32,
                    head_epochs=2, scaling_samples=60, scaling_dims=(16, 64), scaling_budget_s=2.0, batch_size=8,
                    registry_size=32, jit_probe=False, split_images=8, cases=("vgg19_block2_pool",),
-                   memory_dtypes=("float16",), scaling_heads="ridge,knn,sgd")
+                   memory_dtypes=("float16",), scaling_heads="ridge,knn,sgd", update_images=100)
 
 
 @dataclass
