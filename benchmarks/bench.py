@@ -35,7 +35,7 @@ def run_sections(numbers: list[int], sizes: Sizes, work: Path, log, strict: bool
     from benchmarks.storage import section_memory, section_storage
     from benchmarks.throughput import section_gpu, section_input_pipeline, section_naive
 
-    sources = find_sources()
+    sources = find_sources(sizes.full_size_images)
     children: dict = {}  # child-process records shared by sections 2 and 3 (same runs are not repeated)
     runners = {
         1: lambda: section_input_pipeline(sizes, sources, work, log),

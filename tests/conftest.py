@@ -1,4 +1,5 @@
-"""Shared fixtures: generated images (always available) and the real data in ../shared (skipped when absent)."""
+"""Shared fixtures: generated images, and the real data the repository ships (data/hymenoptera-small, the
+pretrained Lite0 in models/, the odd image files in tests/data), so every test runs on a plain clone."""
 from __future__ import annotations
 
 import os
@@ -12,15 +13,9 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SHARED_DIR", ROOT.parent / "shared"))
 LITE0 = ROOT / "models" / "efficientnet_lite0" / "efficientnet_lite0_imagenet.keras"
-
-
-def shared_path(*parts: str) -> Path:
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is absent (real data lives in ../shared)")
-    return path
+HYMENOPTERA = ROOT / "data" / "hymenoptera-small"  # 398 real photos (short side 256), train/val, ants/bees
+ODD_INPUTS = ROOT / "tests" / "data" / "odd-inputs"  # odd and broken image files; README.md lists what each tests
 
 
 def write_images(folder: Path, n: int, seed: int, size: tuple[int, int] = (48, 64)) -> list[Path]:
@@ -50,3 +45,15 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd or ROOT, env=env, text=True,
                           capture_output=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def lite0_hymenoptera(tmp_path_factory) -> Path:
+    """One extraction of the shipped photos with the pretrained Lite0, shared by every real-data test: the pooled
+    features, the ImageNet predictions and the 7x7x1280 map before the pooling."""
+    from pipeline.config import ExtractConfig
+    from pipeline.extract import extract
+
+    cfg = ExtractConfig(backbone=str(LITE0), data=str(HYMENOPTERA), layer=["avg_pool", "predictions", "top_activation"],
+                        out=str(tmp_path_factory.mktemp("lite0") / "lite0.h5"))
+    return extract(cfg, verbose=False).path

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from features.images import decode_rgb, decode_stream, load_image
-from tests.conftest import shared_path
+from tests.conftest import ODD_INPUTS
 
 # file -> mean absolute difference to the reference allowed (0 = lossless)
 GOOD = {"reference_rgb.png": 0, "rgba.png": 0, "sixteen_bit.png": 0, "tiff.tif": 0, "bmp.bmp": 0,
@@ -21,7 +21,7 @@ BAD = ["truncated.jpg", "zero_bytes.jpg", "text_named.jpg", "html_named.jpeg", "
 
 @pytest.fixture(scope="module")
 def odd() -> Path:
-    return shared_path("datasets", "odd-inputs")
+    return ODD_INPUTS
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_channel_order_is_rgb_not_opencv_bgr(tmp_path):
 
 
 def test_generated_odd_formats(tmp_path):
-    """The same checks on files made here, so they run without ../shared."""
+    """The same checks on files made here from a synthetic gradient, where every pixel is known."""
     rgb = _rgb_gradient()
     Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
     cv2.imwrite(str(tmp_path / "16bit.png"), (rgb[..., ::-1].astype(np.uint16) * 257))
