@@ -158,11 +158,13 @@ def test_leaderboard_and_predict_use_the_fine_tuned_model(tuned, capsys):
     root, run, out = tuned
     board = pd.read_csv(run / "leaderboard.csv")
     assert list(board["rank"]) == list(range(1, len(board) + 1))
-    row = board[board["head"] == "finetune:logreg"].iloc[0]
-    params = json.loads(row["params"])
-    assert row["fit_s"] == pytest.approx(params["phase1_s"] + params["phase2_s"], abs=0.2)
+    assert sorted(board["head"]) == ["finetune:logreg", "logreg"]  # added beside the frozen head, not over it
+    for head, folder in [("finetune:logreg", out), ("logreg", run / "best")]:
+        held = pd.read_csv(folder / "eval_predictions.csv")  # each model's own predictions on the scored images
+        row = board[board["head"] == head].iloc[0]
+        assert row["accuracy"] == pytest.approx((held["predicted"] == held["label"]).mean()), head
+        assert row["n_eval"] == len(held) == 12
     record = json.loads((out / "model.json").read_text())
-    assert row["accuracy"] == pytest.approx(record["metrics"]["accuracy"])
     assert main(["predict", "--model", str(out), "--data", str(root / "data" / "val"), "--out",
                  str(root / "p.csv")]) == 0
     table = pd.read_csv(root / "p.csv")
