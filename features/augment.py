@@ -15,12 +15,13 @@ import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
 
 from features.errors import UsageError
-from features.images import RESIZE_POLICIES, _interpolation
+from features.images import NEEDED_SHORT, RESIZE_POLICIES, _interpolation, decode_rgb
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,13 @@ class AugmentPolicy:
     rotate: float = 0.0
     jitter: float = 0.0
     summary: str = ""
+
+    def min_short(self, size: int) -> int:
+        """Pixels the decoded image needs across its short side so that the smallest crop this policy can draw
+        (area share scale[0], the most extreme aspect) still spans `size` pixels: the JPEG decoder may shrink to it."""
+        if self.scale == (1.0, 1.0):
+            return NEEDED_SHORT["crop"](size)
+        return math.ceil(size / math.sqrt(self.scale[0] * min(self.ratio[0], 1 / self.ratio[1])))
 
 
 AUGMENT_POLICIES: dict[str, AugmentPolicy] = {}
@@ -119,3 +127,11 @@ def view_loader(size: int, resize: str, policy: str, seed: int, view: int) -> Ca
         return lambda path, img: RESIZE_POLICIES[resize](img, size)
     get_policy(policy)
     return lambda path, img: augment_view(img, size, policy, seed, path, view)
+
+
+def file_loader(size: int, resize: str, policy: str, seed: int, view: int) -> Callable[[str, Path], np.ndarray]:
+    """(relative path, file) -> view `view` of it, decoded no larger than the view needs (see decode_rgb):
+    augmented views keep enough pixels for the policy's smallest crop, so a crop is never upsampled for want of them."""
+    load = view_loader(size, resize, policy, seed, view)
+    need = NEEDED_SHORT[resize](size) if view == 0 else get_policy(policy).min_short(size)
+    return lambda path, file: load(path, decode_rgb(file, need))

@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from features.images import decode_rgb, decode_stream, load_image
+from features.augment import AUGMENT_POLICIES, augment_view, file_loader
+from features.images import RESIZE_POLICIES, dct_scale, decode_rgb, decode_stream, jpeg_size, load_image
 from tests.conftest import ODD_INPUTS
+
+ODD = ODD_INPUTS
+ODD_JPEGS = ["exif_rotated.jpg", "cmyk.jpg", "grayscale.jpg", "progressive.jpg", "large_4000x2328.jpg"]
 
 # file -> mean absolute difference to the reference allowed (0 = lossless)
 GOOD = {"reference_rgb.png": 0, "rgba.png": 0, "sixteen_bit.png": 0, "tiff.tif": 0, "bmp.bmp": 0,
@@ -21,7 +25,7 @@ BAD = ["truncated.jpg", "zero_bytes.jpg", "text_named.jpg", "html_named.jpeg", "
 
 @pytest.fixture(scope="module")
 def odd() -> Path:
-    return ODD_INPUTS
+    return ODD
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +120,65 @@ def test_decode_stream_keeps_order_and_reports_skips(tmp_path):
     assert [d.index for d in out] == list(range(20))
     assert all((d.pixels is None) == (d.index % 2 == 1) for d in out)
     assert all(d.reason for d in out if d.pixels is None)
+
+
+@pytest.mark.parametrize(("short", "min_short", "scale"), [
+    (3024, 256, 8), (3024, 438, 4), (2048, 256, 8), (2047, 256, 8), (2040, 256, 4), (512, 256, 2), (511, 256, 2),
+    (510, 256, 1), (356, 256, 1), (100, 256, 1), (291, 40, 4), (291, 37, 8), (291, 38, 4)])
+def test_dct_scale_is_the_smallest_decode_that_keeps_the_short_side(short, min_short, scale):
+    assert dct_scale(short, min_short) == scale  # libjpeg rounds scaled sizes up: 2047 / 8 -> 256
+
+
+def test_jpeg_size_reads_the_stored_frame_size_and_declines_other_bytes(tmp_path):
+    for name in ODD_JPEGS:
+        path = ODD / "good" / name
+        with Image.open(path) as im:
+            assert jpeg_size(np.fromfile(path, np.uint8)) == (im.height, im.width)  # stored, before EXIF orientation
+    assert jpeg_size(np.fromfile(ODD / "good" / "reference_rgb.png", np.uint8)) is None
+    assert jpeg_size(np.frombuffer(b"\xff\xd8\xff\xe0\x00", np.uint8)) is None  # header cut short
+
+
+@pytest.mark.parametrize("name", ODD_JPEGS)
+@pytest.mark.parametrize("min_short", [40, 100, 291])
+def test_scaled_decode_is_the_full_decode_shrunk(name, min_short):
+    """Same orientation (EXIF applied), the scaled shape, the same pixels as the full decode area-shrunk to it."""
+    full = decode_rgb(ODD / "good" / name)
+    small = decode_rgb(ODD / "good" / name, min_short)
+    scale = dct_scale(min(full.shape[:2]), min_short)
+    assert small.shape == (-(-full.shape[0] // scale), -(-full.shape[1] // scale), 3)
+    assert min(small.shape[:2]) >= min_short
+    shrunk = cv2.resize(full, small.shape[1::-1], interpolation=cv2.INTER_AREA)
+    assert np.abs(shrunk.astype(int) - small).mean() < 1.0  # measured: at most 0.96
+
+
+@pytest.mark.parametrize("name", ODD_JPEGS)
+@pytest.mark.parametrize(("size", "resize"), [(64, "crop"), (112, "crop"), (112, "stretch"), (224, "crop")])
+def test_load_image_stays_close_to_the_full_resolution_path(name, size, resize):
+    full_path = RESIZE_POLICIES[resize](decode_rgb(ODD / "good" / name), size).astype(int)
+    # measured: at most 2.8 (112 crop: the resized width rounds one pixel differently, shifting the crop by one)
+    assert np.abs(load_image(ODD / "good" / name, size, resize) - full_path).mean() < 3.0
+
+
+def test_scaled_decode_keeps_bad_files_bad():
+    with pytest.raises(ValueError, match="not a decodable image"):
+        decode_rgb(ODD / "bad" / "truncated.jpg", 40)
+
+
+def test_grayscale_scaled_decode_has_three_equal_channels():
+    img = decode_rgb(ODD / "good" / "grayscale.jpg", 100)
+    assert np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2])
+
+
+@pytest.mark.parametrize("policy", sorted(AUGMENT_POLICIES))
+def test_file_loader_views_match_views_of_the_full_decode(policy):
+    """Augmented views decode small only down to the policy's smallest crop: they stay close to full-size views."""
+    path = ODD / "good" / "large_4000x2328.jpg"
+    full = decode_rgb(path)
+    np.testing.assert_array_equal(file_loader(224, "crop", policy, 0, 0)("a.jpg", path), load_image(path, 224, "crop"))
+    for view in (1, 2):
+        small = file_loader(224, "crop", policy, 0, view)("a.jpg", path).astype(int)
+        assert np.abs(small - augment_view(full, 224, policy, 0, "a.jpg", view)).mean() < 1.0  # measured: <= 0.7
+
+
+def test_policy_min_short_leaves_the_smallest_crop_its_size():
+    assert [AUGMENT_POLICIES[p].min_short(224) for p in ("standard", "light", "flip")] == [438, 334, 256]
