@@ -66,3 +66,26 @@ def pytest_collection_modifyitems(config, items):
     if len(keep) < len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in keep])
         items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> Path:
+    """A small random-weight `.keras` backbone with a sidecar JSON, for tests where pretrained weights are not the
+    point: two weighted blocks and a `top_conv` named as keras.applications name theirs, then `avg_pool`."""
+    import json
+
+    import keras
+
+    keras.utils.set_random_seed(0)
+    x = inputs = keras.Input((None, None, 3))
+    for block, filters in [("block1", 8), ("block2", 16)]:
+        x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", name=f"{block}_conv")(x)
+        x = keras.layers.BatchNormalization(name=f"{block}_bn")(x)
+        x = keras.layers.ReLU(name=f"{block}_relu")(x)
+    x = keras.layers.Conv2D(32, 1, activation="relu", name="top_conv")(x)
+    outputs = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.keras"
+    keras.Model(inputs, outputs, name="tiny").save(path)
+    path.with_suffix(".json").write_text(json.dumps({"preprocess": "mean=127,std=128", "input_size": 32,
+                                                     "default_layer": "avg_pool"}))
+    return path
