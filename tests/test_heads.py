@@ -43,7 +43,6 @@ def test_every_head_separates_separable_blobs(name, blobs):
 
 
 def test_mlp_head_learns_and_survives_pickling(blobs):
-    pytest.importorskip("keras")
     X, y = blobs
     model = get_head("mlp").build(0).set_params(epochs=60, patience=60)
     model.fit(X[::2], y[::2])
