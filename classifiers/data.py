@@ -56,6 +56,7 @@ class Cache:
     split: np.ndarray
     paths: np.ndarray = field(repr=False)
     view: np.ndarray = field(repr=False)  # 0 = the clean view, 1.. = augmented views of a training image
+    skipped: list[tuple[str, str]] = field(default_factory=list, repr=False)  # (path, reason): files not in the rows
 
     @functools.cached_property
     def images(self) -> np.ndarray:
@@ -115,7 +116,8 @@ def open_cache(path: str | Path) -> Cache:
         view = file["view"][:].astype(np.int64) if "view" in file else np.zeros(len(labels), dtype=np.int64)
         cache = Cache(path=path, attrs=attrs, shapes=shapes, labels=labels,
                       label_names=list(file["label_names"].asstr()[:]), split=file["split"].asstr()[:].astype(str),
-                      paths=file["paths"].asstr()[:].astype(str), view=view)
+                      paths=file["paths"].asstr()[:].astype(str), view=view,
+                      skipped=[(p.decode(), r.decode()) for p, r in file["skipped"][()]] if "skipped" in file else [])
     check_views(cache)
     return cache
 

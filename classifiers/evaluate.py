@@ -28,6 +28,7 @@ from classifiers.heads import HeadSpec
 from features.errors import UsageError
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "top5", "log_loss")
+MIN_IMAGES_PER_CLASS = 2  # fewer: some CV training fold lacks the class entirely; the class is dropped with a note
 
 
 @dataclass
@@ -94,10 +95,10 @@ def plan_evaluation(labels: np.ndarray, split: np.ndarray, names: list[str], cv:
         raise UsageError(f"{source} has no labelled images (every label is -1, layout "
                          f"'unlabelled'): classify needs labels. Extract class folders (DATA/<class>/*.jpg) "
                          f"or pass LABELS=<csv> to `make extract`.")
-    notes = []
     present = np.unique(labels[labelled])
     if len(present) < 2:
         raise UsageError(f"{source} has a single labelled class ({names[present[0]]!r}); classify needs at least two.")
+    labelled, notes = _drop_small_classes(labels, split, labelled, clean, names, source)
     counts = np.bincount(labels[labelled[clean[labelled]]])
     counts = counts[counts > 0]
     if counts.max() > 3 * counts.min():
@@ -129,6 +130,30 @@ def plan_evaluation(labels: np.ndarray, split: np.ndarray, names: list[str], cv:
     folds = [(labelled[a], labelled[b])
              for a, b in image_folds(labels[labelled], images[labelled], clean[labelled], folds_n, seed)]
     return Plan(f"cv{folds_n}", folds, labelled, _inner_folds(labelled_images, min(folds_n, 5)), images, clean, notes)
+
+
+def _drop_small_classes(labels: np.ndarray, split: np.ndarray, labelled: np.ndarray, clean: np.ndarray,
+                        names: list[str], source: str) -> tuple[np.ndarray, list[str]]:
+    """Labelled rows without the classes that have fewer than MIN_IMAGES_PER_CLASS images to fit on (the 'train'
+    split when there is a held-out split, else every labelled image), and a note naming each dropped class.
+    Refused when fewer than two classes would remain."""
+    in_split = split[labelled]
+    held_out = np.any(in_split == "train") and np.any(np.isin(in_split, ["val", "test"]))
+    pool = labelled[in_split == "train"] if held_out else labelled
+    counts = Counter(labels[pool[clean[pool]]].tolist())
+    small = sorted(c for c in np.unique(labels[labelled]).tolist() if 0 < counts[c] < MIN_IMAGES_PER_CLASS)
+    if not small:
+        return labelled, []
+    where = " in 'train'" if held_out else ""
+    listed = ", ".join(f"{names[c]!r} ({counts[c]} image{'s' if counts[c] != 1 else ''})" for c in small)
+    kept = labelled[~np.isin(labels[labelled], small)]
+    remaining = [names[c] for c in np.unique(labels[kept]).tolist()]
+    if len(remaining) < 2:
+        raise UsageError(f"{source}: only {len(remaining)} class(es) ({', '.join(map(repr, remaining))}) have at "
+                         f"least {MIN_IMAGES_PER_CLASS} images{where}; too few: {listed}. classify needs two classes; "
+                         "add images to the small classes.")
+    return kept, [f"{source}: dropped class(es) {listed}: a class needs at least {MIN_IMAGES_PER_CLASS} images"
+                  f"{where} so that every training fold holds one; add images to keep it."]
 
 
 def _inner_folds(y: np.ndarray, wanted: int) -> int:

@@ -106,7 +106,8 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "model_")
         self.model_.save(path)
 
-    # Pickling (joblib, clone of a fitted copy) stores the net as the bytes of a `.keras` archive.
+    # Serialising (skops in classifiers/saved.py, clone of a fitted copy) stores the net as the bytes of a `.keras`
+    # archive, read back with safe_mode: no Lambda layer or other stored code is ever loaded.
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         if "model_" in state:
@@ -125,5 +126,5 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
                 path = os.path.join(tmp, "net.keras")
                 with open(path, "wb") as file:
                     file.write(state["model_"])
-                state["model_"] = keras.saving.load_model(path)
+                state["model_"] = keras.saving.load_model(path, safe_mode=True)
         self.__dict__.update(state)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import joblib
 import matplotlib
 
 matplotlib.use("Agg")
@@ -16,13 +15,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import confusion_matrix  # noqa: E402
 
+from classifiers import saved  # noqa: E402
 from classifiers.memory import format_bytes  # noqa: E402
 
 # leaderboard order: best first; ties broken by balanced accuracy, then lower log-loss, then faster fit
 SORT_BY = ["accuracy", "balanced_accuracy", "log_loss", "fit_s"]
 SORT_ASCENDING = [False, False, True, True]
 SHOWN = ["backbone", "layer", "reduce", "head", "augment", "scheme", "accuracy", "accuracy_std", "augment_gain",
-         "balanced_accuracy", "macro_f1", "top5", "log_loss", "fit_s", "predict_s"]
+         "balanced_accuracy", "macro_f1", "top5", "log_loss", "fit_s", "predict_s", "error"]
 # an augmented row is compared with the clean row of the same data, features and head
 SAME_MODEL = ["data_id", "backbone", "layer", "reduce", "head", "scheme"]
 
@@ -135,13 +135,8 @@ def plot_confusion(model_dir: Path, class_names: list[str]) -> Path:
 
 
 def save_model(model_dir: Path, model, record: dict, eval_predictions: pd.DataFrame) -> Path:
-    """model.joblib (reduce step + head), model.json (everything predict needs), eval predictions, confusion plot."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    joblib.dump(model, model_dir / record["model_file"])
-    save_keras = getattr(model[-1], "save_keras", None)  # the mlp head also leaves its net as a plain .keras file
-    if save_keras is not None:
-        save_keras(model_dir / "head.keras")
-    (model_dir / "model.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    """The saved model (classifiers/saved.py: model.skops + model.json), eval predictions, confusion plot."""
+    saved.save(model_dir, model, record)
     eval_predictions.to_csv(model_dir / "eval_predictions.csv", index=False)
     plot_confusion(model_dir, record["class_names"])
     return model_dir

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,12 +102,58 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def load_keras(path: str | Path, what: str):
+    """A `.keras` file loaded with safe_mode=True (no Lambda layer or other stored code runs); a file Keras cannot
+    or will not load is refused in one line (Keras itself says "File not found" for a garbage file that exists)."""
+    import keras
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{what} file '{path}' does not exist.")
+    if not zipfile.is_zipfile(path):
+        raise UsageError(f"{what} file '{path}' is not a Keras model: a .keras file is a zip archive written by "
+                         f"model.save(), and this one is not ({path.stat().st_size} bytes).")
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as err:  # Keras raises ValueError, OSError, zip and JSON errors alike for a bad file
+        text = str(err)
+        if "Lambda" in text or "safe_mode" in text:
+            raise UsageError(f"{what} file '{path}' contains a Lambda layer (stored Python code), which is never "
+                             f"loaded because it could run anything. Re-save the model with ordinary layers.") from None
+        first = text.strip().splitlines()[0][:160] if text.strip() else "no details"
+        raise UsageError(f"{what} file '{path}' is not a readable Keras model ({type(err).__name__}: {first}). "
+                         f"Expected a .keras archive written by model.save().") from None
+
+
 def sidecar_path(model_file: Path) -> Path:
     return model_file.with_suffix(".json")
 
 
+def read_sidecar(model_file: Path) -> dict:
+    """The sidecar's settings, each checked: a broken sidecar is named with the fix, never a traceback."""
+    sidecar = sidecar_path(model_file)
+    example = '{"preprocess": "mean=127,std=128", "input_size": 224}'
+    try:
+        meta = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"sidecar '{sidecar}' of backbone '{model_file}' is not valid JSON ({err}). Expected an "
+                         f"object such as {example}.") from None
+    if not isinstance(meta, dict):
+        raise UsageError(f"sidecar '{sidecar}' holds a {type(meta).__name__}, expected an object such as {example}.")
+    size = meta.get("input_size", 224)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+        raise UsageError(f"sidecar '{sidecar}': input_size {size!r} is not valid. Expected the model's input side "
+                         "length in pixels, a whole number >= 8 such as 224.")
+    for key in ("preprocess", "default_layer"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise UsageError(f"sidecar '{sidecar}': {key} {meta[key]!r} is not valid. Expected a string"
+                             + (" such as \"tf\" or \"mean=127,std=128\"." if key == "preprocess" else
+                                ": a layer name."))
+    return {**meta, "input_size": size}
+
+
 def _user_model(path: Path, preprocess: str | None) -> BackboneSpec:
-    meta = json.loads(sidecar_path(path).read_text()) if sidecar_path(path).exists() else {}
+    meta = read_sidecar(path)
     spec = preprocess or meta.get("preprocess")
     if not spec:
         raise UsageError(f"backbone '{path}' does not declare its preprocessing. Pass --preprocess "
@@ -114,11 +161,9 @@ def _user_model(path: Path, preprocess: str | None) -> BackboneSpec:
                          '{"preprocess": "mean=127,std=128", "input_size": 224}. A silent /255 is never assumed.')
 
     def build(weights, input_shape):
-        import keras
+        return load_keras(path, "backbone")
 
-        return keras.models.load_model(path, compile=False)
-
-    return BackboneSpec(str(path), build, resolve_preprocess(spec), int(meta.get("input_size", 224)),
+    return BackboneSpec(str(path), build, resolve_preprocess(spec), meta["input_size"],
                         meta.get("default_layer"), file=path)
 
 

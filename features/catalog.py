@@ -2,6 +2,9 @@
 
 (a) DATA/<class>/*.jpg; (b) DATA/<train|val|test...>/<class>/*.jpg, the split kept per image;
 (c) DATA/**/*.jpg plus a labels CSV. Unlabelled folders are allowed (label -1), for prediction later.
+In (a) and (b) the label is the folder an image lies in *as seen from DATA* (its first, or for (b) second, path
+component); links are walked so that this can never relabel an image (see `_walk_files`). Nothing is guessed: a
+CSV's columns are recognised by name (or given), and an image listed twice with different labels is refused.
 """
 from __future__ import annotations
 
@@ -67,10 +70,32 @@ class Catalog:
 
 
 def _walk_files(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """Image files (relative, sorted) and other visible files, recursively; hidden files and folders are ignored."""
+    """Image files (relative, sorted) and other visible files, recursively; hidden files and folders are ignored.
+
+    Directory links are followed once each, so a loop (`ants/up -> ..`) cannot multiply the images: every real
+    folder is walked at most once (a seen-set of (device, inode)), and a link that leads back inside DATA is
+    skipped because its target is catalogued at its own place, under its own label. Skipped links are reported.
+    """
     images, others = [], []
+    real_root = root.resolve()
+    start = root.stat()
+    seen = {(start.st_dev, start.st_ino)}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        keep = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            sub = Path(dirpath, name)
+            st = sub.stat()
+            target = sub.resolve()
+            rel = sub.relative_to(root).as_posix()
+            if (st.st_dev, st.st_ino) in seen:
+                others.append((rel + "/", f"a link to the folder '{target}', which is already catalogued; skipped"))
+            elif sub.is_symlink() and (target == real_root or real_root in target.parents):
+                others.append((rel + "/", f"a link back into DATA ('{target.relative_to(real_root).as_posix() or '.'}'"
+                                          "), catalogued at its own place; skipped"))
+            else:
+                seen.add((st.st_dev, st.st_ino))
+                keep.append(name)
+        dirnames[:] = keep
         for name in filenames:
             if name.startswith("."):
                 continue
@@ -127,7 +152,8 @@ def _from_folders(root: Path, images: list[str], others: list[tuple[str, str]]) 
     return Catalog(root, images, labels, splits, names, layout, others)
 
 
-def _pick_column(columns: list[str], given: str | None, known: tuple[str, ...], position: int, what: str) -> str:
+def _pick_column(columns: list[str], given: str | None, known: tuple[str, ...], what: str, csv: str) -> str:
+    """The column named by the flag, else the first with a known name; never a guess by position."""
     if given:
         if given not in columns:
             raise UsageError(f"labels CSV has no {what} column '{given}'. Columns are: {', '.join(columns)}.")
@@ -136,7 +162,8 @@ def _pick_column(columns: list[str], given: str | None, known: tuple[str, ...], 
     for name in known:
         if name in lowered:
             return lowered[name]
-    return columns[position]
+    raise UsageError(f"labels CSV '{csv}' has no recognised {what} column (its columns: {', '.join(columns)}). "
+                     f"Expected one of: {', '.join(known)}; or name it with --{what}-column.")
 
 
 def _from_csv(root: Path, images: list[str], others: list[tuple[str, str]], csv: str,
@@ -151,8 +178,8 @@ def _from_csv(root: Path, images: list[str], others: list[tuple[str, str]], csv:
     if len(columns) < 2:
         raise UsageError(f"labels CSV '{csv}' needs at least two columns (image path or id, label); "
                          f"found {columns}.")
-    pcol = _pick_column(columns, path_column, PATH_COLUMNS, 0, "path")
-    lcol = _pick_column(columns, label_column, LABEL_COLUMNS, 1, "label")
+    pcol = _pick_column(columns, path_column, PATH_COLUMNS, "path", csv)
+    lcol = _pick_column(columns, label_column, LABEL_COLUMNS, "label", csv)
     if pcol == lcol:
         raise UsageError(f"labels CSV '{csv}': path and label column are both '{pcol}'; "
                          "set --path-column and --label-column.")
@@ -160,16 +187,24 @@ def _from_csv(root: Path, images: list[str], others: list[tuple[str, str]], csv:
     keys = _image_keys(images)
     label_of: dict[str, str] = {}
     split_of: dict[str, str] = {}
-    unknown = []
+    unknown, conflicts = [], {}
     for raw, label, *split in table[[pcol, lcol] + ([scol] if scol else [])].itertuples(index=False, name=None):
         key = raw.strip().replace("\\", "/").removeprefix("./")
         rel = keys.get(key) or keys.get(os.path.splitext(key)[0])
         if rel is None:
             unknown.append(raw)
             continue
-        label_of[rel] = label.strip()
+        entry = (label.strip(), _split_of(split[0].strip()) if split else "")
+        if rel in label_of and (label_of[rel], split_of.get(rel, "")) != entry:  # identical repeats collapse
+            conflicts.setdefault(rel, {(label_of[rel], split_of.get(rel, ""))}).add(entry)
+        label_of[rel] = entry[0]
         if split:
-            split_of[rel] = _split_of(split[0].strip())
+            split_of[rel] = entry[1]
+    if conflicts:
+        listed = "; ".join(f"{rel}: {', '.join(sorted(f'{lbl!r}' + (f' ({sp})' if sp else '') for lbl, sp in found))}"
+                           for rel, found in sorted(conflicts.items())[:5])
+        raise UsageError(f"labels CSV '{csv}' gives {len(conflicts)} image(s) conflicting labels or splits "
+                         f"({listed}{'; ...' if len(conflicts) > 5 else ''}). Keep one row per image.")
     if not label_of:
         raise UsageError(f"labels CSV '{csv}': none of its {len(table)} rows names an image under '{root}' "
                          f"(column '{pcol}', e.g. '{table[pcol].iloc[0] if len(table) else ''}'). "

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from features.augment import view_loader
+from features.augment import file_loader
 from features.catalog import Catalog
-from features.images import decode_rgb, decode_stream
+from features.images import decode_stream
 from features.model import pool_features
 from features.store import CacheWriter, Progress
 
@@ -70,11 +70,11 @@ def extract_rows(catalog: Catalog, forward: Forward, writer: CacheWriter, progre
     t = Timings()
     start = time.perf_counter()
     size = decoding.size
-    views = {v: view_loader(size, decoding.resize, decoding.augment_policy, decoding.seed, v)
+    views = {v: file_loader(size, decoding.resize, decoding.augment_policy, decoding.seed, v)
              for v in set(catalog.views)}
 
     def load(i: int) -> np.ndarray:
-        return views[catalog.views[i]](catalog.paths[i], decode_rgb(catalog.root / catalog.paths[i]))
+        return views[catalog.views[i]](catalog.paths[i], catalog.root / catalog.paths[i])
 
     todo = ((i, i) for i in range(progress.files_done, len(catalog)))
     stream = decode_stream(todo, load, decoding.workers, lookahead=3 * batch_size)

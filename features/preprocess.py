@@ -43,8 +43,9 @@ def _mean_std(spec: str) -> Preprocess:
     except (KeyError, ValueError):
         raise UsageError(f"preprocess '{spec}' is not valid. Expected one of {', '.join(MODE_DESCRIPTIONS)} "
                          "or 'mean=M,std=S' (per channel: 'mean=M1/M2/M3,std=S1/S2/S3').") from None
-    if fields or any(s == 0 for s in std):
-        raise UsageError(f"preprocess '{spec}': unknown keys {sorted(fields)} or a zero std.")
+    if fields or any(s == 0 for s in std) or not {len(mean), len(std)} <= {1, 3}:
+        raise UsageError(f"preprocess '{spec}': unknown keys {sorted(fields)}, a zero std, or not 1 or 3 values "
+                         "(one per RGB channel) in mean or std.")
 
     def fn(x):
         return (x - mean) / std

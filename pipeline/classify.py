@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from classifiers.evaluate import Evaluation, Plan, evaluate, fit_final, plan_eva
 from classifiers.heads import HeadSpec, resolve_heads
 from classifiers.memory import PeakMemory, parse_bytes
 from classifiers.reduce import ReduceSpec, get_reduce, resolve_reduce
+from classifiers.saved import write_json
 from classifiers.report import plot_leaderboard, rank, save_model, write_leaderboard, write_report
 from features.errors import UsageError
 
@@ -93,10 +96,40 @@ def plan_jobs(cfg: ClassifyConfig) -> tuple[list[HeadSpec], list[Job], list[str]
     return heads, jobs, notes
 
 
-def _run_dir(out: str | None) -> Path:
-    run_dir = Path(out) if out else Path("results") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+def _run_dir(cfg: ClassifyConfig) -> tuple[Path, Path]:
+    """(the results folder, the hidden folder the run is written into first): `_publish` swaps the complete run in
+    as a whole, so a rerun leaves no stale model beside the new leaderboard and a crash leaves the old run intact.
+
+    An --out that is a file, or a non-empty folder that is not an earlier run with this same configuration
+    (config.json), is refused: a results folder never mixes two runs, and nothing else is ever replaced.
+    """
+    final = Path(cfg.out) if cfg.out else Path("results") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    if final.exists() and not final.is_dir():
+        raise UsageError(f"--out '{final}' is a file. Expected a results folder (new, empty, or an earlier run of "
+                         "this same command).")
+    if final.is_dir() and any(final.iterdir()):
+        try:
+            earlier = json.loads((final / "config.json").read_text())
+        except (OSError, ValueError):
+            earlier = None
+        if earlier != json.loads(json.dumps(dataclasses.asdict(cfg))):
+            what = ("an earlier classify run with another configuration" if isinstance(earlier, dict)
+                    else "not a classify results folder")
+            raise UsageError(f"--out '{final}' is not empty and is {what}; it is left as it is. Choose a new --out, "
+                             "or rerun with that run's exact flags to replace it.")
+    stage = final.parent / f".{final.name}.partial-{os.getpid()}" / final.name  # same name: reports cite it
+    stage.mkdir(parents=True)
+    return final, stage
+
+
+def _publish(stage: Path, final: Path) -> Path:
+    """Put the complete run in place of `final`: the old run moves aside and is removed only afterwards."""
+    old = stage.parent / "replaced"
+    if final.exists():
+        final.rename(old)
+    stage.rename(final)
+    shutil.rmtree(stage.parent)
+    return final
 
 
 def _clean_config(config_json: str) -> str:
@@ -112,7 +145,6 @@ def _record(job: Job, head: HeadSpec, ev: Evaluation, params: dict, cfg: Classif
     The training views (augment) are recorded apart; `config_json` is how predict extracts: clean."""
     attrs = job.cache.attrs
     return {
-        "model_file": "model.joblib",
         "head": head.name, "params": params, "layer": job.layer, "reduce": job.reduce.name,
         "row_shape": list(job.cache.shapes[job.layer]), "feature_dim": job.reduce.dim(job.cache.shapes[job.layer]),
         "class_names": job.cache.label_names, "scheme": job.plan.scheme, "n_fit": n_fit,
@@ -156,8 +188,20 @@ def classify(cfg: ClassifyConfig) -> Path:
     started = time.perf_counter()
     budget = parse_bytes(cfg.memory_budget)
     heads, jobs, notes = plan_jobs(cfg)
-    run_dir = _run_dir(cfg.out)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    final, run_dir = _run_dir(cfg)
+    try:
+        _run(cfg, heads, jobs, notes, run_dir, budget, started)
+    except BaseException:
+        shutil.rmtree(run_dir.parent, ignore_errors=True)
+        raise
+    return _publish(run_dir, final)
+
+
+def _run(cfg: ClassifyConfig, heads: list[HeadSpec], jobs: list[Job], notes: list[str], run_dir: Path, budget: int,
+         started: float) -> None:
+    """Every head on every job, written into `run_dir`. A head that fails is recorded as failed with its error
+    (leaderboard and notes) and the run goes on with the others."""
+    write_json(run_dir / "config.json", dataclasses.asdict(cfg))
     for note in notes:
         tqdm.write(f"warning: {note}", file=sys.stderr)
     rows, best = [], None
@@ -175,26 +219,39 @@ def classify(cfg: ClassifyConfig) -> Path:
                                  f"budget, so only streaming heads (sgd, mlp) run. Use a pooling reduce or a larger "
                                  f"--memory-budget.")
                     continue
-                # heads make many small fits, where multithreaded BLAS costs more in overhead than it saves
-                with threadpool_limits(limits=1, user_api="blas"):
-                    ev = evaluate(head, loaded.X, job.cache.labels, loaded.rows, job.plan,
-                                  len(job.cache.label_names), cfg.seed)
+                where = {"backbone": job.cache.backbone, "layer": job.layer, "reduce": job.reduce.name,
+                         "head": head.name, "augment": job.cache.augment, "scheme": job.plan.scheme}
+                try:
+                    # heads make many small fits, where multithreaded BLAS costs more in overhead than it saves
+                    with threadpool_limits(limits=1, user_api="blas"):
+                        ev = evaluate(head, loaded.X, job.cache.labels, loaded.rows, job.plan,
+                                      len(job.cache.label_names), cfg.seed)
+                    if cfg.save_all:
+                        _save(run_dir / "models" / f"{job.key}__{head.name}", job, head, ev, loaded, cfg)
+                except Exception as err:  # noqa: BLE001  (one head's failure must not lose the others)
+                    error = f"{type(err).__name__}: {' '.join(str(err).split())}"[:300]
+                    notes.append(f"{job.key}: head {head.name!r} failed ({error}); recorded as failed.")
+                    tqdm.write(f"warning: {notes[-1]}", file=sys.stderr)
+                    rows.append({**where, "status": "failed", "error": error, "cache": str(job.cache.path),
+                                 "data_id": job.cache.data_id})
+                    continue
                 notes += [f"{job.key} {head.name}: {note}" for note in ev.notes]
-                rows.append({"backbone": job.cache.backbone, "layer": job.layer, "reduce": job.reduce.name,
-                             "head": head.name, "augment": job.cache.augment, "scheme": job.plan.scheme, **ev.scores,
+                rows.append({**where, "status": "ok", "error": "", **ev.scores,
                              "fit_s": ev.fit_s, "predict_s": ev.predict_s, "reduce_s": loaded.seconds,
                              "dim": job.reduce.dim(job.cache.shapes[job.layer]), "n_fit": len(job.plan.fit_rows),
                              "n_fit_images": int(job.plan.clean[job.plan.fit_rows].sum()),
                              "n_eval": len(ev.eval_rows), "streamed": loaded.streamed,
                              "params": json.dumps(ev.params, default=str), "cache": str(job.cache.path),
                              "data_id": job.cache.data_id})
-                if cfg.save_all:
-                    _save(run_dir / "models" / f"{job.key}__{head.name}", job, head, ev, loaded, cfg)
                 # the leaderboard's order: accuracy, balanced accuracy, lower log-loss, faster fit
                 key = (ev.scores["accuracy"], ev.scores["balanced_accuracy"],
                        -np.nan_to_num(ev.scores["log_loss"], nan=np.inf), -ev.fit_s)
                 if best is None or key > best[0]:
                     best = (key, job, head, ev, loaded)
+    if best is None and rows:
+        failed = "; ".join(f"{r['head']}: {r['error']}" for r in rows[:3])
+        raise UsageError(f"every head failed: {failed}. "
+                         "Rerun with --debug for the traceback, or choose other --heads.")
     if best is None:
         raise UsageError(f"No head could run: every reduced matrix exceeded --memory-budget {cfg.memory_budget} and "
                          f"none of the heads {[h.name for h in heads]} streams. Add HEADS=sgd or mlp, use a pooling "
@@ -206,7 +263,6 @@ def classify(cfg: ClassifyConfig) -> Path:
     plot_leaderboard(run_dir)
     run = {"seconds": time.perf_counter() - started, "peak_bytes": memory.peak_growth, "budget_bytes": budget,
            "seed": cfg.seed, "notes": notes}
-    (run_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    write_json(run_dir / "run.json", run)
     record = json.loads((run_dir / "best" / "model.json").read_text())
     write_report(run_dir, table, record, run, notes)
-    return run_dir

@@ -1,5 +1,8 @@
 """The thin CLI: parse flags, call exactly one stage function, turn user errors into one line and a non-zero exit.
 
+Every failure ends in one line on stderr and a non-zero exit: 2 for a usage error (a bad flag, a missing or
+unusable path), 1 for anything else, never a traceback; `--debug` (before or after the command) shows it.
+
 Each command lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; the table below
 is the only place that knows them all.
 """
@@ -30,9 +33,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """All commands are listed; only the chosen one's module is imported (keeps `--help` and start-up fast)."""
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        # SUPPRESS: an absent sub-command flag must not reset a --debug given before the command
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if name == command:
             mod = importlib.import_module(module)
             getattr(mod, f"add_{name}_arguments", getattr(mod, "add_arguments", None))(p)
@@ -46,9 +52,30 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(next((a for a in argv if a in COMMANDS), None)).parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (UsageError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted: partial work is kept; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001  (the one place that turns any failure into one line)
+        if args.debug:
+            raise
+        line, code = one_line(err)
+        print(f"error: {line}", file=sys.stderr)
+        return code
+
+
+def one_line(err: Exception) -> tuple[str, int]:
+    """(message, exit code): a user's mistake as it is worded, anything else with its type and where to look.
+    Whitespace is collapsed, so a library's multi-line message still ends in one line."""
+    text = " ".join(str(err).split()) or "(no message)"
+    if isinstance(err, UsageError):
+        return text, 2
+    if isinstance(err, USER_OS_ERRORS):
+        if err.strerror is None:  # raised with a message of its own
+            return text, 2
+        where = f" '{err.filename}'" if err.filename else ""
+        return f"{err.strerror}{where}. Check the path and its permissions.", 2
+    return f"{type(err).__name__}: {text}. Rerun with --debug for the traceback.", 1
+
+
+# path problems a user causes and can fix by naming another path
+USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)

@@ -6,9 +6,12 @@ written into every cache it produces, so the cache says how it was made.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from classifiers import saved
+from features.errors import UsageError
 from features.store import cache_dir
 
 
@@ -57,6 +60,17 @@ class ExtractConfig:
             else:
                 flags += [flag, ",".join(value) if isinstance(value, list) else str(value)]
         return flags
+
+
+def recorded_config(record: dict, model_dir: str | Path) -> ExtractConfig:
+    """How a saved model's features were extracted (its model.json), with the `.keras` backbone found by hash
+    wherever the model folder now lives: what predict and finetune extract new images with."""
+    try:
+        xcfg = ExtractConfig(**json.loads(record.get("config_json") or "{}"))
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"The model's recorded extraction settings do not fit this version's ExtractConfig "
+                         f"({err}); re-run `make extract` and `make classify` with this version.") from None
+    return xcfg.replace(backbone=saved.locate_backbone(record, model_dir) or xcfg.backbone)
 
 
 def default_out(cfg: ExtractConfig, layers: list[str], shard: tuple[int, int] | None) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from features.backbones import BackboneSpec, get_backbone, sha256_file
 from features.catalog import Catalog, discover
 from features.errors import UsageError
 from features.extract import Decoding, Timings, extract_rows, make_forward
-from features.images import RESIZE_POLICIES
+from features.images import DECODER, INTERPOLATION, RESIZE_POLICIES
 from features.model import POOLS, build_base, cut, gpu_count, runtime_versions, weights_identity
 from features.store import (COMPRESSIONS, STORAGE_DTYPES, CacheWriter, Progress, identity_diff, read_attrs)
 from pipeline.config import ExtractConfig, default_out, shard_out
@@ -40,20 +41,45 @@ class ExtractResult:
 def parse_shard(value: str | None, env: dict | None = None) -> tuple[int, int] | None:
     """'I/N' from the flag, else from a job array's environment, else None (the whole set)."""
     env = os.environ if env is None else env
+    source, fix = "", "Pass --shard I/N"
     if value is None:
         for idx, count in SHARD_ENV:
             if env.get(idx) is not None and env.get(count):
                 value = f"{env[idx]}/{env[count]}"
+                source = f" (from the environment: {idx}={env[idx]!r}, {count}={env[count]!r})"
+                fix = f"Unset {idx}/{count} or pass --shard I/N explicitly"
                 break
         else:
             return None
     try:
         index, count = (int(v) for v in value.split("/"))
     except ValueError:
-        raise UsageError(f"shard '{value}' is not valid. Expected 'I/N' with 0 <= I < N, e.g. 0/4.") from None
+        index, count = 0, 0
     if not 0 <= index < count:
-        raise UsageError(f"shard '{value}' is not valid. Expected 'I/N' with 0 <= I < N, e.g. 0/4.")
+        raise UsageError(f"shard '{value}'{source} is not valid. Expected 'I/N' with 0 <= I < N, e.g. 0/4. {fix}.")
     return index, count
+
+
+def check_out_file(out: str | Path, flag: str = "--out") -> None:
+    """Refuse an output path that is a folder, or whose folder cannot be written, before any model is built.
+
+    The nearest existing folder is probed with a real temporary file, the only test that also holds for root,
+    read-only mounts and network filesystems.
+    """
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"{flag} '{out}' is a folder. Expected a file path such as {path / 'features.h5'}.")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"{flag} '{out}': '{folder}' is a file, not a folder. Choose another {flag}.")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UsageError(f"{flag} '{out}' cannot be written: the folder '{folder}' is not writable "
+                         f"({err.strerror}). Choose another {flag} or fix the folder's permissions.") from None
 
 
 def validate(cfg: ExtractConfig) -> None:
@@ -71,6 +97,11 @@ def validate(cfg: ExtractConfig) -> None:
                          "image (0 = none).")
     if cfg.augment:
         get_policy(cfg.augment_policy)
+    if cfg.workers < 0:
+        raise UsageError(f"workers {cfg.workers} is not valid. Expected the number of image-decoding threads "
+                         "(>= 1), or 0 for one per CPU core.")
+    if cfg.out:
+        check_out_file(cfg.out)
     if cfg.image_size is not None and cfg.image_size < 8:
         raise UsageError(f"image-size {cfg.image_size} is not valid. Expected a side length in pixels (>= 8).")
 
@@ -87,7 +118,8 @@ def plan_attrs(cfg: ExtractConfig, spec: BackboneSpec, catalog: Catalog, size: i
         "weights_source": cfg.weights,
         "image_size": size,
         "resize": cfg.resize,
-        "interpolation": "area when shrinking, linear when enlarging (OpenCV)",
+        "interpolation": INTERPOLATION,
+        "decoder": DECODER,
         "preprocessing": spec.preprocess.description,
         "color": "RGB",
         "pool": cfg.pool,
@@ -143,7 +175,7 @@ def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
         progress = Progress(skipped=[list(item) for item in catalog.ignored])
     else:
         writer, status = CacheWriter.reopen(out), "resumed"
-    decoding = Decoding(size, cfg.resize, cfg.augment_policy, cfg.seed, cfg.workers or os.cpu_count() or 1)
+    decoding = Decoding(size, cfg.resize, cfg.augment_policy, cfg.seed, cfg.workers or len(os.sched_getaffinity(0)))
     try:
         processed, timings = extract_rows(catalog, forward, writer, progress, cfg.batch_size, decoding, verbose)
     finally:

@@ -24,24 +24,23 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pandas as pd
 
+from classifiers import saved
 from classifiers.convert import HEAD_PREFIX, NotConvertible, check_classes, to_keras
 from classifiers.evaluate import metrics
 from classifiers.holdout import holdout_mask
 from classifiers.report import plot_confusion, plot_leaderboard, rank, write_leaderboard
-from features.augment import get_policy, view_loader
+from features.augment import file_loader, get_policy
 from features.backbones import BackboneSpec, get_backbone
 from features.catalog import Catalog, discover
 from features.errors import UsageError, did_you_mean
-from features.images import decode_rgb, decode_stream
+from features.images import decode_stream
 from features.model import build_base, cut
-from pipeline.config import ExtractConfig
-from pipeline.predict import load_record
+from pipeline.config import ExtractConfig, recorded_config
 
-MODEL_FILE = "model.keras"
+MODEL_FILE = saved.NETWORK_FILE
 PRECISIONS = ("auto", "float32", "mixed")
 SCORE_FRACTION = 0.2  # data without splits: share of labelled images held out for scoring
 
@@ -67,6 +66,7 @@ class FinetuneConfig:
     workers: int = 0  # decoder threads; 0: one per core
     seed: int = 0
     overwrite: bool = False
+    trust_pickle: bool = False  # load a legacy model.joblib (a pickle can run code: only for folders you trust)
 
 
 @dataclass(frozen=True)
@@ -174,18 +174,22 @@ def set_phase(model, trunk, phase: int, unfreeze: str) -> list[str]:
     return [layer.name for layer in train]
 
 
-def image_batches(images: Images, size: int, load: Callable[[str, np.ndarray], np.ndarray], batch_size: int,
-                 order: np.ndarray, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(uint8 pixels, codes) batches in `order`, decoded by stage one's thread pool; unreadable files are dropped."""
+def image_batches(images: Images, size: int, load: Callable[[str, Path], np.ndarray], batch_size: int,
+                 order: np.ndarray, workers: int, failed: list[tuple[str, str]] | None = None
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(uint8 pixels, codes) batches in `order`, decoded by stage one's thread pool; unreadable files are dropped
+    (and listed in `failed` as (path, reason) when given)."""
     root, paths = images.root, images.paths
     todo = ((i, root / paths[i]) for i in order)
-    stream = decode_stream(todo, lambda path: load(path.relative_to(root).as_posix(), decode_rgb(path)),
+    stream = decode_stream(todo, lambda path: load(path.relative_to(root).as_posix(), path),
                            workers or os.cpu_count() or 1, lookahead=3 * batch_size)
     pixels, codes = [], []
     for item in stream:
         if item.pixels is not None:
             pixels.append(item.pixels)
             codes.append(images.codes[item.index])
+        elif failed is not None:
+            failed.append((paths[item.index], item.reason))
         if len(pixels) == batch_size:
             yield np.stack(pixels), np.asarray(codes, np.int32)
             pixels, codes = [], []
@@ -203,7 +207,7 @@ class EpochViews:
 
     def __call__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.images.paths))
-        load = view_loader(self.size, self.resize, self.policy, self.seed, self.epoch + 1)
+        load = file_loader(self.size, self.resize, self.policy, self.seed, self.epoch + 1)
         yield from image_batches(self.images, self.size, load, self.batch_size, order, self.workers)
 
 
@@ -216,10 +220,11 @@ def dataset(generator: Callable[[], Iterator], size: int, preprocess: Callable):
             .map(lambda x, y: (preprocess(tf.cast(x, tf.float32)), y)).prefetch(2))
 
 
-def clean(images: Images, size: int, resize: str, batch_size: int, workers: int) -> Callable[[], Iterator]:
+def clean(images: Images, size: int, resize: str, batch_size: int, workers: int,
+          failed: list[tuple[str, str]] | None = None) -> Callable[[], Iterator]:
     """Clean views (the stage-one resize) in file order: what is monitored, scored and predicted."""
-    load = view_loader(size, resize, "", 0, 0)
-    return lambda: image_batches(images, size, load, batch_size, np.arange(len(images.paths)), workers)
+    load = file_loader(size, resize, "", 0, 0)
+    return lambda: image_batches(images, size, load, batch_size, np.arange(len(images.paths)), workers, failed)
 
 
 def probabilities(model, batches: Iterator, preprocess: Callable) -> tuple[np.ndarray, np.ndarray]:
@@ -294,12 +299,13 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True) -> Path:
     import keras
 
     model_dir = Path(cfg.model)
-    record = load_record(model_dir)
-    if not record.get("model_file", "").endswith(".joblib"):
-        raise UsageError(f"MODEL {cfg.model!r} is not a stage-two model (model_file {record.get('model_file')!r}). "
+    record = saved.load_record(model_dir)
+    if saved.is_network(record):
+        raise UsageError(f"MODEL {cfg.model!r} is not a stage-two model (model_file {record['model_file']!r}). "
                          f"Expected a directory written by `make classify`, e.g. results/<run>/best.")
+    head = saved.load_head(model_dir, record, cfg.trust_pickle)  # a bad or untrusted head fails before any work
     get_policy(cfg.augment_policy)
-    xcfg = ExtractConfig(**json.loads(record["config_json"]))
+    xcfg = recorded_config(record, model_dir)
     spec = get_backbone(xcfg.backbone, xcfg.preprocess)
     size = cfg.image_size or int(record["image_size"])
     out = Path(cfg.out) if cfg.out else model_dir / "finetune"
@@ -321,7 +327,6 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True) -> Path:
                            for rows in (plan.fit, plan.monitor, plan.score))
     precision = resolve_precision(cfg.precision)
     keras.utils.set_random_seed(cfg.seed)
-    head = joblib.load(model_dir / record["model_file"])
     model, trunk, start = build_network(spec, xcfg.weights, size, record["layer"], record["pool"], head,
                                         len(class_names), precision)
     preprocess = spec.preprocess.fn
@@ -353,10 +358,8 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True) -> Path:
     probs, truth = probabilities(model, score_batches(), preprocess)
     predict_s = time.perf_counter() - t0
     scores = metrics(truth, probs.argmax(1), probs, True, len(class_names))
-    model.save(out / MODEL_FILE)
-    rec = _finetune_record(record, cfg, xcfg, size, plan, scores, before, phases, start, precision, len(fit.paths),
-                           len(score.paths))
-    (out / "model.json").write_text(json.dumps(rec, indent=2, default=str) + "\n")
+    rec = saved.save_network(out, model, _finetune_record(record, cfg, xcfg, size, plan, scores, before, phases,
+                                                           start, precision, len(fit.paths), len(score.paths)))
     names = np.array(class_names)
     pd.DataFrame({"path": score.paths, "label": names[truth], "predicted": names[probs.argmax(1)],
                   **{f"p_{n}": probs[:, i] for i, n in enumerate(names)}}).to_csv(out / "eval_predictions.csv",
@@ -380,6 +383,8 @@ def _finetune_record(record: dict, cfg: FinetuneConfig, xcfg: ExtractConfig, siz
     return {
         "model_file": MODEL_FILE, "kind": "finetuned", "head": f"finetune:{record['head']}",
         **{key: record.get(key) for key in keep},
+        # where the .keras backbone was found; saved.save_network checks its hash and records it relocatably
+        **({"backbone_abspath": str(Path(xcfg.backbone).resolve())} if record.get("backbone_file_sha256") else {}),
         "image_size": size, "reduce": record["reduce"], "scheme": plan.scheme, "n_fit": n_fit, "n_eval": n_eval,
         "n_monitor": len(plan.monitor), "metrics": {**scores, "start_accuracy": before["accuracy"],
                                                     "fit_s": sum(p["seconds"] for p in phases.values())},
@@ -414,21 +419,21 @@ def append_leaderboard(model_dir: Path, rec: dict, predict_s: float) -> None:
     plot_leaderboard(run_dir)
 
 
-def predict_images(record: dict, model_dir: Path, data: Path, batch_size: int | None = None) -> pd.DataFrame:
-    """`make predict` for a fine-tuned model: clean views of every image under `data` through model.keras; the
-    table has predict's columns (path, predicted, p_<class>…, label when the folder has labels)."""
-    import keras
-
-    xcfg = ExtractConfig(**json.loads(record["config_json"]))
+def predict_images(record: dict, model_dir: Path, data: Path, batch_size: int | None = None
+                   ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """`make predict` for a fine-tuned model: clean views of every image under `data` through model.keras. Returns
+    predict's table (path, predicted, p_<class>…, label when the folder has labels) and the files it could not use
+    as (path, reason)."""
+    model = saved.load_network(model_dir / record["model_file"])
+    xcfg = recorded_config(record, model_dir)
     preprocess = get_backbone(xcfg.backbone, xcfg.preprocess).preprocess.fn
     catalog = discover(data)
-    model = keras.models.load_model(model_dir / record["model_file"])
     images = Images(catalog.root, catalog.paths, np.arange(len(catalog)))
-    size = int(record["image_size"])
-    probs, rows = probabilities(model, clean(images, size, xcfg.resize, batch_size or 32, 0)(), preprocess)
-    names = np.array(record["class_names"])
-    table = pd.DataFrame({"path": [str(catalog.root.resolve() / catalog.paths[r]) for r in rows],
+    size, failed = int(record["image_size"]), list(catalog.ignored)
+    probs, rows = probabilities(model, clean(images, size, xcfg.resize, batch_size or 32, 0, failed)(), preprocess)
+    names, root = np.array(record["class_names"]), catalog.root.resolve()
+    table = pd.DataFrame({"path": [str(root / catalog.paths[r]) for r in rows],
                           "predicted": names[probs.argmax(1)], **{f"p_{n}": probs[:, i] for i, n in enumerate(names)}})
     if any(label >= 0 for label in catalog.labels):
         table["label"] = np.array(catalog.label_names + [""])[np.asarray(catalog.labels)[rows]]
-    return table
+    return table, [(str(root / path), reason) for path, reason in failed]

@@ -7,6 +7,7 @@ import json
 import signal
 
 from pipeline.finetune import FinetuneConfig, finetune
+from pipeline.predict_cmd import add_trust_pickle
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=d.workers, help="decoder threads (0: one per core)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--overwrite", action="store_true", help="train again even if the output model exists")
+    add_trust_pickle(p)
 
 
 def _stop_on_sigterm(signum, frame):

@@ -3,28 +3,33 @@
 `predict(cfg) -> Path` reads `model.json` beside the model, re-runs stage one with the recorded ExtractConfig
 (only the image folder and output path change), refuses features that differ in any recorded identity
 (backbone file, weights, size, resize, preprocessing, pooling, dtype, layer shape), and writes a CSV of path,
-predicted label and per-class probability. Example:
+predicted label and per-class probability, with a row and the reason for every file it could not use. It
+replaces no file it did not write. Example:
 
     >>> from pipeline.predict import PredictConfig, predict
     >>> csv = predict(PredictConfig(model="results/20240101-120000/best", data="new/images"))  # doctest: +SKIP
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pandas as pd
 import sklearn
 
+from classifiers import saved
 from classifiers.data import READ_SHARE, Cache, block_rows_for, iter_blocks, open_cache
 from classifiers.evaluate import class_scores
 from classifiers.memory import parse_bytes
 from features.errors import UsageError
+from features.store import read_attrs
+from pipeline.config import recorded_config
 
+ERROR = "error"  # CSV column: why a file got no prediction ('' when it got one)
+SHOWN_SKIPPED = 5  # unusable files listed on screen; the CSV has them all
 # attributes that must be equal between the training cache and the new one; 'backbone' is compared by name
 # for registry models, and by file content (backbone_file_sha256) for user .keras files
 IDENTITY = ("backbone_file_sha256", "weights", "image_size", "resize", "preprocessing", "color", "pool", "dtype")
@@ -40,55 +45,23 @@ class PredictConfig:
     batch_size: int | None = None  # extraction batch size; None: as recorded
     memory_budget: str = "2GiB"
     overwrite: bool = False  # rebuild the extracted cache even if one exists at the derived path
+    trust_pickle: bool = False  # load a legacy model.joblib (a pickle can run code: only for folders you trust)
 
 
-def load_record(model_dir: Path) -> dict:
-    path = model_dir / "model.json"
-    if not path.exists():
-        raise FileNotFoundError(f"No saved model at {str(model_dir)!r}: expected {str(path)!r} written by "
-                                f"`make classify` (e.g. MODEL=results/<run>/best).")
-    return json.loads(path.read_text())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _extract(record: dict, cfg: PredictConfig, cache_path: Path) -> Path:
-    """Run stage one on cfg.data with the recorded settings; a changed backbone file is refused before any work."""
-    from pipeline.config import ExtractConfig
+def _extract(record: dict, cfg: PredictConfig, model_dir: Path, cache_path: Path) -> Path:
+    """Run stage one on cfg.data with the recorded settings and the backbone found by its hash."""
     from pipeline.extract import extract
 
-    settings = json.loads(record["config_json"] or "{}")
-    try:
-        xcfg = ExtractConfig(**settings)
-    except TypeError as err:
-        raise UsageError(f"The model's recorded extraction settings do not fit this version's ExtractConfig "
-                         f"({err}); re-run `make extract` and `make classify` with this version.") from err
-    xcfg = xcfg.replace(data=cfg.data, out=str(cache_path), layer=[record["layer"]], shard=None, labels=None,
-                        path_column=None, label_column=None, overwrite=cfg.overwrite,
-                        batch_size=cfg.batch_size or xcfg.batch_size)
-    if record["backbone_file_sha256"]:
-        backbone = Path(xcfg.backbone)
-        if not backbone.exists():
-            raise FileNotFoundError(f"Backbone file {xcfg.backbone!r} recorded with the model does not exist "
-                                    f"(relative paths are taken from the current directory).")
-        found = _sha256(backbone)
-        if found != record["backbone_file_sha256"]:
-            raise UsageError(f"Backbone mismatch: {xcfg.backbone!r} has sha256 {found[:12]}…, but the model was "
-                             f"trained on features of sha256 {record['backbone_file_sha256'][:12]}…. Restore the "
-                             f"original file, or re-run `make extract` and `make classify` with this one.")
-    return extract(xcfg).path
+    xcfg = recorded_config(record, model_dir)
+    return extract(xcfg.replace(data=cfg.data, out=str(cache_path), layer=[record["layer"]], shard=None, labels=None,
+                                path_column=None, label_column=None, overwrite=cfg.overwrite,
+                                batch_size=cfg.batch_size or xcfg.batch_size)).path
 
 
 def check_compatible(record: dict, cache: Cache) -> None:
     """Refuse features made differently from the training features; the error lists every difference."""
     wanted = {key: record.get(key) for key in IDENTITY}
-    if not record["backbone_file_sha256"]:
+    if not record.get("backbone_file_sha256"):
         wanted["backbone"] = record["backbone"]
     found = {key: cache.attrs.get(key) for key in wanted}
     diffs = [f"{key}: model {wanted[key]!r}, data {found[key]!r}" for key in wanted
@@ -104,29 +77,46 @@ def check_compatible(record: dict, cache: Cache) -> None:
 
 
 def predict(cfg: PredictConfig) -> Path:
-    """Predict every image of cfg.data; returns the CSV path (columns: path, predicted, p_<class>…, [label])."""
+    """Predict every file of cfg.data; returns the CSV path (columns: path, predicted, p_<class>…, [label], error).
+    A file that could not be used gets a row with an empty prediction and the reason in `error`."""
     model_dir = Path(cfg.model)
-    record = load_record(model_dir)
+    record = saved.load_record(model_dir)
     budget = parse_bytes(cfg.memory_budget)
     data = Path(cfg.data)
     if not data.exists():
         raise FileNotFoundError(f"DATA {cfg.data!r} does not exist: give an image folder or a feature cache (.h5).")
-    out = Path(cfg.out) if cfg.out else model_dir / "predictions" / f"{data.stem if data.is_file() else data.resolve().name}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if record["model_file"].endswith(".keras"):  # a fine-tuned network (`make finetune`) reads images itself
+    network = saved.is_network(record)  # a fine-tuned network (`make finetune`) reads images itself
+    if network and data.is_file():
+        raise UsageError(f"MODEL {cfg.model!r} is a fine-tuned network: it reads images, not feature caches. "
+                         f"Received DATA={cfg.data!r}; pass an image folder.")
+    name = data.stem if data.is_file() else data.resolve().name
+    out = Path(cfg.out) if cfg.out else model_dir / "predictions" / f"{name}.csv"
+    derived = None if network or data.is_file() else out.with_suffix(".h5")
+    check_outputs(out, derived, record)
+    if network:
         from pipeline.finetune import predict_images
 
-        if data.is_file():
-            raise UsageError(f"MODEL {cfg.model!r} is a fine-tuned network: it reads images, not feature caches. "
-                             f"Received DATA={cfg.data!r}; pass an image folder.")
-        predict_images(record, model_dir, data, cfg.batch_size).to_csv(out, index=False)
-        return out
-    cache_path = data if data.is_file() else _extract(record, cfg, out.with_suffix(".h5"))
-    cache = open_cache(cache_path)
-    check_compatible(record, cache)
-    model = joblib.load(model_dir / record["model_file"])
+        table, skipped = predict_images(record, model_dir, data, cfg.batch_size)
+    else:
+        model = saved.load_head(model_dir, record, cfg.trust_pickle)  # a bad model fails before any extraction
+        cache = open_cache(data if derived is None else _extract(record, cfg, model_dir, derived))
+        check_compatible(record, cache)
+        table = _predict_cache(model, record, cache, budget)
+        root = Path(str(cache.attrs.get("data_root", "")))
+        skipped = [(str(root / path), reason) for path, reason in cache.skipped]
+    unused = pd.DataFrame({"path": [p for p, _ in skipped], "predicted": "", ERROR: [r for _, r in skipped]})
+    table = pd.concat([table.assign(**{ERROR: ""}), unused], ignore_index=True)
+    if "label" in table:
+        table["label"] = table["label"].fillna("")
+    table = table[[c for c in table.columns if c != ERROR] + [ERROR]]
+    saved.replace_atomically(out, lambda tmp: table.to_csv(tmp, index=False))
+    return out
+
+
+def _predict_cache(model, record: dict, cache: Cache, budget: int) -> pd.DataFrame:
+    """One row per image (its clean view): path, predicted, p_<class>… when the head has probabilities, label."""
     names = np.array(record["class_names"])
-    layer, rows = record["layer"], np.flatnonzero(cache.view == 0)  # one prediction per image: its clean view
+    layer, rows = record["layer"], np.flatnonzero(cache.view == 0)
     probabilities, predicted = None, np.empty(len(rows), dtype=np.int64)
     with sklearn.config_context(working_memory=max(1, budget // READ_SHARE // 2**20)):
         for positions, raw in iter_blocks(cache.path, layer, rows, block_rows_for(cache.shapes[layer], budget)):
@@ -143,24 +133,65 @@ def predict(cfg: PredictConfig) -> Path:
     if np.any(cache.labels[rows] >= 0):
         known = np.array(cache.label_names + [""])
         table["label"] = known[cache.labels[rows]]  # -1 -> '' (unlabelled)
-    table.to_csv(out, index=False)
-    return out
+    return table
 
 
-def summary(csv: Path, top: int = 10) -> str:
-    """A few lines for the terminal: counts per predicted class and, for labelled images, the accuracy."""
-    table = pd.read_csv(csv, keep_default_na=False)
+def _is_earlier_output(path: Path, record: dict) -> bool:
+    """A CSV this command wrote for a model with the same classes (its header says so)."""
+    try:
+        with open(path, newline="") as file:
+            header = next(csv.reader(file))
+    except (OSError, UnicodeDecodeError, StopIteration, csv.Error):
+        return False
+    classes = {f"p_{name}" for name in record["class_names"]}
+    return header[:2] == ["path", "predicted"] and set(header) <= {"path", "predicted", "label", ERROR} | classes
+
+
+def check_outputs(out: Path, derived_cache: Path | None, record: dict) -> None:
+    """Before any work: the CSV may replace only this command's earlier output for the same classes, and the
+    derived cache only a feature cache; the folder must be writable."""
+    if out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a folder; expected a CSV file path, e.g. "
+                         f"{str(out / 'predictions.csv')!r}.")
+    if out.exists() and not _is_earlier_output(out, record):
+        raise UsageError(f"--out {str(out)!r} exists and is not an earlier prediction CSV of this model; it is not "
+                         f"replaced. Choose another --out, or move that file away.")
+    if derived_cache and derived_cache.exists() and "schema_version" not in (read_attrs(derived_cache) or {}):
+        raise UsageError(f"{str(derived_cache)!r}, where predict keeps the features of the new images (beside "
+                         f"--out), exists and is not a feature cache; it is not replaced. Choose another --out, or "
+                         f"move that file away.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {str(out)!r}: its folder cannot be created ({err.strerror}). "
+                         f"Choose another --out.") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UsageError(f"--out {str(out)!r}: the folder {str(out.parent)!r} is not writable. Choose another --out.")
+
+
+def summary(csv_path: Path, top: int = 10, shown: int = SHOWN_SKIPPED) -> str:
+    """A few lines for the terminal: counts per predicted class, every file that could not be used (a count and
+    the first few), and, for labelled images, the accuracy."""
+    table = pd.read_csv(csv_path, keep_default_na=False)
+    failed = table[table[ERROR] != ""] if ERROR in table else table.iloc[:0]
+    table = table.drop(failed.index)
     counts = table["predicted"].value_counts()
-    lines = [f"predicted {len(table)} images -> {csv}",
+    lines = [f"predicted {len(table)} images -> {csv_path}",
              "  " + ", ".join(f"{name}: {n}" for name, n in counts.head(top).items())
              + (f", … ({len(counts) - top} more classes)" if len(counts) > top else "")]
+    if len(failed):
+        lines.append(f"  could not use {len(failed)} file(s) (rows with an empty prediction and the reason in "
+                     f"'{ERROR}'):")
+        lines += [f"    {row.path}: {getattr(row, ERROR)}" for row in failed.head(shown).itertuples()]
+        if len(failed) > shown:
+            lines.append(f"    … and {len(failed) - shown} more")
     if "label" in table:
         labelled = table[table["label"] != ""]
         if len(labelled):
             accuracy = float((labelled["label"] == labelled["predicted"]).mean())
             lines.append(f"  accuracy on {len(labelled)} labelled images: {accuracy:.4f}")
     prob_cols = [c for c in table.columns if c.startswith("p_")]
-    if prob_cols:
-        confidence = table[prob_cols].max(axis=1)
+    if prob_cols and len(table):
+        confidence = table[prob_cols].astype(float).max(axis=1)
         lines.append(f"  median confidence {confidence.median():.3f}; {int((confidence < 0.6).sum())} images below 0.6")
     return "\n".join(lines)

@@ -14,10 +14,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-budget", default=PredictConfig.memory_budget,
                         help="peak memory for feature data (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="re-extract even if the derived cache exists")
+    add_trust_pickle(parser)
+
+
+def add_trust_pickle(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="load a model.joblib of an older version; a pickle can run any code, so only for "
+                             "folders you trust (README: Security)")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = PredictConfig(model=args.model, data=args.data, out=args.out, batch_size=args.batch_size,
-                        memory_budget=args.memory_budget, overwrite=args.overwrite)
+                        memory_budget=args.memory_budget, overwrite=args.overwrite, trust_pickle=args.trust_pickle)
     print(summary(predict(cfg)))
     return 0

@@ -5,9 +5,16 @@ into the script, so a task resubmitted alone (`sbatch --array=I extract.sbatch`,
 and because extraction resumes, a requeued, pre-empted or resubmitted task continues its shard where it stopped.
 The merge job (`python -m pipeline merge --shards-of OUT`) waits for `afterok` of the array. The scripts hold only
 resources and the CLI call; all logic stays in the Python stages.
+
+Every value in a script is quoted for its reader: the command line with `shlex.quote` (bash), `#SBATCH` values in
+double quotes with \\, " and # escaped (sbatch splits directives itself and reads that back verbatim), `%` in a log
+path doubled (sbatch's filename patterns), and the job name reduced to [A-Za-z0-9_.+-]. Names holding a newline or
+another control character are refused: no quoting keeps them out of a comment line or a log name.
 """
 from __future__ import annotations
 
+import dataclasses
+import re
 import shlex
 import subprocess
 import sys
@@ -79,16 +86,51 @@ def _array_spec(tasks: list[int], shards: int) -> str:
 
 
 def _command(python: str, argv: list[str], last: str = "") -> list[str]:
-    """`exec python -m pipeline ...` with one flag (and its value) per line, so the script reads like the flags."""
+    """`exec python -m pipeline ...` with one flag (and its value) per line, so the script reads like the flags.
+    Every token is shell-quoted, flags included: a value that looks like a flag is still only a word."""
     lines, current = [], [shlex.quote(python), "-m", "pipeline", argv[0]]
     for arg in argv[1:]:
         if arg.startswith("--"):
             lines.append(" ".join(current))
-            current = [arg]
-        else:
-            current.append(shlex.quote(arg))
+            current = []
+        current.append(shlex.quote(arg))
     lines += [" ".join(current)] + ([last] if last else [])
     return ["exec " + " \\\n    ".join(lines)]
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_./%:=,+@-]*")
+
+
+def directive(option: str, value: object) -> str:
+    """`#SBATCH --option=value`; a value with blanks, quotes or # goes in double quotes, \\ " # escaped, which is
+    how sbatch's own directive parser (not a shell) reads a value back verbatim."""
+    text = str(value)
+    if not _PLAIN.fullmatch(text):
+        text = '"' + re.sub(r'([\\"#])', r"\\\1", text) + '"'
+    return f"#SBATCH --{option}={text}"
+
+
+def job_name(kind: str, out: Path) -> str:
+    """`extract-<cache stem>` in a charset every SLURM tool shows as it is (others become '_')."""
+    return f"{kind}-{re.sub(r'[^A-Za-z0-9_.+-]+', '_', out.stem)}"
+
+
+def log_pattern(log_dir: Path, name: str) -> str:
+    """The --output path: a literal % of the folder doubled, so only `name`'s %A/%a/%j are patterns."""
+    return f"{str(log_dir).replace('%', '%%')}/{name}"
+
+
+def refuse_control_characters(cfg: ExtractConfig, opts: SlurmOptions, **more: str) -> None:
+    """A newline (or any control character) in a name would break out of a comment or a directive line of the
+    script: refuse it, naming the flag, before anything is written."""
+    named = [(f"--{k.replace('_', '-')}", v) for k, v in [*dataclasses.asdict(cfg).items(),
+                                                           *dataclasses.asdict(opts).items()]]
+    named += [(f"the {k.replace('_', ' ')}", v) for k, v in more.items()]
+    for flag, value in named:
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and any(ord(c) < 32 or ord(c) == 127 for c in text):
+                raise UsageError(f"{flag} {text!r} contains a newline or another control character, which cannot "
+                                 "go into a job script safely. Rename it (or link it under a plain name) and retry.")
 
 
 def plan(cfg: ExtractConfig, opts: SlurmOptions, python: str = sys.executable, cwd: Path | None = None) -> SlurmPlan:
@@ -102,26 +144,27 @@ def plan(cfg: ExtractConfig, opts: SlurmOptions, python: str = sys.executable, c
         if value < least:
             raise UsageError(f"{name} {value} is not valid. Expected a whole number >= {least}.")
     cwd = (cwd or Path.cwd()).resolve()
+    refuse_control_characters(cfg, opts, python=python, working_folder=str(cwd))
     out = merged_out(cfg)
     log_dir = Path(opts.log_dir) if opts.log_dir else Path("logs") / "slurm" / out.stem
     log_dir = log_dir if log_dir.is_absolute() else cwd / log_dir
     tasks = parse_tasks(opts.tasks, opts.shards)
     # --overwrite is applied once, by `submit`: a requeued task must resume its shard, not restart it.
     job_cfg = cfg.replace(out=str(out), overwrite=False, workers=cfg.workers or opts.cpus_per_task)
-    resources = [f"#SBATCH --{k}={v}" for k, v in [("partition", opts.partition), ("account", opts.account),
-                                                   ("time", opts.time)] if v]
+    resources = [directive(k, v) for k, v in [("partition", opts.partition), ("account", opts.account),
+                                              ("time", opts.time)] if v]
     extract = [
         "#!/bin/bash",
         f"# Sharded extraction into {out} ({opts.shards} shards): array task I runs shard I/{opts.shards}, resuming",
         "# it if an earlier run of the task was interrupted. Written by `python -m pipeline slurm`.",
-        "# Resubmit one task alone:  sbatch --array=I " + str(log_dir / "extract.sbatch"),
-        f"#SBATCH --job-name=extract-{out.stem}",
+        "# Resubmit one task alone:  sbatch --array=I " + shlex.quote(str(log_dir / "extract.sbatch")),
+        directive("job-name", job_name("extract", out)),
         f"#SBATCH --array={_array_spec(tasks, opts.shards)}",
         f"#SBATCH --cpus-per-task={opts.cpus_per_task}",
         *([f"#SBATCH --gres=gpu:{opts.gpus_per_task}"] if opts.gpus_per_task else []),
         *resources,
-        f"#SBATCH --chdir={cwd}",
-        f"#SBATCH --output={log_dir}/extract-%A_%a.log",
+        directive("chdir", cwd),
+        directive("output", log_pattern(log_dir, "extract-%A_%a.log")),
         "#SBATCH --open-mode=append",
         "#SBATCH --requeue",
         "",
@@ -130,11 +173,11 @@ def plan(cfg: ExtractConfig, opts: SlurmOptions, python: str = sys.executable, c
     merge = [
         "#!/bin/bash",
         f"# Joins the {opts.shards} shards of {out} once every array task has succeeded.",
-        f"#SBATCH --job-name=merge-{out.stem}",
+        directive("job-name", job_name("merge", out)),
         "#SBATCH --cpus-per-task=1",
         *resources,
-        f"#SBATCH --chdir={cwd}",
-        f"#SBATCH --output={log_dir}/merge-%j.log",
+        directive("chdir", cwd),
+        directive("output", log_pattern(log_dir, "merge-%j.log")),
         f"#SBATCH --dependency=afterok:{DEPENDENCY_PLACEHOLDER}",
         "#SBATCH --kill-on-invalid-dep=yes",
         "",

@@ -83,3 +83,46 @@ def test_csv_naming_no_image_is_an_error(tmp_path):
     (tmp_path / "l.csv").write_text("path,label\nzzz.jpg,cat\n")
     with pytest.raises(UsageError, match="none of its 1 rows names an image"):
         discover(tmp_path / "imgs", str(tmp_path / "l.csv"))
+
+
+def test_a_symlink_loop_neither_multiplies_nor_relabels_images(tmp_path):
+    """`ants/up -> ..` once turned 16 images into 656 and labelled bees under ants/up/bees as ants."""
+    data = tmp_path / "data"
+    write_images(data / "ants", 3, seed=0)
+    write_images(data / "bees", 2, seed=1)
+    (data / "ants" / "up").symlink_to("..")
+    (data / "ants" / "bees_too").symlink_to("../bees")  # a link to a folder that is catalogued at its own place
+    outside = tmp_path / "more_ants"
+    write_images(outside, 2, seed=2)
+    (data / "ants" / "more").symlink_to(outside)  # a link out of DATA is followed, once
+    (outside / "again").symlink_to(outside)  # and a loop out there ends too
+    cat = discover(data)
+    by_path = {p: cat.label_names[label] for p, label in zip(cat.paths, cat.labels)}
+    assert len(cat) == 7, cat.paths
+    assert [p for p, name in by_path.items() if name == "bees"] == [f"bees/img_00{i}.{e}" for i, e in
+                                                                     [(0, "png"), (1, "jpg")]]
+    assert sum(p.startswith("ants/more/") for p in cat.paths) == 2
+    skipped = dict(cat.ignored)
+    assert "ants/up/" in skipped and "ants/bees_too/" in skipped and "ants/more/again/" in skipped
+
+
+def test_conflicting_duplicate_ids_are_refused_and_identical_ones_collapse(tmp_path):
+    write_images(tmp_path / "imgs", 3, seed=0)
+    csv = tmp_path / "l.csv"
+    csv.write_text("path,label\nimg_000,cat\nimg_000.png,cat\nimg_001,dog\nimg_002,cat\n")
+    assert discover(tmp_path / "imgs", str(csv)).labels == [0, 1, 0]
+    csv.write_text("path,label\nimg_000,cat\nimg_001,dog\nimg_001.jpg,cat\nimg_000,dog\nimg_002,cat\n")
+    with pytest.raises(UsageError, match=r"gives 2 image\(s\) conflicting labels or splits \(img_000.png: 'cat', "
+                                         r"'dog'; img_001.jpg: 'cat', 'dog'\)"):
+        discover(tmp_path / "imgs", str(csv))
+
+
+def test_unrecognised_csv_columns_are_refused_naming_the_expected_ones(tmp_path):
+    write_images(tmp_path / "imgs", 2, seed=0)
+    (tmp_path / "l.csv").write_text("a,b\nimg_000,cat\nimg_001,dog\n")
+    with pytest.raises(UsageError, match=r"no recognised path column \(its columns: a, b\). Expected one of: path, "
+                                         r"filepath.*--path-column"):
+        discover(tmp_path / "imgs", str(tmp_path / "l.csv"))
+    with pytest.raises(UsageError, match=r"no recognised label column .* Expected one of: label, class.*--label-column"):
+        discover(tmp_path / "imgs", str(tmp_path / "l.csv"), path_column="a")
+    assert discover(tmp_path / "imgs", str(tmp_path / "l.csv"), path_column="a", label_column="b").labels == [0, 1]

@@ -45,7 +45,7 @@ def test_separable_toy_cache_is_classified_perfectly(toy, tmp_path):
         assert key in record
     oof = pd.read_csv(run / "best" / "eval_predictions.csv")
     assert len(oof) == 90 and (oof["label"] == oof["predicted"]).all()  # out-of-fold, every labelled row once
-    for name in ("leaderboard.md", "report.md", "accuracy.png", "best/confusion_matrix.png", "best/model.joblib"):
+    for name in ("leaderboard.md", "report.md", "accuracy.png", "best/confusion_matrix.png", "best/model.skops"):
         assert (run / name).stat().st_size > 0
     assert "**Best:**" in (run / "report.md").read_text()
 
@@ -115,14 +115,18 @@ def test_user_mistakes_give_one_clear_line(toy, tmp_path, capsys):
     assert "Invalid memory size '2 lots'" in _error_line(capsys, "--features", str(toy), "--memory-budget", "2 lots")
 
 
-def test_default_features_are_the_complete_caches_under_features(tmp_path, monkeypatch, capsys):
+def test_default_features_are_the_complete_caches_in_the_cache_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UsageError, match="No complete feature caches under 'features'"):
+    monkeypatch.delenv("FEATURE_CACHE_DIR", raising=False)
+    with pytest.raises(UsageError, match="No complete feature caches under 'cache'"):
         classify(ClassifyConfig())
-    (tmp_path / "features").mkdir()
+    (tmp_path / "cache").mkdir()
     X, y = separable(10, 2, 4)
-    write_cache(tmp_path / "features" / "ok.h5", {"vec": X}, y)
-    write_cache(tmp_path / "features" / "partial.h5", {"vec": X}, y, complete=False)
+    write_cache(tmp_path / "cache" / "ok.h5", {"vec": X}, y)
+    write_cache(tmp_path / "cache" / "partial.h5", {"vec": X}, y, complete=False)
     run = classify(ClassifyConfig(heads="ridge", cv=2))
     assert run.parent.name == "results" and len(pd.read_csv(run / "leaderboard.csv")) == 1
-    assert "skipped incomplete cache 'features/partial.h5'" in capsys.readouterr().err
+    assert "skipped incomplete cache 'cache/partial.h5'" in capsys.readouterr().err
+    monkeypatch.setenv("FEATURE_CACHE_DIR", "elsewhere")  # the folder is configurable
+    with pytest.raises(UsageError, match="No complete feature caches under 'elsewhere'"):
+        classify(ClassifyConfig())

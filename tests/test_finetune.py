@@ -137,17 +137,15 @@ def test_fine_tune_starts_exactly_at_the_stage_two_head(tuned):
 
 
 def test_converted_network_reproduces_stage_two_probabilities_before_any_step(tuned):
-    import joblib
-
+    from classifiers import saved
     from pipeline.finetune import Images, clean, probabilities
-    from pipeline.predict import load_record
 
     _, run, _ = tuned
-    record = load_record(run / "best")
+    record = saved.load_record(run / "best")
     spec = get_backbone(record["backbone"])
     size = int(record["image_size"])
     model, _, start = build_network(spec, "imagenet", size, record["layer"], record["pool"],
-                                    joblib.load(run / "best" / "model.joblib"), 2)
+                                    saved.load_head(run / "best", record), 2)
     stage_two = pd.read_csv(run / "best" / "eval_predictions.csv")
     root = Path(record["data_root"])
     images = Images(root, list(stage_two["path"]), np.arange(len(stage_two)))
@@ -171,7 +169,7 @@ def test_leaderboard_and_predict_use_the_fine_tuned_model(tuned, capsys):
     assert main(["predict", "--model", str(out), "--data", str(root / "data" / "val"), "--out",
                  str(root / "p.csv")]) == 0
     table = pd.read_csv(root / "p.csv")
-    assert list(table.columns) == ["path", "predicted", "p_blue", "p_red", "label"]
+    assert list(table.columns) == ["path", "predicted", "p_blue", "p_red", "label", "error"]
     assert (table["predicted"] == table["label"]).mean() == pytest.approx(record["metrics"]["accuracy"])
     held = pd.read_csv(out / "eval_predictions.csv")
     np.testing.assert_allclose(table["p_red"], held["p_red"], atol=1e-5)

@@ -36,7 +36,7 @@ def test_predict_reproduces_the_reported_held_out_accuracy(trained):
     assert reported["scheme"] == "val" and 0.5 < reported["accuracy"] < 1.0  # not trivially perfect
     csv = predict(PredictConfig(model=str(run / "best"), data=str(val_cache), out=str(folder / "p.csv")))
     table = pd.read_csv(csv)
-    assert list(table.columns) == ["path", "predicted", "p_ant", "p_bee", "p_wasp", "label"]
+    assert list(table.columns) == ["path", "predicted", "p_ant", "p_bee", "p_wasp", "label", "error"]
     assert (table["label"] == table["predicted"]).mean() == pytest.approx(reported["accuracy"], abs=1e-12)
     assert table[["p_ant", "p_bee", "p_wasp"]].sum(axis=1).to_numpy() == pytest.approx(1.0)
     held_out = pd.read_csv(run / "best" / "eval_predictions.csv")
@@ -81,7 +81,7 @@ def test_changed_backbone_file_is_refused_before_extraction(trained, tmp_path, c
     folder, run, _, _, _ = trained
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    (model_dir / "model.joblib").write_bytes((run / "best" / "model.joblib").read_bytes())
+    (model_dir / "model.skops").write_bytes((run / "best" / "model.skops").read_bytes())
     record = json.loads((run / "best" / "model.json").read_text())
     backbone = tmp_path / "net.keras"
     backbone.write_bytes(b"not the trained backbone")

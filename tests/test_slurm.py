@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -16,10 +17,11 @@ import pytest
 from features.backbones import get_backbone
 from features.errors import UsageError
 from features.model import build_base
-from features.store import CacheWriter
+from features.store import CacheWriter, cache_dir, read_attrs
 from pipeline import extract_cmd
 from pipeline.config import ExtractConfig
 from pipeline.extract import extract
+from pipeline.cli import main
 from pipeline.slurm import SlurmOptions, parse_tasks, plan
 from tests.conftest import ROOT, run_cli, write_images
 from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the session fixture)
@@ -41,7 +43,7 @@ def test_config_flags_rebuild_the_config():
 def test_array_and_merge_scripts(tmp_path):
     p = plan(CFG, SlurmOptions(shards=3, partition="gpu", time="02:00:00", account="proj", log_dir=str(tmp_path)),
              python="/venv/bin/python", cwd=Path("/repo"))
-    out = "features/pets__vgg19__block2_pool__w-none.h5"
+    out = str(cache_dir() / "pets__vgg19__block2_pool__w-none.h5")
     assert p.out == Path(out) and p.tasks == [0, 1, 2]
     for line in ["#SBATCH --array=0-2", "#SBATCH --gres=gpu:1", "#SBATCH --cpus-per-task=4", "#SBATCH --partition=gpu",
                  "#SBATCH --time=02:00:00", "#SBATCH --account=proj", "#SBATCH --chdir=/repo",
@@ -67,6 +69,41 @@ def test_array_and_merge_scripts(tmp_path):
 def test_bad_options_name_the_value(opts, cfg, message):
     with pytest.raises(UsageError, match=message):
         plan(cfg, opts)
+
+
+ODD = "my data #1 $(touch pwned) 'q' \"dq\" 50%"  # blanks, a comment sign, shell syntax, quotes, a % pattern
+
+
+def test_odd_names_are_quoted_for_bash_and_for_sbatch(tmp_path):
+    """The command line reads back (shlex, as bash does) to exactly the flags; #SBATCH values are double-quoted
+    with \\ " # escaped and % doubled, which sbatch reads back verbatim (the real-SLURM test below submits one)."""
+    logs = tmp_path / ODD / "logs"
+    cfg = CFG.replace(data=str(tmp_path / ODD), out=str(tmp_path / ODD / "c.h5"), labels="--x;touch pwned")
+    p = plan(cfg, SlurmOptions(shards=2, log_dir=str(logs), partition="a b"), python="/v env/python",
+             cwd=tmp_path / ODD)
+    command = p.extract_script.split("exec ", 1)[1].replace("\\\n", " ")
+    words = shlex.split(command.replace('"${SLURM_ARRAY_TASK_ID}/2"', "I/2"))
+    assert words[:4] == ["/v env/python", "-m", "pipeline", "extract"] and words[-2:] == ["--shard", "I/2"]
+    assert words[words.index("--data") + 1] == str(tmp_path / ODD) and words[words.index("--labels") + 1] == cfg.labels
+    escaped = str(tmp_path / ODD).replace('"', '\\"').replace("#", "\\#")
+    lines = p.extract_script.splitlines()
+    assert f'#SBATCH --chdir="{escaped}"' in lines and '#SBATCH --partition="a b"' in lines
+    assert f'#SBATCH --output="{escaped.replace("%", "%%")}/logs/extract-%A_%a.log"' in lines
+    assert "#SBATCH --job-name=extract-c" in lines
+    named = plan(CFG.replace(out="x/my cache (v2).h5"), SlurmOptions(shards=1))
+    assert "#SBATCH --job-name=merge-my_cache_v2_\n" in named.merge_script()
+
+
+@pytest.mark.parametrize("flag", ["--data", "--out", "--labels", "--log-dir", "--partition", "--layer"])
+def test_names_with_a_newline_are_refused_in_one_line(flag, tmp_path, capsys):
+    bad = "x\ntouch pwned;#"
+    argv = ["slurm", "--backbone", "vgg19", "--weights", "none", "--data", "data/hymenoptera-small", "--shards", "2",
+            "--log-dir", str(tmp_path / "logs"), flag, bad]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"error: {flag} 'x\\ntouch pwned;#' contains a newline or another control character" in err
+    assert not (tmp_path / "logs").exists() and not (ROOT / "pwned").exists()
 
 
 def test_tasks_use_slurm_array_syntax():
@@ -155,3 +192,29 @@ def test_array_extraction_resubmitted_task_resumes_and_merge_equals_a_single_run
     assert "resumed: " in task_log and "4 processed in this run" in task_log, task_log
     assert "#SBATCH --array=1\n" in (logs / "extract.sbatch").read_text()
     assert_identical(tmp_path / "features" / "pets.h5", single)
+
+
+@pytest.mark.slurm
+def test_a_data_folder_with_an_odd_name_runs_on_real_slurm_and_nothing_is_injected(slurm_cluster, tmp_path):
+    """Data, cache, logs and working folder all under a name with a blank, '#', quotes, '%' and shell syntax."""
+    home = tmp_path / ODD
+    for k, name in enumerate(["ants", "bees"]):
+        write_images(home / "data" / name, 3, seed=30 + k)
+    weights = home / "w.weights.h5"
+    keras.utils.set_random_seed(0)
+    build_base(get_backbone("vgg19"), "none", 32).save_weights(weights)
+    out, logs = home / "out dir" / "pets.h5", home / "logs"
+    flags = ["--backbone", "vgg19", "--weights", str(weights), "--data", str(home / "data"), "--layer", "block1_pool",
+             "--image-size", "32", "--batch-size", "4", "--out", str(out), "--shards", "2", "--gpus-per-task", "0",
+             "--cpus-per-task", "1", "--log-dir", str(logs)]
+    done = run_cli("slurm", *flags, cwd=home, env=slurm_cluster.env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    array, merge = re.search(r"submitted array job (\d+) .* merge job (\d+)", done.stdout).groups()
+    states = wait_for(slurm_cluster, array, merge)
+    assert states == {f"{array}_0": "COMPLETED", f"{array}_1": "COMPLETED", merge: "COMPLETED"}, \
+        (states, [p.read_text() for p in logs.glob("*.log")])
+    assert sorted(p.name for p in logs.glob("*.log")) == [f"extract-{array}_0.log", f"extract-{array}_1.log",
+                                                         f"merge-{merge}.log"]
+    attrs = read_attrs(out)
+    assert attrs["complete"] and attrs["num_candidates"] == 6 and attrs["data_root"] == str(home / "data")
+    assert not [p for p in tmp_path.rglob("pwned")] and not (ROOT / "pwned").exists()
