@@ -12,7 +12,7 @@ EXTRACT_FLAGS = $(call flag,BACKBONE,backbone) $(call flag,LAYER,layer) $(call f
   $(call flag,WEIGHTS,weights) $(call flag,POOL,pool) $(call flag,DTYPE,dtype) $(call flag,BATCH,batch-size) \
   $(call flag,SIZE,image-size) $(call flag,RESIZE,resize) $(call flag,PREPROCESS,preprocess) $(call flag,OUT,out) \
   $(call flag,LABELS,labels) $(call flag,COMPRESSION,compression) $(call flag,SHARD,shard) \
-  $(call flag,PRECISION,precision) $(call flag,DEVICES,devices) \
+  $(call flag,PRECISION,precision) $(call flag,ENGINE,engine) $(call flag,DEVICES,devices) \
   $(call flag,AUGMENT,augment) $(call flag,AUGMENT_POLICY,augment-policy) $(call flag,SEED,seed) $(if $(JIT),--jit) $(if $(OVERWRITE),--overwrite)
 CLASSIFY_FLAGS = $(call flag,FEATURES,features) $(call flag,LAYER,layer) $(call flag,HEADS,heads) \
   $(call flag,REDUCE,reduce) $(call flag,CV,cv) $(call flag,SEED,seed) $(call flag,OUT,out) $(call flag,MEMORY,memory-budget) \
@@ -24,7 +24,7 @@ FINETUNE_FLAGS = $(call flag,MODEL,model) $(call flag,DATA,data) $(call flag,OUT
   $(call flag,BATCH,batch-size) $(call flag,SIZE,image-size) $(call flag,AUGMENT_POLICY,augment-policy) \
   $(call flag,PRECISION,precision) $(call flag,SEED,seed) $(if $(OVERWRITE),--overwrite) $(if $(TRUST_PICKLE),--trust-pickle)
 
-.PHONY: install demo test test-all extract layers backbones weights classify predict finetune merge slurm-extract bench clean
+.PHONY: install demo test test-all extract layers backbones weights classify predict finetune merge slurm-extract bench bench-gpu bench-finetune clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python >= 3.10 or run 'make PYTHON=python3 ...'" >&2; exit 1; }
@@ -76,6 +76,12 @@ slurm-extract: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(call flag,SECTIONS,sections)
+
+bench-gpu: $(STAMP)
+	$(PY) -m benchmarks.gpu $(call flag,BATCH,batch-size)
+
+bench-finetune: $(STAMP)
+	$(PY) -m benchmarks.finetune_table $(call flag,DATA,data)
 
 clean:
 	rm -rf cache results build *.egg-info

@@ -1,7 +1,8 @@
 """One measured job in a fresh process: `python -m benchmarks.child JOB '{json params}'` prints one JSON line.
 
 Jobs: `extract` (our stage one), `naive` (the seed articles' per-image loop), `keras` (image_dataset_from_directory +
-predict). Each reports images/s over the timed part and the memory figures: `peak_rss_mb` (the whole process's
+predict), `model_only` (TensorFlow's compiled forward pass on decoded batches: the reference rate). Each reports
+images/s over the timed part and the memory figures: `peak_rss_mb` (the whole process's
 high-water mark, VmHWM) and `growth_mb` (the most the resident set rose above its level before the timed call,
 sampled every 10 ms; for `extract` that call also builds the model, for the others the model is built before).
 """
@@ -38,13 +39,32 @@ def job_extract(params: dict) -> dict:
     cfg = ExtractConfig(backbone=params["backbone"], data=params["data"], layer=[params["layer"]] if params["layer"]
                         else [], weights=params["weights"], image_size=params["size"], batch_size=params["batch"],
                         dtype=params.get("dtype", "float32"), pool=params.get("pool", "none"), out=str(out),
-                        overwrite=True)
+                        engine=params.get("engine", "auto"), overwrite=True)
     with PeakMemory(interval_s=0.01) as mem:
         res = extract(cfg, verbose=False)
     t = res.timings
     return {"images": res.processed, "seconds": t.wall_s, "growth_mb": mem.peak_growth / 2**20,
             "file_mb": out.stat().st_size / 2**20, "decode_cpu_s": t.decode_cpu_s, "wait_input_s": t.wait_input_s,
             "model_s": t.model_s, "write_s": t.write_s}
+
+
+def job_model_only(params: dict) -> dict:
+    """TensorFlow's compiled forward (the tf engine, float32, no XLA) on batches of the folder's images decoded
+    beforehand, after two untimed warm-up calls."""
+    import numpy as np
+
+    from benchmarks.common import list_images
+    from benchmarks.forward import decode_profile, model_forward, time_forward
+
+    batch = params["batch"]
+    paths = list_images(Path(params["data"]))
+    pixels, _ = decode_profile(paths[:batch] * -(-max(2 * batch, len(paths)) // batch), params["size"])
+    batches = [pixels[i:i + batch] for i in range(0, len(pixels) - len(pixels) % batch, batch)]
+    _, _, forward = model_forward(params, batch, "tf")
+    for _ in range(2):
+        time_forward(forward, batches[:1])
+    seconds = time_forward(forward, batches)
+    return {"images": len(batches) * batch, "seconds": seconds, "growth_mb": float(np.nan), "file_mb": 0.0}
 
 
 def job_naive(params: dict) -> dict:
@@ -111,7 +131,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
 
 
-JOBS = {"extract": job_extract, "naive": job_naive, "keras": job_keras}
+JOBS = {"extract": job_extract, "naive": job_naive, "keras": job_keras, "model_only": job_model_only}
 
 
 def main(argv: list[str]) -> int:

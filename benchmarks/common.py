@@ -27,10 +27,12 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg")  # what image_dataset_from_directory and the 
 
 @dataclass(frozen=True)
 class Sizes:
-    """How many images / samples each section uses. `full` keeps `make bench` near 15 minutes on 2 cores."""
+    """How many images / samples each section uses. `full` keeps `make bench` within about 25 minutes on 2 cores."""
 
     throughput_images: dict[str, int]  # section 1, per model case
-    naive_images: int  # section 2 throughput (Lite0)
+    steady_cases: tuple[str, ...]  # section 2 groups (whole processes on N and 2N images)
+    steady_seconds: float  # section 2: the extra work of a 2N run over its N run, long against start-up noise
+    steady_range: tuple[int, int]  # section 2: bounds of N
     memory_images: int  # N of sections 2 and 3 (4N is also run)
     memory_batch: int
     memory_size: int  # input side for the VGG19 block2_pool memory runs
@@ -51,14 +53,17 @@ class Sizes:
 
     @classmethod
     def full(cls) -> "Sizes":
-        return cls(throughput_images={"lite0": 128, "resnet50": 96, "vgg19_block2_pool": 96}, naive_images=64,
+        return cls(throughput_images={"lite0": 128, "resnet50": 96, "vgg19_block2_pool": 96},
+                   steady_cases=("lite0", "vgg19_block2_pool", "lite0_12mp"), steady_seconds=6.0,
+                   steady_range=(16, 1000),
                    memory_images=32, memory_batch=16, memory_size=256, storage_images=64, storage_rows=512,
                    head_epochs=3, scaling_samples=200, scaling_dims=(64, 256, 1280, 5120), scaling_budget_s=10.0)
 
     @classmethod
     def quick(cls) -> "Sizes":
         """The smoke test: every code path, tiny inputs, about a minute."""
-        return cls(throughput_images={"lite0": 8, "resnet50": 8, "vgg19_block2_pool": 8}, naive_images=8,
+        return cls(throughput_images={"lite0": 8, "resnet50": 8, "vgg19_block2_pool": 8},
+                   steady_cases=("vgg19_block2_pool",), steady_seconds=0.2, steady_range=(4, 8),
                    memory_images=4, memory_batch=4, memory_size=32, storage_images=8, storage_rows=32,
                    head_epochs=2, scaling_samples=60, scaling_dims=(16, 64), scaling_budget_s=2.0, batch_size=8,
                    registry_size=32, jit_probe=False, split_images=8, cases=("vgg19_block2_pool",),
@@ -116,9 +121,10 @@ def list_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def stage_images(source: Path, n: int, dest: Path) -> Path:
+def stage_images(source: Path, n: int, dest: Path, link: bool = False) -> Path:
     """`dest/<class>/<k>_<name>`: the source JPEGs copied until there are n, taking the classes in turn (real
-    files on disk, balanced class folders, so a Keras directory reader and our catalog both see labels)."""
+    files on disk, balanced class folders, so a Keras directory reader and our catalog both see labels). `link`:
+    hard links where the file system allows (thousands of images at no disk cost; read from the page cache alike)."""
     files = list_images(source)
     if not files:
         raise FileNotFoundError(f"no JPEG images under {source}; expected class folders of .jpg files.")
@@ -133,7 +139,12 @@ def stage_images(source: Path, n: int, dest: Path) -> Path:
         src = group[(k // len(groups)) % len(group)]
         target = dest / src.parent.name / f"{k:05d}_{src.name}"
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, target)
+        try:
+            if not link:
+                raise OSError
+            os.link(src, target)
+        except OSError:
+            shutil.copyfile(src, target)
     return dest
 
 
@@ -172,11 +183,7 @@ def machine_facts() -> dict[str, str]:
     import numpy as np
     import sklearn
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+    commit = git_state()
     return {
         "CPU": f"{cpu} ({flags})" if flags else cpu,
         "cores": f"{os.cpu_count()} logical, {len(os.sched_getaffinity(0))} usable by this process",
@@ -188,8 +195,32 @@ def machine_facts() -> dict[str, str]:
                                                 f"{cv2.__version__}",
         "date (UTC)": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "load average at start (1, 5, 15 min)": ", ".join(f"{v:.2f}" for v in os.getloadavg()),
-        "git commit": commit or "unknown",
+        "git commit": commit,
+        "ONNX Runtime": _version("onnxruntime"),
     }
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "not installed"
+
+
+def git_state() -> str:
+    """The exact commit and whether the working tree differed from it (the figures belong to that code; the
+    benchmark's own outputs do not count)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no", "--",
+                                                          ".", ":!benchmarks/results.*", ":!benchmarks/*.png")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    if not commit:
+        return "unknown (not a git checkout)"
+    return f"{commit} ({'dirty: uncommitted changes to tracked files' if dirty else 'clean tree'})"
 
 
 def rate(items: int, seconds: float) -> float:
@@ -207,16 +238,17 @@ def timed(fn, *args, **kwargs) -> tuple[object, float]:
 
 
 def run_child(job: str, params: dict, timeout: float = 900) -> dict:
-    """Run `benchmarks.child` job in a fresh Python process and return its JSON record (peak RSS included), so a
-    measurement of memory never sees what another section allocated."""
+    """Run `benchmarks.child` job in a fresh Python process and return its JSON record (peak RSS included, and
+    `process_s`: the process's wall time), so a measurement of memory never sees what another section allocated."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "benchmarks.child", job, json.dumps(params)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"benchmark child '{job}' with {params} failed (exit {proc.returncode}):\n"
                            f"{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    return {**json.loads(lines[-1]), "process_s": time.perf_counter() - start}  # the whole process, start-up included
 
 
 def fmt(value, digits: int = 3) -> str:

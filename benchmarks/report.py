@@ -82,12 +82,12 @@ def plot_sections(folder: Path, sections: list[Section]) -> None:
     if 1 in by_number and by_number[1].rows:
         s = by_number[1]
         labels = [r["model"] for r in s.rows]
-        series = [("model only", "model_only_img_s"), ("ours end-to-end", "end_to_end_img_s"),
-                  ("Keras peer", "keras_peer_img_s")]
+        series = [("TF model only", "tf_model_only_img_s"), ("engine model only", "model_only_img_s"),
+                  ("ours end-to-end", "end_to_end_img_s"), ("Keras peer", "keras_peer_img_s")]
         x = np.arange(len(labels))
         fig, ax = plt.subplots(figsize=(7, 3.5))
         for i, (name, key) in enumerate(series):
-            ax.bar(x + (i - 1) * 0.27, [r.get(key, np.nan) for r in s.rows], 0.27, label=name)
+            ax.bar(x + (i - 1.5) * 0.2, [r.get(key, np.nan) for r in s.rows], 0.2, label=name)
         ax.set_xticks(x, labels)
         ax.set_ylabel("images / s")
         ax.set_title("Section 1: end-to-end vs model-only (same run)")
@@ -101,10 +101,10 @@ def plot_sections(folder: Path, sections: list[Section]) -> None:
             pts = [(r["images"], r["peak_rss_mb"]) for r in s.rows if r["dtype"] == dtype]
             if pts:
                 ax.plot(*zip(*pts), "o-", label=f"ours, {dtype}")
-        if extra:
+        mem = extra.extra_tables[0][2] if extra and extra.extra_tables else []
+        if mem:
             for method in ("naive loop", "keras peer (image_dataset_from_directory + predict)"):
-                pts = [(int(r["model"].rsplit("N=", 1)[1]), r["peak_rss_mb"]) for r in extra.rows
-                       if r["method"] == method and "N=" in r["model"]]
+                pts = [(r["images"], r["peak_rss_mb"]) for r in mem if r["method"] == method]
                 if pts:
                     ax.plot(*zip(*pts), "s--", label=method.split(" (")[0])
         ax.set_xlabel("images")

@@ -48,16 +48,16 @@ def section_memory(sizes: Sizes, sources: Sources, work: Path, log, children: di
 
 
 def _real_features(sources: Sources, n: int, work: Path) -> dict[str, np.ndarray]:
-    """Lite0 activations of n real images at STORAGE_LAYERS, float32, via the same compiled forward as extract."""
+    """Lite0 activations of n real images at STORAGE_LAYERS, float32, via the tf engine's compiled forward."""
     from benchmarks.throughput import decode_profile
     from features.backbones import get_backbone
-    from features.extract import make_forward
+    from features.engines import EngineOptions, Graph, tf_forward
     from features.model import build_base, cut
 
     spec = get_backbone(str(sources.lite0))
     model = cut(build_base(spec, "imagenet", 224), STORAGE_LAYERS)
     batch = min(n, 32)
-    forward = make_forward(model, spec.preprocess.fn, batch, 224)
+    forward = tf_forward(Graph(model, spec.preprocess.fn, batch, 224), EngineOptions())
     pixels, _ = decode_profile(list_images(stage_images(sources.images, n, work / "img_storage")), 224)
     outs: dict[str, list] = {name: [] for name in STORAGE_LAYERS}
     for i in range(0, n - n % batch, batch):

@@ -1,14 +1,13 @@
-"""The stage-one engine room: the compiled forward pass and the decode -> model -> write loop.
+"""The stage-one engine room: the decode -> model -> write loop (the forward pass itself is `features.engines`).
 
 Decoding runs in a thread pool ahead of the model, HDF5 writes in a thread behind it; the model runs as one compiled
 function on fixed-shape batches in which every image's slot is its index in the whole set modulo the batch size, so each
-image is computed identically whether the run is interrupted and resumed, sharded, or not. `pipeline.extract` resolves
-the configuration and decides what to run; this module only runs it.
+image is computed identically (by a given engine) whether the run is interrupted and resumed, sharded, or not.
+`pipeline.extract` resolves the configuration and decides what to run; this module only runs it.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -17,12 +16,9 @@ from tqdm import tqdm
 
 from features.augment import file_loader
 from features.catalog import Catalog
+from features.engines import Forward
 from features.images import decode_stream
-from features.model import pool_features
 from features.store import CacheWriter, Progress
-
-# uint8 pixels (batch, size, size, 3) -> one float array per cut layer, (batch, *row_shape)
-Forward = Callable[[np.ndarray], list[np.ndarray]]
 
 
 @dataclass
@@ -43,24 +39,6 @@ class Decoding:
     augment_policy: str = "standard"
     seed: int = 0
     workers: int = 1
-
-
-def make_forward(model, preprocess: Callable, batch_size: int, size: int, pool: str = "none",
-                 dtype: str = "float32", jit: bool = False) -> Forward:
-    """One compiled call per batch: uint8 pixels -> preprocess -> model -> pool -> storage dtype, as numpy arrays."""
-    import tensorflow as tf
-
-    @tf.function(jit_compile=jit, autograph=False, input_signature=[tf.TensorSpec((batch_size, size, size, 3), tf.uint8)])
-    def compiled(pixels):
-        outs = model(preprocess(tf.cast(pixels, tf.float32)), training=False)
-        outs = outs if isinstance(outs, (list, tuple)) else [outs]
-        return [tf.cast(pool_features(o, pool), dtype) for o in outs]
-
-    def forward(pixels: np.ndarray) -> list[np.ndarray]:
-        return [o.numpy() for o in compiled(pixels)]
-
-    forward.compiled = compiled  # the graph itself, for benchmarks that time the model alone
-    return forward
 
 
 def extract_rows(catalog: Catalog, forward: Forward, writer: CacheWriter, progress: Progress, batch_size: int,

@@ -35,7 +35,8 @@ class ExtractConfig:
     label_column: str | None = None
     compression: str = "none"  # none | lzf
     shard: str | None = None  # "I/N"; None: SLURM_ARRAY_TASK_* or the whole set
-    precision: str = "float32"  # float32 | mixed
+    precision: str = "float32"  # float32 | mixed (tf engine only)
+    engine: str = "auto"  # auto | tf | onnx (features/engines.py; auto: onnx on CPU, tf on a GPU)
     jit: bool = False
     devices: str = "all"  # all | comma-separated GPU indices: one extraction worker per GPU
     workers: int = 0  # decoder threads; 0: one per core

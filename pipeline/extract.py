@@ -17,8 +17,10 @@ import numpy as np
 from features.augment import get_policy
 from features.backbones import BackboneSpec, get_backbone, sha256_file
 from features.catalog import Catalog, discover
+from features.engines import (ENGINE_CHOICES, EngineOptions, Graph, build_forward, export_path, export_versions,
+                              resolve_engine)
 from features.errors import UsageError
-from features.extract import Decoding, Timings, extract_rows, make_forward
+from features.extract import Decoding, Timings, extract_rows
 from features.images import DECODER, INTERPOLATION, RESIZE_POLICIES
 from features.model import POOLS, build_base, cut, gpu_count, runtime_versions, weights_identity
 from features.store import (COMPRESSIONS, STORAGE_DTYPES, CacheWriter, Progress, identity_diff, read_attrs)
@@ -36,6 +38,7 @@ class ExtractResult:
     layer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     timings: Timings = field(default_factory=Timings)
     processed: int = 0  # images pushed through the model in this run
+    engine: str = ""  # what ran the model: tf | onnx
 
 
 def parse_shard(value: str | None, env: dict | None = None) -> tuple[int, int] | None:
@@ -87,7 +90,8 @@ def validate(cfg: ExtractConfig) -> None:
     for name, value, valid in [("pool", cfg.pool, POOLS), ("dtype", cfg.dtype, STORAGE_DTYPES),
                                ("resize", cfg.resize, tuple(RESIZE_POLICIES)),
                                ("compression", cfg.compression, COMPRESSIONS),
-                               ("precision", cfg.precision, ("float32", "mixed"))]:
+                               ("precision", cfg.precision, ("float32", "mixed")),
+                               ("engine", cfg.engine, ENGINE_CHOICES)]:
         if value not in valid:
             raise UsageError(f"{name} '{value}' is not valid. Expected one of: {', '.join(valid)}.")
     if cfg.batch_size < 1:
@@ -143,6 +147,11 @@ def plan_attrs(cfg: ExtractConfig, spec: BackboneSpec, catalog: Catalog, size: i
     }
 
 
+def engine_attrs(engine: str) -> dict:
+    """The engine a cache records (an identity attribute) and, for onnx, the converter and runtime versions."""
+    return {"engine": engine, **(export_versions() if engine == "onnx" else {})}
+
+
 def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
     """Write (or resume, or confirm) the cache that `cfg` describes and return where it is."""
     validate(cfg)
@@ -158,6 +167,8 @@ def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
         layers = [base.layers[-1].name]
     out = shard_out(Path(cfg.out), shard) if cfg.out else default_out(cfg, layers, shard)
     attrs = plan_attrs(cfg, spec, catalog, size, layers, shard, full.fingerprint())
+    export = export_path(out.parent / "engines", attrs)  # the ONNX graph, kept beside the caches
+    attrs["engine"] = resolve_engine(cfg.engine, cfg.precision, cfg.jit, gpu_count(), export)
 
     progress = _existing(out, attrs, cfg.overwrite)
     if progress == "complete":
@@ -168,7 +179,14 @@ def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
     if cfg.precision == "mixed" and verbose and not gpu_count():
         print("warning: --precision mixed without a GPU computes float16 in software (several times slower on CPU).")
     model = cut(base or build_base(spec, cfg.weights, size, cfg.precision), layers)
-    forward = make_forward(model, spec.preprocess.fn, cfg.batch_size, size, cfg.pool, cfg.dtype, cfg.jit)
+    graph = Graph(model, spec.preprocess.fn, cfg.batch_size, size, cfg.pool, cfg.dtype)
+    if verbose and attrs["engine"] == "onnx" and not export.exists():
+        print(f"exporting the model to ONNX once (kept as {export})" if cfg.weights != "none" else
+              "exporting the model to ONNX (random weights: not kept)")
+    forward, engine = build_forward(cfg.engine, attrs["engine"], graph,
+                                    EngineOptions(cfg.jit, export, keep_export=cfg.weights != "none"),
+                                    note=print if verbose else lambda _: None)
+    attrs.update(engine_attrs(engine))  # the engine that runs: auto falls back to tf when the graph does not export
     shapes = {n: tuple(o.shape[1:]) for n, o in zip(layers, forward(np.zeros((cfg.batch_size, size, size, 3), "uint8")))}
     if progress is None:
         writer, status = CacheWriter.create(out, attrs, shapes, catalog.paths, catalog.label_names), "written"
@@ -184,7 +202,7 @@ def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
         out.unlink(missing_ok=True)
         raise UsageError(f"none of the {len(catalog)} files under '{cfg.data}' could be used: "
                          + "; ".join(f"{p}: {r}" for p, r in progress.skipped[:5]))
-    return ExtractResult(out, status, progress.rows_written, progress.skipped, shapes, timings, processed)
+    return ExtractResult(out, status, progress.rows_written, progress.skipped, shapes, timings, processed, engine)
 
 
 def _existing(out: Path, attrs: dict, overwrite: bool) -> Progress | str | None:

@@ -35,7 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compression", default=d.compression, help="none | lzf")
     p.add_argument("--shard", default=d.shard, help="I/N: process block I of N (default: from SLURM_ARRAY_TASK_ID/COUNT)")
     p.add_argument("--precision", default=d.precision, help="float32 | mixed (float16 compute, for GPUs)")
-    p.add_argument("--jit", action="store_true", help="compile the forward pass with XLA")
+    p.add_argument("--jit", action="store_true", help="compile the forward pass with XLA (tf engine)")
+    p.add_argument("--engine", default=d.engine,
+                   help="auto (ONNX Runtime on CPU, TensorFlow on a GPU) | tf | onnx; see docs/engines.md")
     p.add_argument("--devices", default=d.devices,
                    help="all | GPU indices, e.g. 0,1: one worker process per GPU over shards, then a merge")
     p.add_argument("--workers", type=int, default=d.workers, help="decoder threads (0: one per core)")

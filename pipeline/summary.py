@@ -32,7 +32,8 @@ def print_extract_summary(r: ExtractResult) -> None:
     for layer, shape in r.layer_shapes.items():
         per_image = int(np.prod(shape)) * itemsize
         lines.append(f"  features/{layer}: (N, {', '.join(map(str, shape))}) {dtype}, {human_bytes(per_image)} per image")
-    lines.append(f"time: model {t.model_s:.1f} s, waiting for decoder {t.wait_input_s:.1f} s, write {t.write_s:.1f} s; "
+    lines.append(f"time: model ({r.engine}) {t.model_s:.1f} s, waiting for decoder {t.wait_input_s:.1f} s, "
+                 f"write {t.write_s:.1f} s; "
                  f"decode {t.decode_cpu_s:.1f} cpu-s across threads")
     if r.skipped:
         reasons = Counter(reason for _, reason in r.skipped)
