@@ -16,7 +16,7 @@ EXTRACT_FLAGS = $(call flag,BACKBONE,backbone) $(call flag,LAYER,layer) $(call f
   $(call flag,AUGMENT,augment) $(call flag,AUGMENT_POLICY,augment-policy) $(call flag,SEED,seed) $(if $(JIT),--jit) $(if $(OVERWRITE),--overwrite)
 CLASSIFY_FLAGS = $(call flag,FEATURES,features) $(call flag,LAYER,layer) $(call flag,HEADS,heads) \
   $(call flag,REDUCE,reduce) $(call flag,CV,cv) $(call flag,SEED,seed) $(call flag,OUT,out) $(call flag,MEMORY,memory-budget) \
-  $(if $(SAVE_ALL),--save-all)
+  $(if $(SAVE_ALL),--save-all) $(if $(NO_REPORT),--no-report)
 PREDICT_FLAGS = $(call flag,MODEL,model) $(call flag,DATA,data) $(call flag,OUT,out) $(call flag,BATCH,batch-size) \
   $(if $(TRUST_PICKLE),--trust-pickle)
 FINETUNE_FLAGS = $(call flag,MODEL,model) $(call flag,DATA,data) $(call flag,OUT,out) $(call flag,UNFREEZE,unfreeze) \
@@ -24,7 +24,7 @@ FINETUNE_FLAGS = $(call flag,MODEL,model) $(call flag,DATA,data) $(call flag,OUT
   $(call flag,BATCH,batch-size) $(call flag,SIZE,image-size) $(call flag,AUGMENT_POLICY,augment-policy) \
   $(call flag,PRECISION,precision) $(call flag,SEED,seed) $(if $(OVERWRITE),--overwrite) $(if $(TRUST_PICKLE),--trust-pickle)
 
-.PHONY: install demo test test-all extract layers backbones weights classify predict finetune merge slurm-extract bench bench-gpu bench-finetune clean
+.PHONY: install demo test test-all extract layers backbones weights classify predict audit finetune merge verify slurm-extract bench bench-gpu bench-finetune clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python >= 3.10 or run 'make PYTHON=python3 ...'" >&2; exit 1; }
@@ -61,6 +61,10 @@ classify: $(STAMP)
 
 predict: $(STAMP)
 	$(PY) -m pipeline predict $(PREDICT_FLAGS)
+
+audit: $(STAMP)
+	$(PY) -m pipeline audit $(call flag,FEATURES,features) $(call flag,LAYER,layer) $(call flag,REDUCE,reduce) \
+	  $(call flag,THRESHOLD,threshold) $(call flag,OUT,out) $(call flag,SEED,seed) $(call flag,MEMORY,memory-budget)
 
 finetune: $(STAMP)
 	$(PY) -m pipeline finetune $(FINETUNE_FLAGS)

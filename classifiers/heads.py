@@ -29,7 +29,7 @@ from sklearn.svm import LinearSVC
 from sklearn.utils.validation import check_is_fitted
 
 from classifiers.data import iter_batches
-from classifiers.holdout import holdout_mask
+from classifiers.holdout import start_streaming_fit
 from features.errors import UsageError, did_you_mean
 
 
@@ -168,20 +168,11 @@ class StreamingSGDClassifier(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y, groups=None):
         """`groups`: image id per row; the alpha is then picked on held-out images, all their views together."""
-        y = np.asarray(y)
-        if len(y) != X.shape[0]:
-            raise ValueError(f"X has {X.shape[0]} rows but y has {len(y)} labels.")
-        rng = np.random.default_rng(self.random_state)
-        self.classes_ = np.unique(y)
-        held_out = holdout_mask(y, self.validation_fraction, rng, groups)
-        scaler = StandardScaler()
-        for positions, batch in iter_batches(X, self.batch_size):
-            keep = ~held_out[positions]
-            if keep.any():
-                scaler.partial_fit(batch[keep])
+        start = start_streaming_fit(X, y, self.validation_fraction, self.random_state, groups, self.batch_size)
+        y, rng, held_out, scaler, codes = np.asarray(y), start.rng, start.held_out, start.scaler, start.codes
+        self.classes_ = start.classes
         models = [SGDClassifier(loss="log_loss", alpha=alpha, average=True, random_state=self.random_state)
                   for alpha in self.alphas]
-        codes = np.searchsorted(self.classes_, y)
         for _ in range(self.epochs):
             loss = np.zeros(len(models))  # summed log-loss on held-out rows, last epoch only
             for positions, batch in iter_batches(X, self.batch_size, rng):

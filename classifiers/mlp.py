@@ -11,11 +11,10 @@ import tempfile
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from classifiers.data import iter_batches
-from classifiers.holdout import holdout_mask
+from classifiers.holdout import start_streaming_fit
 
 
 class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
@@ -52,16 +51,9 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y, groups=None):
         """`groups`: image id per row; early stopping then watches held-out images, all their views together."""
-        y = np.asarray(y)
-        if len(y) != X.shape[0]:
-            raise ValueError(f"X has {X.shape[0]} rows but y has {len(y)} labels.")
-        rng = np.random.default_rng(self.random_state)
-        self.classes_, codes = np.unique(y, return_inverse=True)
-        held_out = holdout_mask(codes, self.validation_fraction, rng, groups)
-        self.scaler_ = StandardScaler()
-        for positions, batch in iter_batches(X, 1024):
-            if (~held_out[positions]).any():
-                self.scaler_.partial_fit(batch[~held_out[positions]])
+        start = start_streaming_fit(X, y, self.validation_fraction, self.random_state, groups, 1024)
+        self.classes_, self.scaler_ = start.classes, start.scaler
+        codes, held_out, rng = start.codes, start.held_out, start.rng
         self.model_ = self._build(X.shape[1], len(self.classes_))
         best_loss, best_weights, waited = np.inf, self.model_.get_weights(), 0
         for epoch in range(self.epochs):

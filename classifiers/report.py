@@ -17,11 +17,14 @@ from sklearn.metrics import confusion_matrix  # noqa: E402
 
 from classifiers import saved  # noqa: E402
 from classifiers.memory import format_bytes  # noqa: E402
+from classifiers.stats import choose, explain  # noqa: E402
 
-# leaderboard order: best first; ties broken by balanced accuracy, then lower log-loss, then faster fit
+# accuracy order (before classifiers.stats.choose moves the best tied row first): ties broken by balanced
+# accuracy, then lower log-loss, then faster fit
 SORT_BY = ["accuracy", "balanced_accuracy", "log_loss", "fit_s"]
 SORT_ASCENDING = [False, False, True, True]
-SHOWN = ["backbone", "layer", "reduce", "head", "augment", "scheme", "accuracy", "accuracy_std", "augment_gain",
+SHOWN = ["backbone", "layer", "reduce", "head", "augment", "scheme", "accuracy", "ci_low", "ci_high",
+         "tied", "accuracy_std", "augment_gain",
          "balanced_accuracy", "macro_f1", "top5", "log_loss", "fit_s", "predict_s", "error"]
 # an augmented row is compared with the clean row of the same data, features and head
 SAME_MODEL = ["data_id", "backbone", "layer", "reduce", "head", "scheme"]
@@ -50,15 +53,20 @@ def augment_gains(table: pd.DataFrame) -> pd.DataFrame:
     return gains.sort_values(["gain", "head"], ascending=[False, True], kind="stable").reset_index(drop=True)
 
 
-def rank(rows: list[dict]) -> pd.DataFrame:
-    """The leaderboard: best first, with `augment_gain` (accuracy minus the clean twin's) on augmented rows."""
+def rank(rows: list[dict], correct: dict[int, pd.Series] | None = None, seed: int = 0) -> pd.DataFrame:
+    """The leaderboard: best first (classifiers.stats.choose: the lowest log-loss among rows tied with the top
+    accuracy), with 95% intervals, and `augment_gain` (accuracy minus the clean twin's) on augmented rows.
+    `correct[i]` (optional) is row i's per-image correctness, indexed by image path, for the paired tests
+    (failed heads have none)."""
     table = _with_augment(pd.DataFrame(rows).drop(columns="augment_gain", errors="ignore"))  # recomputed
+    table["row_id"] = np.arange(len(table))
     keys = SAME_MODEL + ["augment", "cache"]  # one leaderboard row each
     gains = augment_gains(table)[keys + ["gain"]].rename(columns={"gain": "augment_gain"})
     table = table.merge(gains, on=keys, how="left")
     table = table.sort_values(SORT_BY, ascending=SORT_ASCENDING, na_position="last", kind="stable")
+    table = choose(table.reset_index(drop=True), correct, seed).drop(columns="row_id")
     table.insert(0, "rank", np.arange(1, len(table) + 1))
-    return table.reset_index(drop=True)
+    return table
 
 
 def shown(table: pd.DataFrame, top: int | None = None) -> pd.DataFrame:
@@ -83,8 +91,15 @@ def write_leaderboard(table: pd.DataFrame, run_dir: Path) -> None:
         gains.to_csv(run_dir / "augment_gain.csv", index=False)
 
 
+def _error_bars(part: pd.DataFrame) -> np.ndarray:
+    """(2, n) distances from accuracy to the 95% interval's ends; ± the fold std in leaderboards without one."""
+    if "ci_low" not in part:
+        return np.vstack([part["accuracy_std"].fillna(0)] * 2)
+    return np.nan_to_num(np.vstack([part["accuracy"] - part["ci_low"], part["ci_high"] - part["accuracy"]]).clip(0))
+
+
 def plot_leaderboard(run_dir: Path) -> Path:
-    """accuracy.png: accuracy (± std across folds) of every head, grouped by backbone / layer / reduce."""
+    """accuracy.png: accuracy (with its 95% interval) of every head, grouped by backbone / layer / reduce."""
     table = pd.read_csv(run_dir / "leaderboard.csv")
     extra = table.reindex(columns=["augment", "cache"]).fillna("").astype(str)
     label = (table["backbone"] + "\n" + table["layer"] + " · " + table["reduce"]
@@ -97,17 +112,13 @@ def plot_leaderboard(run_dir: Path) -> Path:
     for i, head in enumerate(heads):
         part = table[table["head"] == head].set_index("features").reindex(groups)
         ax.bar(np.arange(len(groups)) + (i - (len(heads) - 1) / 2) * width, part["accuracy"], width,
-               yerr=part["accuracy_std"].fillna(0), label=head, capsize=2)
+               yerr=_error_bars(part), label=head, capsize=2)
     ax.set_xticks(np.arange(len(groups)), groups, fontsize=8)
     ax.set_ylabel(f"accuracy ({table['scheme'].iloc[0]})")
     ax.set_ylim(max(0.0, np.nanmin(table["accuracy"]) - 0.1), 1.0)
     ax.legend(fontsize=8, ncols=min(len(heads), 5), loc="lower right")
     ax.set_title("Accuracy by layer and head")
-    fig.tight_layout()
-    path = run_dir / "accuracy.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, run_dir / "accuracy.png")
 
 
 def plot_confusion(model_dir: Path, class_names: list[str]) -> Path:
@@ -127,8 +138,12 @@ def plot_confusion(model_dir: Path, class_names: list[str]) -> Path:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"Confusion matrix (accuracy {np.trace(matrix) / max(1, matrix.sum()):.3f})")
+    return save_figure(fig, model_dir / "confusion_matrix.png")
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Every figure of a run the same way (tight layout, 110 dpi), and closed: a long run makes many."""
     fig.tight_layout()
-    path = model_dir / "confusion_matrix.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -163,6 +178,7 @@ def write_report(run_dir: Path, table: pd.DataFrame, record: dict, run: dict, no
         f"accuracy **{_fmt(best['accuracy'], best['accuracy_std'])}**, balanced accuracy "
         f"{_fmt(best['balanced_accuracy'])}, macro-F1 {_fmt(best['macro_f1'])}, log-loss {_fmt(best['log_loss'])}"
         + (f", top-5 {_fmt(best['top5'])}" if not pd.isna(best["top5"]) else "") + ".", "",
+        f"- Why this one: {explain(table)}",
         f"- Evaluation: {how}.",
         f"- Data: {int(best['n_fit_images'])} training and {int(best['n_eval'])} scored images"
         + (f" (trained on {int(best['n_fit'])} rows: clean and augmented views {best['augment']}; only clean "
@@ -209,6 +225,8 @@ def summary(run_dir: Path, top: int = 10) -> str:
         f"balanced {_fmt(best['balanced_accuracy'])}, macro-F1 {_fmt(best['macro_f1'])}",
         f"{len(table)} combinations in {run['seconds']:.1f} s; peak memory {format_bytes(run['peak_bytes'])} "
         f"(budget {format_bytes(run['budget_bytes'])}); {len(run['notes'])} warning(s), see report.md",
+        *([f"why:     {explain(table)}"] if "tied" in table else []),
         f"results: {run_dir}/  (report.md, leaderboard.csv, accuracy.png, best/)",
         f"next:    make predict MODEL={run_dir / 'best'} DATA=<image folder>",
+        *([f"report:  {run_dir / 'report.html'}"] if (run_dir / "report.html").exists() else []),
     ])

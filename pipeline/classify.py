@@ -33,6 +33,7 @@ from classifiers.memory import PeakMemory, parse_bytes
 from classifiers.reduce import ReduceSpec, get_reduce, resolve_reduce
 from classifiers.saved import write_json
 from classifiers.report import plot_leaderboard, rank, save_model, write_leaderboard, write_report
+from pipeline.page import write_page
 from features.errors import UsageError
 
 # cache attributes copied into model.json: how the features were made, so predict can make them again
@@ -54,6 +55,7 @@ class ClassifyConfig:
     out: str | None = None  # None: results/<UTC timestamp>/
     memory_budget: str = "2GiB"
     save_all: bool = False
+    report: bool = True  # report.html with learning curve and data audit (pipeline/page.py)
 
 
 @dataclass
@@ -183,6 +185,12 @@ def _save(model_dir: Path, job: Job, head: HeadSpec, ev: Evaluation, loaded, cfg
                _eval_table(job, ev))
 
 
+def _correct(job: Job, ev: Evaluation) -> pd.Series:
+    """Per scored image, whether the head got it right, keyed by data and path: what the paired tests compare."""
+    keys = [f"{job.cache.data_id}:{path}" for path in job.cache.paths[ev.eval_rows]]
+    return pd.Series(ev.predictions == job.cache.labels[ev.eval_rows], index=keys)
+
+
 def classify(cfg: ClassifyConfig) -> Path:
     """Run every head on every (cache, layer, reduce); write the leaderboard, plots, report and best model."""
     started = time.perf_counter()
@@ -204,7 +212,7 @@ def _run(cfg: ClassifyConfig, heads: list[HeadSpec], jobs: list[Job], notes: lis
     write_json(run_dir / "config.json", dataclasses.asdict(cfg))
     for note in notes:
         tqdm.write(f"warning: {note}", file=sys.stderr)
-    rows, best = [], None
+    rows, correct, evaluated = [], {}, {}
     # working_memory (MiB) caps sklearn's chunked pairwise work (knn distances) to a share of the budget
     with PeakMemory() as memory, sklearn.config_context(working_memory=max(1, budget // READ_SHARE // 2**20)), \
             tqdm(total=len(jobs) * len(heads), desc="classify", unit="head") as bar:
@@ -243,22 +251,22 @@ def _run(cfg: ClassifyConfig, heads: list[HeadSpec], jobs: list[Job], notes: lis
                              "n_eval": len(ev.eval_rows), "streamed": loaded.streamed,
                              "params": json.dumps(ev.params, default=str), "cache": str(job.cache.path),
                              "data_id": job.cache.data_id})
-                # the leaderboard's order: accuracy, balanced accuracy, lower log-loss, faster fit
-                key = (ev.scores["accuracy"], ev.scores["balanced_accuracy"],
-                       -np.nan_to_num(ev.scores["log_loss"], nan=np.inf), -ev.fit_s)
-                if best is None or key > best[0]:
-                    best = (key, job, head, ev, loaded)
-    if best is None and rows:
+                correct[len(rows) - 1] = _correct(job, ev)
+                evaluated[(str(job.cache.path), job.layer, job.reduce.name, head.name)] = (job, head, ev)
+    if not evaluated and rows:
         failed = "; ".join(f"{r['head']}: {r['error']}" for r in rows[:3])
         raise UsageError(f"every head failed: {failed}. "
                          "Rerun with --debug for the traceback, or choose other --heads.")
-    if best is None:
+    if not evaluated:
         raise UsageError(f"No head could run: every reduced matrix exceeded --memory-budget {cfg.memory_budget} and "
                          f"none of the heads {[h.name for h in heads]} streams. Add HEADS=sgd or mlp, use a pooling "
                          f"reduce (avg, grid4), or raise the budget.")
-    _, job, head, ev, loaded = best
+    table = rank(rows, correct, cfg.seed)  # row 0 is the best: classifiers.stats.choose
+    best_job, head, ev = evaluated[tuple(table.loc[0, ["cache", "layer", "reduce", "head"]])]
+    if best_job is not job:  # the best features are not the last ones read, still in memory: read them again
+        job = best_job
+        loaded = load_reduced(job.cache, job.layer, job.reduce, job.plan.rows, job.plan.fit_rows, budget)
     _save(run_dir / "best", job, head, ev, loaded, cfg)
-    table = rank(rows)
     write_leaderboard(table, run_dir)
     plot_leaderboard(run_dir)
     run = {"seconds": time.perf_counter() - started, "peak_bytes": memory.peak_growth, "budget_bytes": budget,
@@ -266,3 +274,5 @@ def _run(cfg: ClassifyConfig, heads: list[HeadSpec], jobs: list[Job], notes: lis
     write_json(run_dir / "run.json", run)
     record = json.loads((run_dir / "best" / "model.json").read_text())
     write_report(run_dir, table, record, run, notes)
+    if cfg.report:
+        write_page(run_dir, table, job, head, ev, loaded, cfg.seed, budget)

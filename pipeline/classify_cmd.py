@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-budget", default=_DEFAULTS.memory_budget,
                         help="peak memory for feature data, e.g. 512MiB (default: %(default)s)")
     parser.add_argument("--save-all", action="store_true", help="save every model, not only the best")
+    parser.add_argument("--no-report", dest="report", action="store_false",
+                        help="skip report.html (its learning curve and data audit)")
     parser.add_argument("--list", action="store_true", help="list heads and reductions, then exit")
 
 
@@ -49,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         print(catalogue())
         return 0
     cfg = ClassifyConfig(features=args.features, layer=args.layer, heads=args.heads, reduce=args.reduce, cv=args.cv,
-                         seed=args.seed, out=args.out, memory_budget=args.memory_budget, save_all=args.save_all)
+                         seed=args.seed, out=args.out, memory_budget=args.memory_budget, save_all=args.save_all,
+                         report=args.report)
     print(summary(classify(cfg)))
     return 0

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "weights": ("pipeline.inspect_cmd", "pre-fetch ImageNet weights into the Keras cache (needs internet)"),
     "classify": ("pipeline.classify_cmd", "train and rank many cheap heads on cached features"),
     "predict": ("pipeline.predict_cmd", "apply a saved head to new images"),
+    "audit": ("pipeline.audit_cmd", "find near-duplicates (leakage), likely label errors and outliers in a cache"),
     "finetune": ("pipeline.finetune_cmd", "fine-tune the backbone + best head end to end (two phases) from a saved model"),
     "merge": ("pipeline.merge_cmd", "join the shards of one extraction into a single cache"),
     "slurm": ("pipeline.slurm_cmd", "submit a sharded extraction as a SLURM job array plus a dependent merge"),
@@ -30,9 +31,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+CONSOLE_SCRIPT = "feature-cache"  # pyproject.toml [project.scripts]
+
+
+def program_name(argv0: str) -> str:
+    """What the user typed to start us, for the usage line: the console script, else the module form (argv[0] is
+    then the path of pipeline/__main__.py, which the user did not type)."""
+    return CONSOLE_SCRIPT if os.path.basename(argv0) == CONSOLE_SCRIPT else "python -m pipeline"
+
+
+def build_parser(command: str | None = None, prog: str = "python -m pipeline") -> argparse.ArgumentParser:
     """All commands are listed; only the chosen one's module is imported (keeps `--help` and start-up fast)."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
@@ -49,7 +59,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off the user's screen
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(next((a for a in argv if a in COMMANDS), None)).parse_args(argv)
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(command, program_name(sys.argv[0])).parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

@@ -30,5 +30,6 @@ def run(args: argparse.Namespace) -> int:
     run_dir = classify(ClassifyConfig(features=str(result.path), out=args.out))
     print(summary(run_dir))
     print(f"\ndemo done. cache: {result.path}\nresults: {run_dir} (report.md, leaderboard.md, *.png, best/)\n"
-          f"next: make predict MODEL={run_dir}/best DATA=path/to/new/images")
+          f"next: make predict MODEL={run_dir}/best DATA=path/to/new/images\n"
+          f"report: {run_dir / 'report.html'}  (open it in a browser)")
     return 0

@@ -19,7 +19,7 @@ import time
 from features.errors import UsageError
 from pipeline.config import ExtractConfig, shard_out
 from features.extract import Timings
-from pipeline.extract import ExtractResult, extract, parse_shard
+from pipeline.extract import ExtractResult, extract, parse_shard, validate
 from pipeline.merge import merge, merged_out
 
 
@@ -49,7 +49,9 @@ def select_gpus(devices: str, gpus: list[str]) -> list[str]:
 
 
 def extract_on_devices(cfg: ExtractConfig, verbose: bool = True, gpus: list[str] | None = None) -> ExtractResult:
-    """`extract(cfg)` with one worker per selected GPU. `gpus` overrides detection (tests drive several CPU workers)."""
+    """`extract(cfg)` with one worker per selected GPU. `gpus` overrides detection (tests drive several CPU workers).
+    Options are checked here first, so a bad one is one line from the parent, not one per worker log."""
+    validate(cfg)
     chosen = select_gpus(cfg.devices, visible_gpus() if gpus is None else gpus)
     if len(chosen) > 1 and parse_shard(cfg.shard) is None:
         return _workers(cfg, chosen, verbose)

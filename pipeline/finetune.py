@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -430,7 +431,12 @@ def predict_images(record: dict, model_dir: Path, data: Path, batch_size: int | 
     catalog = discover(data)
     images = Images(catalog.root, catalog.paths, np.arange(len(catalog)))
     size, failed = int(record["image_size"]), list(catalog.ignored)
-    probs, rows = probabilities(model, clean(images, size, xcfg.resize, batch_size or 32, 0, failed)(), preprocess)
+    batches = clean(images, size, xcfg.resize, batch_size or 32, 0, failed)()
+    first = next(batches, None)  # None: every file failed (and `failed` now names them all)
+    if first is None:
+        raise UsageError(f"none of the {len(failed)} files under '{data}' could be used: "
+                         + "; ".join(f"{p}: {r}" for p, r in failed[:5]))
+    probs, rows = probabilities(model, chain([first], batches), preprocess)
     names, root = np.array(record["class_names"]), catalog.root.resolve()
     table = pd.DataFrame({"path": [str(root / catalog.paths[r]) for r in rows],
                           "predicted": names[probs.argmax(1)], **{f"p_{n}": probs[:, i] for i, n in enumerate(names)}})

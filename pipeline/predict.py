@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,10 +170,11 @@ def check_outputs(out: Path, derived_cache: Path | None, record: dict) -> None:
         raise UsageError(f"--out {str(out)!r}: the folder {str(out.parent)!r} is not writable. Choose another --out.")
 
 
-def summary(csv_path: Path, top: int = 10, shown: int = SHOWN_SKIPPED) -> str:
+def summary(csv_path: Path, classes: Sequence[str], top: int = 10, shown: int = SHOWN_SKIPPED) -> str:
     """A few lines for the terminal: counts per predicted class, every file that could not be used (a count and
-    the first few), and, for labelled images, the accuracy."""
-    table = pd.read_csv(csv_path, keep_default_na=False)
+    the first few), and the accuracy over the images labelled with one of the model's `classes` (a label the model
+    never learned cannot be predicted, so it is not scored)."""
+    table = pd.read_csv(csv_path, keep_default_na=False, dtype={"label": str})
     failed = table[table[ERROR] != ""] if ERROR in table else table.iloc[:0]
     table = table.drop(failed.index)
     counts = table["predicted"].value_counts()
@@ -187,9 +189,12 @@ def summary(csv_path: Path, top: int = 10, shown: int = SHOWN_SKIPPED) -> str:
             lines.append(f"    … and {len(failed) - shown} more")
     if "label" in table:
         labelled = table[table["label"] != ""]
-        if len(labelled):
-            accuracy = float((labelled["label"] == labelled["predicted"]).mean())
-            lines.append(f"  accuracy on {len(labelled)} labelled images: {accuracy:.4f}")
+        scored = labelled[labelled["label"].isin(list(classes))]
+        if len(scored):
+            accuracy = float((scored["label"] == scored["predicted"]).mean())
+            unknown = len(labelled) - len(scored)
+            lines.append(f"  accuracy on {len(scored)} images labelled with a model class: {accuracy:.4f}"
+                         + (f" ({unknown} with another label not scored)" if unknown else ""))
     prob_cols = [c for c in table.columns if c.startswith("p_")]
     if prob_cols and len(table):
         confidence = table[prob_cols].astype(float).max(axis=1)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from classifiers import saved
 from pipeline.predict import PredictConfig, predict, summary
 
 
@@ -26,5 +27,5 @@ def add_trust_pickle(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = PredictConfig(model=args.model, data=args.data, out=args.out, batch_size=args.batch_size,
                         memory_budget=args.memory_budget, overwrite=args.overwrite, trust_pickle=args.trust_pickle)
-    print(summary(predict(cfg)))
+    print(summary(predict(cfg), saved.load_record(cfg.model)["class_names"]))
     return 0

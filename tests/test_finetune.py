@@ -196,3 +196,15 @@ def test_short_fine_tune_on_hymenoptera_keeps_the_frozen_head_accuracy(tmp_path)
     out = finetune(FinetuneConfig(model=str(run / "best"), head_epochs=2, epochs=2), verbose=False)
     metrics = json.loads((out / "model.json").read_text())["metrics"]
     assert metrics["accuracy"] >= metrics["start_accuracy"] - 0.02 and metrics["start_accuracy"] > 0.85
+
+
+def test_predict_with_a_fine_tuned_model_on_only_unreadable_files_is_one_line(tuned, tmp_path, capsys):
+    _, _, out = tuned
+    data = tmp_path / "odd"
+    data.mkdir()
+    for name in ("a.jpg", "b.png"):
+        (data / name).write_bytes(b"\xff\xd8 not really an image")
+    assert main(["predict", "--model", str(out), "--data", str(data), "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"none of the 2 files under '{data}' could be used" in err[0]
+    assert "a.jpg: " in err[0] and "b.png: " in err[0] and not (tmp_path / "p.csv").exists()

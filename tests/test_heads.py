@@ -142,3 +142,17 @@ def test_head_selection_and_errors():
         resolve_heads("logreg,logrg")
     with pytest.raises(UsageError, match="Unknown head 'svd\\+logreg'"):
         get_head("svd+logreg")
+
+
+def test_streaming_heads_standardise_with_the_training_rows_only():
+    from classifiers.holdout import start_streaming_fit
+
+    rng = np.random.default_rng(3)
+    X, y = rng.normal(size=(40, 5)), np.repeat(["b", "a"], 20)
+    start = start_streaming_fit(X, y, 0.25, 0, None, scaler_batch=7)
+    assert list(start.classes) == ["a", "b"] and list(start.codes) == [1] * 20 + [0] * 20
+    assert start.held_out.sum() == 10 and start.held_out[:20].sum() == 5  # stratified
+    np.testing.assert_allclose(start.scaler.mean_, X[~start.held_out].mean(axis=0), atol=1e-6)
+    assert not np.allclose(start.scaler.mean_, X.mean(axis=0), atol=1e-3)  # the held-out rows count for nothing
+    with pytest.raises(ValueError, match="X has 40 rows but y has 39 labels"):
+        start_streaming_fit(X, y[:39], 0.25, 0, None, scaler_batch=7)

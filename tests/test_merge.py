@@ -172,3 +172,14 @@ def test_one_worker_process_per_gpu_then_merge_equals_a_single_run(sharded, tmp_
     assert_identical(out, sharded.single)
     assert sorted(p.name for p in tmp_path.glob("multi.shard*-of-2.h5")) == ["multi.shard0-of-2.h5",
                                                                               "multi.shard1-of-2.h5"]
+
+
+def test_bad_options_are_refused_in_the_parent_before_any_worker_starts(tmp_path, monkeypatch):
+    def no_worker(*args, **kwargs):
+        raise AssertionError("a worker process was started before the options were checked")
+
+    monkeypatch.setattr(subprocess, "Popen", no_worker)
+    cfg = ExtractConfig(data=str(tmp_path), out=str(tmp_path / "c.h5"), pool="median")
+    with pytest.raises(UsageError, match="pool 'median' is not valid"):
+        extract_on_devices(cfg, verbose=False, gpus=["0", "1"])
+    assert list(tmp_path.iterdir()) == []

@@ -41,7 +41,19 @@ def test_predict_reproduces_the_reported_held_out_accuracy(trained):
     assert table[["p_ant", "p_bee", "p_wasp"]].sum(axis=1).to_numpy() == pytest.approx(1.0)
     held_out = pd.read_csv(run / "best" / "eval_predictions.csv")
     np.testing.assert_array_equal(held_out["predicted"], table["predicted"])  # same rows, same order
-    assert f"accuracy on {len(table)} labelled images: {reported['accuracy']:.4f}" in summary(csv)
+    assert (f"accuracy on {len(table)} images labelled with a model class: {reported['accuracy']:.4f}"
+            in summary(csv, ["ant", "bee", "wasp"]))
+
+
+def test_accuracy_scores_only_labels_the_model_knows(tmp_path):
+    rows = [("a.jpg", "ant", "ant"), ("b.jpg", "bee", "ant"), ("c.jpg", "ant", "odd"), ("d.jpg", "ant", "")]
+    csv = tmp_path / "p.csv"
+    pd.DataFrame(rows, columns=["path", "predicted", "label"]).assign(error="").to_csv(csv, index=False)
+    text = summary(csv, ["ant", "bee"])
+    assert "accuracy on 2 images labelled with a model class: 0.5000 (1 with another label not scored)" in text
+    odd = tmp_path / "odd.csv"
+    pd.DataFrame(rows[2:], columns=["path", "predicted", "label"]).assign(error="").to_csv(odd, index=False)
+    assert "accuracy on" not in summary(odd, ["ant", "bee"]).replace(str(odd), "")
 
 
 def test_unlabelled_data_gets_predictions_without_a_label_column(trained, tmp_path):

@@ -102,3 +102,13 @@ def test_a_shard_from_the_environment_names_its_variables():
     with pytest.raises(UsageError, match=r"^shard '2/2' is not valid.*Pass --shard I/N\.$"):
         parse_shard("2/2", env)
     assert parse_shard(None, {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3"}) == (1, 3)
+
+
+@pytest.mark.parametrize("argv0, prog", [("/venv/bin/feature-cache", "feature-cache"),
+                                         ("/src/pipeline/__main__.py", "python -m pipeline")])
+def test_cli_usage_names_the_program_as_it_was_started(capsys, monkeypatch, argv0, prog):
+    monkeypatch.setattr("sys.argv", [argv0])
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict"])  # --model and --data missing: argparse prints the usage line
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith(f"usage: {prog} predict ")

@@ -244,5 +244,5 @@ def test_predict_reports_every_file_it_could_not_use(lite0_run, tmp_path):
     failed = table[table["error"] != ""]
     assert len(table) == 5 and sorted(failed["path"].map(lambda p: p.rsplit("/", 1)[-1])) == ["broken.jpg", "notes.txt"]
     assert (failed["predicted"] == "").all() and (failed["p_cats"] == "").all()
-    text = summary(csv)
+    text = summary(csv, ["cats", "dogs"])
     assert "predicted 3 images" in text and "could not use 2 file(s)" in text and "broken.jpg: " in text
