@@ -73,6 +73,9 @@ merge: $(STAMP)
 	$(PY) -m pipeline merge $(call flag,SHARDS_OF,shards-of) $(call flag,OUT,out) $(if $(VIRTUAL),--virtual) \
 	  $(if $(OVERWRITE),--overwrite)
 
+verify: $(STAMP)
+	$(PY) -m pipeline verify $(if $(CACHE),'$(CACHE)',$(error CACHE=<file.h5> is required, e.g. make verify CACHE=cache/x.h5))
+
 slurm-extract: $(STAMP)
 	$(PY) -m pipeline slurm $(EXTRACT_FLAGS) $(call flag,SHARDS,shards) $(call flag,TASKS,tasks) \
 	  $(call flag,PARTITION,partition) $(call flag,GPUS_PER_TASK,gpus-per-task) $(call flag,CPUS_PER_TASK,cpus-per-task) \

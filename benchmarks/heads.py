@@ -10,7 +10,6 @@ import math
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from benchmarks.common import Section, Sizes, Sources, ratio
@@ -27,11 +26,10 @@ def fit_default_heads(path: Path, layer: str, seed: int = 0) -> tuple[list[dict]
     """Every default head fitted with its hyperparameter search and scored on val; (rows, total wall seconds)."""
     from classifiers.evaluate import evaluate, plan_evaluation
     from classifiers.heads import resolve_heads
+    from features.store import open_cache
 
-    with h5py.File(path) as f:
-        X = f[f"features/{layer}"][()].astype("float32")
-        y, split = f["labels"][()], f["split"].asstr()[()]
-        names = list(f["label_names"].asstr()[()])
+    cache = open_cache(path)
+    X, y, split, names = cache.read(layer).astype("float32"), cache.labels, cache.split, cache.label_names
     plan = plan_evaluation(y, split, names, cv=5, seed=seed)
     rows, start = [], time.perf_counter()
     for spec in resolve_heads("default"):

@@ -67,7 +67,8 @@ def _real_features(sources: Sources, n: int, work: Path) -> dict[str, np.ndarray
 
 
 def _write(path: Path, name: str, data: np.ndarray, chunk_rows: int | None, compression: str, batch: int = 32) -> float:
-    """Write `data` batch by batch as CacheWriter does (early allocation when uncompressed); seconds taken."""
+    """Write `data` batch by batch as CacheWriter does (early allocation when uncompressed, fletcher32 checksums on
+    chunks); seconds taken."""
     from features.store import _dcpl_early
 
     chunk_rows = min(chunk_rows, len(data)) if chunk_rows else None
@@ -75,7 +76,8 @@ def _write(path: Path, name: str, data: np.ndarray, chunk_rows: int | None, comp
     with h5py.File(path, "w", rdcc_nbytes=64 << 20) as f:
         kw = {"compression": "lzf"} if compression == "lzf" else ({"dcpl": _dcpl_early()} if chunk_rows else {})
         ds = f.create_dataset(name, shape=data.shape, dtype=data.dtype,
-                              chunks=(chunk_rows, *data.shape[1:]) if chunk_rows else None, **kw)
+                              chunks=(chunk_rows, *data.shape[1:]) if chunk_rows else None,
+                              fletcher32=bool(chunk_rows), **kw)
         for i in range(0, len(data), batch):
             ds[i:i + batch] = data[i:i + batch]
             f.flush()

@@ -1,29 +1,27 @@
-"""Reading feature caches (docs/hdf5-schema.md) for stage two, within a memory budget.
+"""Feature caches for stage two: finding them, sizing reads to a memory budget, reducing rows block by block.
 
-Why here and not with the writer: stage two only reads, and it must refuse what it cannot trust (missing,
-incomplete or foreign files) with one line that says what to do. Rows are read in blocks sized from the
-budget and reduced block by block, so a spatial map larger than RAM is never held whole.
+Every file access goes through `features.store` (which owns the format and refuses missing, incomplete, foreign or
+damaged files in one line); this module decides which caches and rows, and how many rows fit the budget, so a
+spatial map larger than RAM is never held whole.
 """
 from __future__ import annotations
 
 import functools
 import glob
-import hashlib
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
 from classifiers.reduce import ReduceSpec
+from features import store
 from features.errors import UsageError, did_you_mean
-from features.store import cache_dir
+from features.store import Cache, cache_dir
 
-SCHEMA_VERSION = 1
 # A block read costs: stored rows + selected copy + float32 cast + reduced output; keep it under budget / READ_SHARE.
 READ_SHARE = 8
 # A streamed head's batch costs more: the block, its shuffled copy, the standardised copy and the float64 copy the
@@ -33,91 +31,9 @@ STREAM_SHARE = 32
 IN_MEMORY_FACTOR = 8
 
 
-def _plain(value):
-    """h5py attribute -> plain Python (bytes -> str, numpy scalars/arrays -> Python)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-@dataclass(frozen=True, eq=False)
-class Cache:
-    """One complete cache file: its attributes, the per-row metadata, and the shape of each layer's rows."""
-
-    path: Path
-    attrs: dict
-    shapes: dict[str, tuple[int, ...]]
-    labels: np.ndarray
-    label_names: list[str]
-    split: np.ndarray
-    paths: np.ndarray = field(repr=False)
-    view: np.ndarray = field(repr=False)  # 0 = the clean view, 1.. = augmented views of a training image
-    skipped: list[tuple[str, str]] = field(default_factory=list, repr=False)  # (path, reason): files not in the rows
-
-    @functools.cached_property
-    def images(self) -> np.ndarray:
-        """Image id per row: the views of one image (rows with the same path) share it, so folds can group them."""
-        return np.unique(self.paths, return_inverse=True)[1]
-
-    @functools.cached_property
-    def data_id(self) -> str:
-        """Identity of the labelled images behind the clean views (path, label, split), whatever views were added:
-        a clean and an augmented cache of the same images share it (their source_fingerprint differs)."""
-        clean = np.flatnonzero(self.view == 0)
-        digest = hashlib.sha256()
-        for row in clean[np.argsort(self.paths[clean], kind="stable")]:
-            digest.update(f"{self.paths[row]}\0{self.labels[row]}\0{self.split[row]}\n".encode())
-        return digest.hexdigest()[:16]
-
-    @property
-    def augment(self) -> str:
-        """'<policy>×<K>' for a cache with augmented views, '' for a clean one: the leaderboard's `augment`."""
-        k = int(self.attrs.get("augment", 0) or 0)
-        return f"{self.attrs.get('augment_policy', '')}×{k}" if k else ""
-
-    @property
-    def name(self) -> str:
-        return self.path.stem
-
-    @property
-    def backbone(self) -> str:
-        backbone = str(self.attrs.get("backbone", "?"))
-        return Path(backbone).stem if backbone.endswith(".keras") else backbone
-
-
 def open_cache(path: str | Path) -> Cache:
-    """Read and check a cache's metadata (not its features). Raises for missing, incomplete or foreign files."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"Feature cache {str(path)!r} does not exist. Create it with `make extract`, "
-                                f"or pass FEATURES=<file.h5> of an existing cache (see `ls cache/`).")
-    try:
-        file = h5py.File(path, "r")
-    except OSError as err:
-        raise UsageError(f"{str(path)!r} is not a readable HDF5 feature cache ({err}).") from err
-    with file:
-        attrs = {key: _plain(value) for key, value in file.attrs.items()}
-        if "features" not in file or "schema_version" not in attrs:
-            raise UsageError(f"{str(path)!r} is not a feature cache: it lacks the 'features' group or the "
-                             f"'schema_version' attribute (see docs/hdf5-schema.md).")
-        if attrs["schema_version"] != SCHEMA_VERSION:
-            raise UsageError(f"{str(path)!r} has schema_version={attrs['schema_version']}; this version reads "
-                             f"schema {SCHEMA_VERSION}. Re-extract it with `make extract ... OVERWRITE=1`.")
-        if not attrs.get("complete", False):
-            raise UsageError(f"Feature cache {str(path)!r} is incomplete (complete=False): its extraction was "
-                             f"interrupted or is still running. Rerun the same `make extract` command to finish it.")
-        shapes = {name: tuple(int(d) for d in dset.shape[1:]) for name, dset in file["features"].items()}
-        labels = file["labels"][:].astype(np.int64)
-        # caches written before augmentation existed have no `view`: every row is a clean view
-        view = file["view"][:].astype(np.int64) if "view" in file else np.zeros(len(labels), dtype=np.int64)
-        cache = Cache(path=path, attrs=attrs, shapes=shapes, labels=labels,
-                      label_names=list(file["label_names"].asstr()[:]), split=file["split"].asstr()[:].astype(str),
-                      paths=file["paths"].asstr()[:].astype(str), view=view,
-                      skipped=[(p.decode(), r.decode()) for p, r in file["skipped"][()]] if "skipped" in file else [])
+    """`features.store.open_cache`, plus stage two's own check that augmented views cannot leak into evaluation."""
+    cache = store.open_cache(path)
     check_views(cache)
     return cache
 
@@ -139,14 +55,6 @@ def check_views(cache: Cache) -> None:
                              f"`make extract ... AUGMENT=K OVERWRITE=1`.")
 
 
-def _is_complete(path: Path) -> bool:
-    try:
-        with h5py.File(path, "r") as file:
-            return bool(file.attrs.get("complete", False))
-    except OSError:
-        return False
-
-
 def find_caches(spec: str | None, root: str | Path | None = None) -> tuple[list[Path], list[str]]:
     """FEATURES -> cache paths, plus notes on what was passed over.
 
@@ -157,9 +65,10 @@ def find_caches(spec: str | None, root: str | Path | None = None) -> tuple[list[
     notes: list[str] = []
     if spec is None:
         found = sorted(Path(root).glob("*.h5"))
-        paths = [p for p in found if _is_complete(p)]
+        paths = [p for p in found if (store.read_attrs(p) or {}).get("complete")]
+        partial = sorted(p.with_name(p.name[1:-len(".partial")]) for p in Path(root).glob(".*.h5.partial"))
         notes += [f"skipped incomplete cache {str(p)!r} (rerun its `make extract` to finish it)"
-                  for p in found if p not in paths]
+                  for p in sorted(set(found) - set(paths) | set(partial))]
         if not paths:
             raise UsageError(f"No complete feature caches under {str(root)!r}/. Run `make extract` first, "
                              f"or pass FEATURES=<file.h5>[,<file.h5>...] or a glob.")
@@ -195,26 +104,7 @@ def block_rows_for(row_shape: tuple[int, ...], budget: int, share: int = READ_SH
     return max(1, budget // (share * 4 * max(1, math.prod(row_shape))))
 
 
-def iter_blocks(path: Path, layer: str, rows: np.ndarray, block_rows: int,
-                rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (positions, raw rows) covering `rows` in blocks of contiguous file rows.
-
-    `positions` index into `rows` (any order); blocks come in file order, or shuffled when `rng` is given.
-    Reading contiguous ranges keeps reads sequential and aligned with the row-wise chunking of the cache.
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    order = np.argsort(rows, kind="stable")
-    block_of = rows[order] // block_rows
-    starts = np.flatnonzero(np.r_[True, block_of[1:] != block_of[:-1]]) if len(rows) else np.array([], int)
-    groups = np.split(order, starts[1:]) if len(rows) else []
-    if rng is not None:
-        groups = [groups[i] for i in rng.permutation(len(groups))]
-    with h5py.File(path, "r") as file:
-        dset = file["features"][layer]
-        for positions in groups:
-            first, last = rows[positions[0]], rows[positions[-1]]
-            block = dset[first:last + 1]
-            yield positions, block[rows[positions] - first]
+iter_blocks = store.read_blocks  # (path, layer, rows, block_rows, rng): a RowStream keeps only the path
 
 
 @dataclass(frozen=True, eq=False)

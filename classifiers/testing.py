@@ -1,4 +1,4 @@
-"""Fabricate small caches that follow docs/hdf5-schema.md, for tests and examples that need no backbone.
+"""Fabricate small caches through the real writer, for tests and examples that need no backbone.
 
 Why in the package: the tests of both stages and anyone trying stage two without images can build a cache
 with a known answer (e.g. linearly separable classes) in milliseconds.
@@ -11,14 +11,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from features.store import CacheWriter, Progress
+
 # The attributes a real extraction writes, with values describing a fictitious backbone.
 TOY_ATTRS = {
-    "schema_version": 1, "complete": True, "backbone": "toynet", "backbone_file_sha256": "", "weights": "none",
+    "backbone": "toynet", "backbone_file_sha256": "", "weights": "none",
     "weights_source": "none", "image_size": 32, "resize": "crop", "interpolation": "area",
     "preprocessing": "none (synthetic features)", "color": "RGB", "pool": "none", "dtype": "float32",
     "compression": "none", "precision": "float32", "data_root": "/synthetic", "layout": "classes",
-    "labels_csv": "", "source_fingerprint": "toy", "shard": "", "num_candidates": 0,
-    "created": "2024-01-01T00:00:00Z", "completed": "2024-01-01T00:00:00Z", "tool_version": "0.1.0",
+    "labels_csv": "", "source_fingerprint": "toy", "shard": "", "batch_size": 32, "tool_version": "0.1.0",
     "keras_version": "", "tensorflow_version": "", "h5py_version": h5py.__version__,
     "augment": 0, "augment_policy": "", "augment_seed": 0,
 }
@@ -65,9 +66,9 @@ def write_cache(path: str | Path, layers: dict[str, np.ndarray], labels: np.ndar
                 label_names: list[str] | None = None, split: list[str] | np.ndarray | None = None,
                 paths: list[str] | None = None, view: np.ndarray | None = None, complete: bool = True,
                 **attrs) -> Path:
-    """Write `layers` (name -> (N, ...) array or np.memmap) and per-row metadata as a schema-1 cache;
-    `view` (0 = clean, 1.. = augmented) is written when given, like a cache made with AUGMENT=K (without it the
-    file looks like one written before augmentation existed); `attrs` override TOY_ATTRS."""
+    """Write `layers` (name -> (N, ...) array or np.memmap) and per-row metadata through the real `CacheWriter`;
+    `view` (0 = clean, 1.. = augmented) defaults to all clean rows; `attrs` override TOY_ATTRS. With
+    `complete=False` the rows are written but the file is left unpublished, as an interrupted extraction leaves it."""
     path = Path(path)
     labels = np.asarray(labels, dtype=np.int32)
     n = len(labels)
@@ -75,26 +76,21 @@ def write_cache(path: str | Path, layers: dict[str, np.ndarray], labels: np.ndar
     split = np.asarray(split if split is not None else [""] * n, dtype=str)
     paths = paths or [f"{split[i] + '/' if split[i] else ''}{label_names[labels[i]] if labels[i] >= 0 else 'x'}"
                       f"/img{i:05d}.jpg" for i in range(n)]
-    utf8 = h5py.string_dtype("utf-8")
-    meta = {**TOY_ATTRS, **attrs, "complete": complete, "layers": list(layers), "num_images": n}
+    view = np.zeros(n, np.int16) if view is None else np.asarray(view, dtype=np.int16)
+    meta = {**TOY_ATTRS, **attrs, "layers": list(layers), "num_candidates": n}
     meta.setdefault("config_json", json.dumps({"backbone": meta["backbone"], "data": meta["data_root"],
                                                "layer": list(layers), "pool": meta["pool"], "dtype": meta["dtype"]}))
-    with h5py.File(path, "w") as file:
-        for name, values in layers.items():
-            rows = max(1, min(1024, (1 << 20) // max(1, values[0].nbytes))) if n else 1
-            dset = file.create_dataset(f"features/{name}", shape=values.shape, dtype=meta["dtype"],
-                                       chunks=(min(rows, max(n, 1)),) + values.shape[1:])
-            for start in range(0, n, rows):  # block by block, so a np.memmap larger than RAM can be written
-                dset[start:start + rows] = values[start:start + rows]
-            dset.attrs["layer"] = name
-            dset.attrs["shape"] = values.shape[1:]
-        file.create_dataset("paths", data=np.array(paths, dtype=object), dtype=utf8)
-        file.create_dataset("labels", data=labels)
-        file.create_dataset("label_names", data=np.array(label_names, dtype=object), dtype=utf8)
-        file.create_dataset("split", data=np.array(split.tolist(), dtype=object), dtype=utf8)
-        if view is not None:
-            file.create_dataset("view", data=np.asarray(view, dtype=np.int16))
-        file.create_dataset("skipped", shape=(0,), dtype=[("path", utf8), ("reason", utf8)])
-        for key, value in meta.items():
-            file.attrs[key] = value
+    writer = CacheWriter.create(path, meta, {name: values.shape[1:] for name, values in layers.items()}, paths,
+                                label_names)
+    try:
+        step = max(1, min(1024, (1 << 20) // max(1, sum(v[0].nbytes for v in layers.values())))) if n else 1
+        for start in range(0, n, step):  # block by block, so a np.memmap larger than RAM can be written
+            stop = min(n, start + step)
+            writer.write(start, [values[start:stop] for values in layers.values()], paths[start:stop],
+                         labels[start:stop].tolist(), split[start:stop].tolist(), view[start:stop].tolist(),
+                         [(-1, -1)] * (stop - start))
+        if complete:
+            writer.finalize(Progress(rows_written=n, files_done=n))
+    finally:
+        writer.close()
     return path

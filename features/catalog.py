@@ -9,6 +9,7 @@ CSV's columns are recognised by name (or given), and an image listed twice with 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -41,15 +42,27 @@ class Catalog:
     def __len__(self) -> int:
         return len(self.paths)
 
+    @functools.cached_property
+    def stamps(self) -> list[tuple[int, int]]:
+        """(size, mtime_ns) of each candidate's file: how an update tells an unchanged file from a changed one."""
+        stats = {rel: (self.root / rel).stat() for rel in dict.fromkeys(self.paths)}
+        return [(stats[rel].st_size, stats[rel].st_mtime_ns) for rel in self.paths]
+
     def fingerprint(self) -> str:
         """Identity of the input set: names, sizes, modification times and labels of every candidate."""
         h = hashlib.sha256()
         for i, (rel, label, split) in enumerate(zip(self.paths, self.labels, self.splits)):
-            st = (self.root / rel).stat()
+            size, mtime = self.stamps[i]
             view = f"\0{self.views[i]}" if self.views and self.views[i] else ""
-            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\0{split}{view}\n".encode())
+            h.update(f"{rel}\0{size}\0{mtime}\0{label}\0{split}{view}\n".encode())
         h.update("\0".join(self.label_names).encode())
         return h.hexdigest()
+
+    def subset(self, indices: list[int]) -> "Catalog":
+        """The candidates at `indices` (in that order), as a catalog of their own: what an update still computes."""
+        return dataclasses.replace(
+            self, paths=[self.paths[i] for i in indices], labels=[self.labels[i] for i in indices],
+            splits=[self.splits[i] for i in indices], views=[self.views[i] for i in indices], offset=0)
 
     def shard(self, index: int, count: int) -> "Catalog":
         """Contiguous block `index` of `count`, balanced by count; concatenating the blocks restores the order."""

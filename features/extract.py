@@ -72,7 +72,8 @@ def extract_rows(catalog: Catalog, forward: Forward, writer: CacheWriter, progre
         t0 = time.perf_counter()
         if rows:
             writer.write(row, feats, [catalog.paths[i] for i in rows], [catalog.labels[i] for i in rows],
-                         [catalog.splits[i] for i in rows], [catalog.views[i] for i in rows])
+                         [catalog.splits[i] for i in rows], [catalog.views[i] for i in rows],
+                         [catalog.stamps[i] for i in rows])
         done.save(writer.path)  # only after the rows it counts are flushed to disk
         t.write_s += time.perf_counter() - t0
 

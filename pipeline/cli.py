@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("pipeline.predict_cmd", "apply a saved head to new images"),
     "audit": ("pipeline.audit_cmd", "find near-duplicates (leakage), likely label errors and outliers in a cache"),
     "finetune": ("pipeline.finetune_cmd", "fine-tune the backbone + best head end to end (two phases) from a saved model"),
+    "verify": ("pipeline.verify_cmd", "check every row of a cache against its checksums and for NaN/inf"),
     "merge": ("pipeline.merge_cmd", "join the shards of one extraction into a single cache"),
     "slurm": ("pipeline.slurm_cmd", "submit a sharded extraction as a SLURM job array plus a dependent merge"),
     "demo": ("pipeline.demo_cmd", "extract + classify on the shipped data and model"),

@@ -9,6 +9,8 @@ import dataclasses
 import json
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,22 +25,27 @@ from features.errors import UsageError
 from features.extract import Decoding, Timings, extract_rows
 from features.images import DECODER, INTERPOLATION, RESIZE_POLICIES
 from features.model import POOLS, build_base, cut, gpu_count, runtime_versions, weights_identity
-from features.store import (COMPRESSIONS, STORAGE_DTYPES, CacheWriter, Progress, identity_diff, read_attrs)
+from features.store import (COMPRESSIONS, STORAGE_DTYPES, CacheWriter, Progress, discard_partial, existing_cache,
+                            identity_diff, open_cache, partial_path, read_attrs)
+from features.update import assemble, reusable_rows, update_path
 from pipeline.config import ExtractConfig, default_out, shard_out
 
+# identity attributes an update may change: the files, not how they are turned into features
+UPDATABLE = {"source_fingerprint", "num_candidates"}
 SHARD_ENV = [("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("JOB_COMPLETION_INDEX", "JOB_COMPLETION_COUNT")]
 
 
 @dataclass
 class ExtractResult:
     path: Path
-    status: str  # written | resumed | up-to-date
+    status: str  # written | resumed | updated | up-to-date
     images: int = 0
     skipped: list[list[str]] = field(default_factory=list)
     layer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     timings: Timings = field(default_factory=Timings)
     processed: int = 0  # images pushed through the model in this run
     engine: str = ""  # what ran the model: tf | onnx
+    reused: int = 0  # rows kept from the earlier cache by an update
 
 
 def parse_shard(value: str | None, env: dict | None = None) -> tuple[int, int] | None:
@@ -153,7 +160,7 @@ def engine_attrs(engine: str) -> dict:
 
 
 def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
-    """Write (or resume, or confirm) the cache that `cfg` describes and return where it is."""
+    """Write (or resume, update, or confirm) the cache that `cfg` describes and return where it is."""
     validate(cfg)
     shard = parse_shard(cfg.shard)
     full = discover(cfg.data, cfg.labels, cfg.path_column, cfg.label_column).with_views(cfg.augment)
@@ -170,24 +177,40 @@ def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
     export = export_path(out.parent / "engines", attrs)  # the ONNX graph, kept beside the caches
     attrs["engine"] = resolve_engine(cfg.engine, cfg.precision, cfg.jit, gpu_count(), export)
 
-    progress = _existing(out, attrs, cfg.overwrite)
-    if progress == "complete":
+    def graph() -> Graph:
+        return Graph(cut(base or build_base(spec, cfg.weights, size, cfg.precision), layers), spec.preprocess.fn,
+                     cfg.batch_size, size, cfg.pool, cfg.dtype)
+
+    state = _existing(out, attrs, cfg.overwrite)
+    if state == "complete":
         if verbose:
             print(f"up to date: {out} is complete for this configuration and these {len(catalog)} files; nothing to do "
                   "(--overwrite rebuilds it).")
         return ExtractResult(out, "up-to-date")
+    if state == "update":
+        return _update(cfg, out, attrs, catalog, graph, export, verbose)
+    result = _compute(cfg, out, attrs, catalog, state, graph, export, verbose)
+    if result.images == 0:  # nothing was published (CacheWriter.finalize): an earlier cache at `out` stays
+        raise UsageError(f"none of the {len(catalog)} files under '{cfg.data}' could be used: "
+                         + "; ".join(f"{p}: {r}" for p, r in result.skipped[:5]))
+    return result
+
+
+def _compute(cfg: ExtractConfig, out: Path, attrs: dict, catalog: Catalog, progress: Progress | None,
+             graph: Callable[[], Graph], export: Path, verbose: bool) -> ExtractResult:
+    """Push `catalog` through the model into `out`: a new cache, or the rest of an interrupted one (`progress`)."""
     if cfg.precision == "mixed" and verbose and not gpu_count():
         print("warning: --precision mixed without a GPU computes float16 in software (several times slower on CPU).")
-    model = cut(base or build_base(spec, cfg.weights, size, cfg.precision), layers)
-    graph = Graph(model, spec.preprocess.fn, cfg.batch_size, size, cfg.pool, cfg.dtype)
     if verbose and attrs["engine"] == "onnx" and not export.exists():
         print(f"exporting the model to ONNX once (kept as {export})" if cfg.weights != "none" else
               "exporting the model to ONNX (random weights: not kept)")
-    forward, engine = build_forward(cfg.engine, attrs["engine"], graph,
+    forward, engine = build_forward(cfg.engine, attrs["engine"], graph(),
                                     EngineOptions(cfg.jit, export, keep_export=cfg.weights != "none"),
                                     note=print if verbose else lambda _: None)
     attrs.update(engine_attrs(engine))  # the engine that runs: auto falls back to tf when the graph does not export
-    shapes = {n: tuple(o.shape[1:]) for n, o in zip(layers, forward(np.zeros((cfg.batch_size, size, size, 3), "uint8")))}
+    size = attrs["image_size"]
+    shapes = {n: tuple(o.shape[1:])
+              for n, o in zip(attrs["layers"], forward(np.zeros((cfg.batch_size, size, size, 3), "uint8")))}
     if progress is None:
         writer, status = CacheWriter.create(out, attrs, shapes, catalog.paths, catalog.label_names), "written"
         progress = Progress(skipped=[list(item) for item in catalog.ignored])
@@ -198,30 +221,90 @@ def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
         processed, timings = extract_rows(catalog, forward, writer, progress, cfg.batch_size, decoding, verbose)
     finally:
         writer.close()
-    if progress.rows_written == 0:
-        out.unlink(missing_ok=True)
-        raise UsageError(f"none of the {len(catalog)} files under '{cfg.data}' could be used: "
-                         + "; ".join(f"{p}: {r}" for p, r in progress.skipped[:5]))
     return ExtractResult(out, status, progress.rows_written, progress.skipped, shapes, timings, processed, engine)
 
 
+def _update(cfg: ExtractConfig, out: Path, attrs: dict, catalog: Catalog, graph: Callable[[], Graph], export: Path,
+            verbose: bool) -> ExtractResult:
+    """`out` is complete for an earlier state of the folder: keep its rows of unchanged files, compute the rest into
+    a cache of their own (resumable), then assemble both into `out` in the new row order (features/update.py)."""
+    start = time.perf_counter()
+    old = open_cache(out)
+    reuse = reusable_rows(old, catalog)
+    todo = catalog.subset(np.flatnonzero(reuse < 0).tolist())
+    if verbose:
+        print(f"update: {out} was made for an earlier state of {cfg.data}; keeping {int((reuse >= 0).sum())} rows of "
+              f"unchanged files, computing {len(todo)} new or changed candidates.")
+    delta_path = update_path(out)
+    delta_attrs = {**attrs, "source_fingerprint": todo.fingerprint(), "num_candidates": len(todo)}
+    computed = ExtractResult(delta_path, "up-to-date", engine=attrs["engine"])
+    if len(todo):
+        state = _delta_state(delta_path, delta_attrs)
+        if state != "complete":
+            computed = _compute(cfg, delta_path, delta_attrs, todo, state, graph, export, verbose)
+    attrs.update(engine_attrs(computed.engine or attrs["engine"]))
+    delta = open_cache(delta_path) if delta_path.exists() else None
+    skipped = (computed.skipped if computed.status != "up-to-date" else [list(s) for s in delta.skipped] if delta
+               else [list(item) for item in catalog.ignored])
+    writer = CacheWriter.create(out, attrs, old.shapes, catalog.paths, catalog.label_names)
+    try:
+        rows = assemble(writer, catalog, reuse, old, delta, skipped)
+    finally:
+        writer.close()
+    delta_path.unlink(missing_ok=True)
+    if rows == 0:
+        raise UsageError(f"none of the {len(catalog)} files under '{cfg.data}' could be used; {out} is left as it was.")
+    computed.timings.wall_s = time.perf_counter() - start
+    return ExtractResult(out, "updated", rows, skipped, old.shapes, computed.timings, computed.processed,
+                         computed.engine or attrs["engine"], reused=int((reuse >= 0).sum()))
+
+
+def _delta_state(path: Path, attrs: dict) -> Progress | str | None:
+    """An update's own cache of computed rows is this tool's scratch file: one made for another set of changes is
+    discarded rather than refused."""
+    try:
+        state = _existing(path, attrs, overwrite=False)
+    except UsageError:
+        state = "other"
+    if state in ("other", "update"):
+        path.unlink(missing_ok=True)
+        discard_partial(path)
+        return None
+    return state
+
+
 def _existing(out: Path, attrs: dict, overwrite: bool) -> Progress | str | None:
-    """'complete' (reuse), a Progress to resume from, or None (start a new file)."""
-    if not out.exists() or overwrite:
+    """'complete' (reuse), 'update' (complete for an earlier state of the folder), a Progress to resume the partial
+    file from, or None (start it anew). Anything at `out` that is not a cache of this tool is refused, --overwrite
+    included (overwrite replaces caches only)."""
+    found = existing_cache(out)
+    if overwrite:
         return None
-    found = read_attrs(out)
-    if found is None:
-        print(f"warning: {out} cannot be opened (interrupted while it was being created); starting it again.")
+    if found is not None:
+        diff = identity_diff(found, attrs)
+        if found.get("complete") and {d.split(":")[0] for d in diff} <= UPDATABLE:
+            return "update" if diff else "complete"
+        if diff:
+            raise UsageError(f"{out} exists with a different configuration ({'; '.join(diff[:4])}). "
+                             "Pass --overwrite to replace it, or choose another --out.")
+        if found.get("complete"):
+            return "complete"
+    partial = partial_path(out)
+    if not partial.exists():
         return None
-    diff = identity_diff(found, attrs)
+    started = read_attrs(partial)
+    if started is None:
+        print(f"warning: {partial} cannot be opened (killed while it was being created); starting it again.")
+        return None
+    diff = identity_diff(started, attrs)
     if diff:
-        raise UsageError(f"{out} exists with a different configuration ({'; '.join(diff[:4])}). "
-                         "Pass --overwrite to replace it, or choose another --out.")
-    if found.get("complete"):
-        return "complete"
+        raise UsageError(f"an interrupted extraction into {out} ({partial.name}) has a different configuration "
+                         f"({'; '.join(diff[:4])}). Finish it with its own flags, or pass --overwrite to start anew.")
+    if started.get("batch_size") != attrs["batch_size"]:
+        raise UsageError(f"{out} is half written with batch size {started.get('batch_size')}; resume it with "
+                         f"--batch-size {started.get('batch_size')} (BATCH={started.get('batch_size')}), or pass "
+                         f"--overwrite to start anew with {attrs['batch_size']}.")
     progress = Progress.load(out)
-    if progress is None or found.get("batch_size") != attrs["batch_size"]:
-        print(f"warning: {out} is incomplete and cannot be resumed (no progress record, or another batch size); "
-              "starting it again.")
-        return None
+    if progress is None:
+        print(f"warning: {partial} has no progress record; starting it again.")
     return progress

@@ -12,23 +12,19 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
-import numpy as np
-
 from features.errors import UsageError
-from features.store import CacheWriter, Progress, identity_diff, progress_path, read_attrs
+from features.store import (CacheWriter, Progress, copy_rows, existing_cache, identity_diff, open_cache, partial_path,
+                            read_attrs)
 from pipeline.config import ExtractConfig, default_out, shard_out
 
 SHARD_NAME = re.compile(r"^(?P<stem>.+)\.shard(?P<index>\d+)-of-(?P<count>\d+)(?P<suffix>\.[^.]+)$")
 # Attributes that legitimately differ between the shards of one extraction; all others must be equal.
 PER_SHARD_ATTRS = frozenset({"shard", "num_candidates", "num_images", "created", "completed", "complete",
                              "config_json"})
-COPY_BLOCK_BYTES = 64 << 20  # rows are copied in blocks of about this size: memory does not grow with N
 
 
 @dataclass
@@ -66,7 +62,10 @@ def find_shards(shards_of: Path) -> tuple[Path, list[Path]]:
     named = SHARD_NAME.match(shards_of.name)
     merged = shards_of.with_name(named["stem"] + named["suffix"]) if named else shards_of
     found: dict[int, dict[int, Path]] = {}
-    for path in merged.parent.glob(f"{glob.escape(merged.stem)}.shard*-of-*{glob.escape(merged.suffix)}"):
+    pattern = f"{glob.escape(merged.stem)}.shard*-of-*{glob.escape(merged.suffix)}"
+    published = list(merged.parent.glob(pattern))
+    unfinished = [p.with_name(p.name[1:-len(".partial")]) for p in merged.parent.glob(f".{pattern}.partial")]
+    for path in published + unfinished:  # an unfinished shard is reported by check_shards, not as missing
         m = SHARD_NAME.match(path.name)
         if m and m["stem"] == merged.stem and m["suffix"] == merged.suffix:
             found.setdefault(int(m["count"]), {})[int(m["index"])] = path
@@ -91,14 +90,14 @@ def check_shards(shards: list[Path]) -> list[dict]:
     """Root attributes of every shard, after checking that each is complete, is the shard its name says, and shares
     one configuration with shard 0. All incomplete shards are reported together, by index."""
     count = len(shards)
-    attrs = [read_attrs(p) for p in shards]
+    attrs = [existing_cache(p) for p in shards]
     incomplete = []
     for i, (path, a) in enumerate(zip(shards, attrs)):
-        if a is None:
-            incomplete.append(f"{i} ({path.name} cannot be opened: killed while being created)")
-        elif not a.get("complete"):
+        if a is None or not a.get("complete"):  # an unfinished shard is still under its partial name
+            started = a or read_attrs(partial_path(path)) or {}
             progress = Progress.load(path)
-            done = f"{progress.files_done} of {a.get('num_candidates')} files done" if progress else "no progress record"
+            done = (f"{progress.files_done} of {started.get('num_candidates', '?')} files done" if progress
+                    else "no progress record")
             incomplete.append(f"{i} ({path.name}: {done})")
     if incomplete:
         raise UsageError(f"cannot merge: shard(s) {'; '.join(incomplete)} of {count} incomplete. Rerun or resubmit "
@@ -132,7 +131,7 @@ def merge(shards_of: str | Path, out: str | Path | None = None, virtual: bool = 
     out = Path(out) if out else merged
     attrs = check_shards(shards)
     wanted = merged_attrs(attrs)
-    existing = read_attrs(out) if out.exists() else None
+    existing = existing_cache(out)
     if existing is not None and not overwrite:
         diff = identity_diff(existing, wanted)
         if diff:
@@ -140,68 +139,30 @@ def merge(shards_of: str | Path, out: str | Path | None = None, virtual: bool = 
                              "Pass --overwrite to replace it, or choose another --out.")
         if existing.get("complete"):
             return MergeResult(out, "up-to-date", shards, int(existing["num_images"]), virtual=virtual)
-    tmp = out.with_name(out.name + ".merging")
-    result = _write(tmp, out, shards, attrs, wanted, virtual)
-    os.replace(tmp, out)
-    return result
+    return _write(out, shards, attrs, wanted, virtual)
 
 
-def _write(tmp: Path, out: Path, shards: list[Path], attrs: list[dict], wanted: dict, virtual: bool) -> MergeResult:
-    """Write the merged cache at `tmp` (renamed to `out` by the caller, so `out` is never half-written)."""
+def _write(out: Path, shards: list[Path], attrs: list[dict], wanted: dict, virtual: bool) -> MergeResult:
+    """Write the merged cache (under its partial name, published at `out` once complete: never half-written)."""
+    sources = [open_cache(shard) for shard in shards]
+    first = sources[0]
     layers = [str(v) for v in wanted["layers"]]
-    with h5py.File(shards[0], "r") as f:
-        shapes = {layer: tuple(f[f"features/{layer}"].shape[1:]) for layer in layers}
-        dtypes = {layer: f[f"features/{layer}"].dtype for layer in layers}
-        label_names = list(f["label_names"].asstr()[()])
-    paths, skipped, rows, width = [], [], [], 1
-    for shard in shards:
-        with h5py.File(shard, "r") as f:
-            paths += list(f["paths"].asstr()[()])
-            skipped += [[p.decode(), r.decode()] for p, r in f["skipped"][()]]
-            rows.append(len(f["paths"]))
-            width = max(width, f["paths"].dtype.itemsize)
+    shapes = {layer: first.shapes[layer] for layer in layers}
+    paths = [p for source in sources for p in source.paths.tolist()]
+    skipped = [list(item) for source in sources for item in source.skipped]
+    width = max(source.path_bytes for source in sources)
     # One extra blank row as wide as the widest shard's paths: each shard (like a one-process run) sized its `paths`
     # strings over all its candidates, skipped ones included; finalize() trims the extra row.
-    writer = CacheWriter.create(tmp, wanted, {} if virtual else shapes, paths + [" " * width], label_names)
+    writer = CacheWriter.create(out, wanted, {} if virtual else shapes, paths + [" " * width], first.label_names)
     try:
         if virtual:
-            _virtual_features(writer.file, out, shards, rows, shapes, dtypes)
-        _copy_rows(writer, shards, [] if virtual else layers, shapes, dtypes)
-        writer.file.attrs["created"] = min(a["created"] for a in attrs)
-        writer.finalize(Progress(rows_written=len(paths), files_done=wanted["num_candidates"], skipped=skipped))
+            writer.link_features([(s.path, len(s.paths)) for s in sources], shapes,
+                                 {layer: first.dtypes[layer] for layer in layers})
+        start = 0
+        for source in sources:
+            start = copy_rows(source, writer, start)
+        writer.finalize(Progress(rows_written=len(paths), files_done=wanted["num_candidates"], skipped=skipped),
+                        created=min(a["created"] for a in attrs))
     finally:
         writer.close()
-        progress_path(tmp).unlink(missing_ok=True)
     return MergeResult(out, "written", shards, len(paths), skipped, virtual, shapes)
-
-
-def _virtual_features(f: h5py.File, out: Path, shards: list[Path], rows: list[int],
-                      shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype]) -> None:
-    """features/<layer> as a virtual dataset over the shards, named relative to the merged file (HDF5 looks for
-    relative source files beside the virtual file, so the folder can move as a whole)."""
-    for layer, shape in shapes.items():
-        layout = h5py.VirtualLayout(shape=(sum(rows), *shape), dtype=dtypes[layer])
-        start = 0
-        for shard, n in zip(shards, rows):
-            source = os.path.relpath(shard.resolve(), out.resolve().parent)
-            layout[start : start + n] = h5py.VirtualSource(source, f"features/{layer}", shape=(n, *shape))
-            start += n
-        ds = f.create_virtual_dataset(f"features/{layer}", layout)
-        ds.attrs.update({"layer": layer, "shape": shape})
-
-
-def _copy_rows(writer: CacheWriter, shards: list[Path], layers: list[str], shapes: dict[str, tuple[int, ...]],
-               dtypes: dict[str, np.dtype]) -> None:
-    """Copy the shards' rows in order, in blocks of about COPY_BLOCK_BYTES (features only for the real copy)."""
-    row_bytes = sum(int(np.prod(shapes[layer], dtype=np.int64)) * dtypes[layer].itemsize for layer in layers)
-    block = max(1, COPY_BLOCK_BYTES // max(row_bytes, 1))
-    start = 0
-    for shard in shards:
-        with h5py.File(shard, "r") as f:
-            n = len(f["paths"])
-            for lo in range(0, n, block):
-                hi = min(n, lo + block)
-                writer.write(start + lo, [f[f"features/{layer}"][lo:hi] for layer in layers],
-                             list(f["paths"].asstr()[lo:hi]), list(f["labels"][lo:hi]),
-                             list(f["split"].asstr()[lo:hi]), list(f["view"][lo:hi]))
-            start += n

@@ -22,7 +22,7 @@ import pandas as pd
 import sklearn
 
 from classifiers import saved
-from classifiers.data import READ_SHARE, Cache, block_rows_for, iter_blocks, open_cache
+from classifiers.data import READ_SHARE, Cache, block_rows_for, open_cache
 from classifiers.evaluate import class_scores
 from classifiers.memory import parse_bytes
 from features.errors import UsageError
@@ -120,7 +120,7 @@ def _predict_cache(model, record: dict, cache: Cache, budget: int) -> pd.DataFra
     layer, rows = record["layer"], np.flatnonzero(cache.view == 0)
     probabilities, predicted = None, np.empty(len(rows), dtype=np.int64)
     with sklearn.config_context(working_memory=max(1, budget // READ_SHARE // 2**20)):
-        for positions, raw in iter_blocks(cache.path, layer, rows, block_rows_for(cache.shapes[layer], budget)):
+        for positions, raw in cache.blocks(layer, rows, block_rows_for(cache.shapes[layer], budget)):
             scores, is_proba = class_scores(model, raw, len(names))
             predicted[positions] = np.argmax(scores, axis=1) if scores is not None else model.predict(raw)
             if is_proba:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from features.errors import UsageError
-from features.store import progress_path
+from features.store import discard_partial, existing_cache
 from pipeline.config import ExtractConfig, shard_out
 from pipeline.merge import merged_out
 
@@ -207,8 +207,9 @@ def submit(p: SlurmPlan, overwrite: bool = False) -> tuple[str, str]:
     if overwrite:
         for i in p.tasks:
             shard = shard_out(p.out, (i, p.shards))
+            existing_cache(shard)  # never removes a file this tool did not write
             shard.unlink(missing_ok=True)
-            progress_path(shard).unlink(missing_ok=True)
+            discard_partial(shard)
     p.extract_path.write_text(p.extract_script)
     array_job = sbatch(p.extract_path)
     p.merge_path.write_text(p.merge_script(array_job))

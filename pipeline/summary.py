@@ -5,6 +5,7 @@ from collections import Counter
 
 import numpy as np
 
+from features.store import read_attrs
 from pipeline.extract import ExtractResult
 
 
@@ -17,11 +18,8 @@ def human_bytes(n: float) -> str:
 
 
 def print_extract_summary(r: ExtractResult) -> None:
-    import h5py
-
-    with h5py.File(r.path, "r") as f:
-        itemsize = f[f"features/{next(iter(r.layer_shapes))}"].dtype.itemsize
-        dtype = f.attrs["dtype"]
+    dtype = str((read_attrs(r.path) or {}).get("dtype", "float32"))
+    itemsize = np.dtype(dtype).itemsize
     t = r.timings
     rate = r.processed / t.wall_s if t.wall_s else 0.0
     lines = [
@@ -29,6 +27,9 @@ def print_extract_summary(r: ExtractResult) -> None:
         f"images: {r.images} written, {len(r.skipped)} skipped; {r.processed} processed in this run "
         f"in {t.wall_s:.1f} s ({rate:.1f} img/s)",
     ]
+    if r.status == "updated":
+        lines.append(f"update: {r.reused} rows kept from the earlier cache (unchanged files), {r.processed} new or "
+                     "changed images through the model")
     for layer, shape in r.layer_shapes.items():
         per_image = int(np.prod(shape)) * itemsize
         lines.append(f"  features/{layer}: (N, {', '.join(map(str, shape))}) {dtype}, {human_bytes(per_image)} per image")

@@ -18,7 +18,7 @@ import pytest
 from features.backbones import get_backbone
 from features.images import load_image
 from features.model import build_base
-from features.store import progress_path
+from features.store import partial_path, progress_path
 from pipeline.config import ExtractConfig
 from pipeline.extract import extract
 from tests.conftest import ROOT, run_cli, write_images
@@ -173,7 +173,8 @@ def test_interrupted_run_resumes_to_identical_contents(resume_case, tmp_path, si
         assert status == -signal.SIGKILL
     else:  # stopped cleanly: exit 130 and one line saying how to resume
         assert status == 130 and "interrupted: partial work is kept" in err and "Traceback" not in err, err
-    with h5py.File(out) as f:
+    assert not out.exists()  # nothing at the target until the cache is complete
+    with h5py.File(partial_path(out)) as f:
         assert not f.attrs["complete"]
     assert RESUME_AT <= done_before < RESUME_IMAGES
 
@@ -181,7 +182,7 @@ def test_interrupted_run_resumes_to_identical_contents(resume_case, tmp_path, si
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed" in resumed.stdout and f"{RESUME_IMAGES - done_before} processed in this run" in resumed.stdout
     assert_same_cache(out, fresh)
-    assert not progress_path(out).exists()
+    assert not progress_path(out).exists() and not partial_path(out).exists()
 
 
 @pytest.mark.parametrize("args,message", [

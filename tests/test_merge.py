@@ -18,6 +18,7 @@ import pytest
 from features.backbones import get_backbone
 from features.errors import UsageError
 from features.model import build_base
+from features.store import partial_path, progress_path
 from pipeline.config import ExtractConfig, shard_out
 from pipeline.devices import extract_on_devices, select_gpus
 from pipeline.extract import extract
@@ -112,15 +113,17 @@ def test_missing_and_incomplete_shards_are_reported_by_index(sharded, tmp_path):
     with pytest.raises(UsageError, match=r"shard\(s\) 2 of 3 missing \(expected x\.shard2-of-3\.h5\)"):
         merge(merged)
     shutil.copy(sharded.shards / "x.shard2-of-3.h5", merged.parent)
-    for i in (0, 2):
-        with h5py.File(merged.parent / f"x.shard{i}-of-3.h5", "r+") as f:
-            f.attrs["complete"] = False  # as a killed task leaves it
-    (merged.parent / "x.shard2-of-3.h5.progress.json").write_text(json.dumps(
+    for i in (0, 2):  # as a killed task leaves it: unpublished, under its partial name
+        shard = merged.parent / f"x.shard{i}-of-3.h5"
+        with h5py.File(shard, "r+") as f:
+            f.attrs["complete"] = False
+        shard.rename(partial_path(shard))
+    progress_path(merged.parent / "x.shard2-of-3.h5").write_text(json.dumps(
         {"rows_written": 2, "files_done": 2, "skipped": []}))
     with pytest.raises(UsageError, match=r"shard\(s\) 0 \(x\.shard0-of-3\.h5: no progress record\); "
                                          r"2 \(x\.shard2-of-3\.h5: 2 of 7 files done\) of 3 incomplete"):
         merge(merged)
-    assert not merged.exists() and not merged.with_name("x.h5.merging").exists()
+    assert not merged.exists() and not partial_path(merged).exists()
 
 
 def test_shards_of_other_configurations_or_counts_are_refused(sharded, tmp_path):
