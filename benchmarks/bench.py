@@ -36,7 +36,7 @@ def run_sections(numbers: list[int], sizes: Sizes, work: Path, log, strict: bool
     from benchmarks.throughput import section_gpu, section_input_pipeline, section_naive
     from benchmarks.update import section_update
 
-    sources = find_sources()
+    sources = find_sources(sizes.full_size_images)
     children: dict = {}  # child-process records shared by sections 2 and 3 (same runs are not repeated)
     runners = {
         1: lambda: section_input_pipeline(sizes, sources, work, log),

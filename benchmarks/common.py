@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_IMAGES = ROOT / "data" / "hymenoptera-small"
+# The full-size photos are too large to ship: `make bench` reads them from ../shared (or SHARED_DIR) when present.
 SHARED = Path(os.environ.get("SHARED_DIR", ROOT.parent / "shared"))
 LITE0_NAME = "efficientnet_lite0/efficientnet_lite0_imagenet.keras"
 IMAGE_SUFFIXES = (".jpg", ".jpeg")  # what image_dataset_from_directory and the naive cv2 loop both read
@@ -48,6 +50,7 @@ class Sizes:
     memory_dtypes: tuple[str, ...] = ("float32", "float16")  # section 3
     scaling_heads: str = "all"  # section 6: 'all' or comma-separated head names
     update_images: int = 2000  # section 8: N of the full run (1% of N is added for the first update)
+    full_size_images: bool = True  # the full-size photos of ../shared when present; False: the shipped copies
 
     @classmethod
     def full(cls) -> "Sizes":
@@ -65,7 +68,8 @@ class Sizes:
                    memory_images=4, memory_batch=4, memory_size=32, storage_images=8, storage_rows=32,
                    head_epochs=2, scaling_samples=60, scaling_dims=(16, 64), scaling_budget_s=2.0, batch_size=8,
                    registry_size=32, jit_probe=False, split_images=8, cases=("vgg19_block2_pool",),
-                   memory_dtypes=("float16",), scaling_heads="ridge,knn,sgd", update_images=100)
+                   memory_dtypes=("float16",), scaling_heads="ridge,knn,sgd", update_images=100,
+                   full_size_images=False)
 
 
 @dataclass
@@ -90,7 +94,7 @@ class Sources:
 
     images: Path  # a folder of class folders, possibly with train/val splits above them
     lite0: Path
-    real: bool  # False: the shipped fallbacks in the repository (../shared is absent)
+    real: bool  # False: the shipped downscaled copies in the repository
 
     @property
     def note(self) -> str:
@@ -98,18 +102,21 @@ class Sources:
                  f"preprocessing; byte-identical to ../shared/models/{LITE0_NAME} when that exists)")
         if self.real:
             return f"real data: {self.images} (replicated as needed); {model}"
-        return (f"../shared is absent: used the shipped fallback {self.images}; {model}. These JPEGs are "
-                f"downscaled (about 256x384), so decoding is cheaper than on the real set.")
+        return (f"the shipped copies {self.images}; {model}. These JPEGs are downscaled (about 256x384), so "
+                f"decoding is cheaper than on the full-size photos.")
 
 
-def find_sources() -> Sources:
+def find_sources(full_size: bool = True) -> Sources:
+    """The full-size photos of ../shared when asked for and present, else the shipped downscaled copies (quick runs
+    and the tests always use the shipped ones, so they do not depend on what lies beside the repository)."""
     lite0 = ROOT / "models" / LITE0_NAME
     shared_images = SHARED / "datasets" / "hymenoptera"
-    if shared_images.is_dir():
+    if full_size and shared_images.is_dir():
         return Sources(shared_images, lite0, True)
-    print(f"note: {shared_images} is absent; the real-data parts run on the shipped data/hymenoptera-small "
-          f"instead.", file=sys.stderr)
-    return Sources(ROOT / "data" / "hymenoptera-small", lite0, False)
+    if full_size:
+        print(f"note: {shared_images} is absent; the real-data parts run on the shipped data/hymenoptera-small "
+              f"instead.", file=sys.stderr)
+    return Sources(SHIPPED_IMAGES, lite0, False)
 
 
 def list_images(root: Path) -> list[Path]:

@@ -34,12 +34,20 @@ def test_view_zero_is_the_stage_one_clean_view(photo):
     np.testing.assert_array_equal(view_loader(64, "crop", "standard", 0, 0)("x.jpg", img), load_image(path, 64, "crop"))
 
 
-def test_standard_policy_changes_pixels_and_keeps_their_range(photo):
+def test_standard_policy_changes_pixels(photo):
     _, img = photo
     clean = load_image(photo[0], 64, "crop").astype(int)
     views = np.stack([augment_view(img, 64, "standard", 0, "a.jpg", v) for v in range(1, 9)]).astype(int)
     assert all(np.abs(v - clean).mean() > 5 for v in views)  # crop, rotation and jitter move the pixels
-    assert views.min() >= 0 and views.max() <= 255
+
+
+def test_brightness_jitter_stays_within_20_percent_and_saturates_at_white():
+    """On a flat image only brightness acts (crop, rotation, contrast and saturation keep it flat): 250 becomes
+    200..255, clipped at 255 when brightened, never wrapped round to dark values as a bare uint8 cast would."""
+    flat = np.full((120, 160, 3), 250, np.uint8)
+    views = np.stack([augment_view(flat, 32, "standard", 0, "w.jpg", v) for v in range(1, 17)]).astype(int)
+    assert views.min() >= 200 and (views == 255).all(axis=(1, 2, 3)).sum() >= 3
+    assert len({v.min() for v in views}) > 8  # each view draws its own brightness
 
 
 def test_unknown_policy_names_the_valid_ones():

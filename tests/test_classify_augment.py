@@ -13,6 +13,7 @@ from classifiers.data import open_cache
 from classifiers.evaluate import evaluate, plan_evaluation
 from classifiers.heads import get_head
 from classifiers.holdout import holdout_mask
+from classifiers.report import augment_gains, rank
 from classifiers.testing import separable, with_views, write_cache
 from features.errors import UsageError
 from pipeline.classify import ClassifyConfig, classify
@@ -108,12 +109,35 @@ def test_gain_table_compares_clean_and_augmented_caches(tmp_path):
     for _, row in gains.iterrows():
         pick = board[board["head"] == row["head"]].fillna({"augment": ""}).set_index("augment")
         assert row["gain"] == pytest.approx(pick.loc["toy×2", "accuracy"] - pick.loc["", "accuracy"])
-        assert pick.loc["toy×2", "augment_gain"] == pytest.approx(row["gain"])
         assert row["n_fit_images"] == 50 and row["n_fit"] == 150
     report = (run / "report.md").read_text()
     assert "## Gain from augmentation" in report and "toy×2" in report
     alone = classify(ClassifyConfig(features=str(clean), heads="ridge", out=str(tmp_path / "alone")))
     assert not (alone / "augment_gain.csv").exists() and "augment" not in (alone / "leaderboard.md").read_text()
+
+
+def test_gains_pair_each_augmented_row_with_its_clean_twin_on_known_accuracies():
+    """Hand-made leaderboard rows: the gain is augmented minus clean accuracy of the same data, layer and head;
+    a row without a clean twin gets none; the leaderboard carries the gain on the augmented row only."""
+    same = {"data_id": "d", "backbone": "lite0", "reduce": "none", "scheme": "val", "balanced_accuracy": 0.5,
+            "log_loss": 0.3, "n_fit_images": 40, "cache": "c"}
+    rows = [{**same, "layer": "avg_pool", "head": "logreg", "augment": "", "accuracy": 0.80, "fit_s": 2.0},
+            {**same, "layer": "avg_pool", "head": "logreg", "augment": "standard×4", "accuracy": 0.86, "fit_s": 10.0,
+             "n_fit": 200, "cache": "a"},
+            {**same, "layer": "avg_pool", "head": "ridge", "augment": "", "accuracy": 0.90, "fit_s": 1.0},
+            {**same, "layer": "avg_pool", "head": "ridge", "augment": "standard×4", "accuracy": 0.85, "fit_s": 3.0,
+             "n_fit": 200, "cache": "a"},
+            {**same, "layer": "top", "head": "logreg", "augment": "standard×4", "accuracy": 0.70, "fit_s": 1.0,
+             "n_fit": 200, "cache": "a"}]
+    gains = augment_gains(pd.DataFrame(rows))
+    assert list(gains["head"]) == ["logreg", "ridge"]  # best gain first; the `top` row has no clean twin
+    np.testing.assert_allclose(gains["gain"], [0.06, -0.05], atol=1e-12)
+    np.testing.assert_allclose(gains["fit_s_ratio"], [5.0, 3.0])
+    board = rank(rows)
+    gain = {(r.layer, r.head, r.augment): r.augment_gain for r in board.itertuples()}
+    assert gain[("avg_pool", "logreg", "standard×4")] == pytest.approx(0.06)
+    assert gain[("avg_pool", "ridge", "standard×4")] == pytest.approx(-0.05)
+    assert np.isnan(gain[("avg_pool", "logreg", "")]) and np.isnan(gain[("top", "logreg", "standard×4")])
 
 
 def test_saved_model_extracts_clean_views_at_predict_time(tmp_path):

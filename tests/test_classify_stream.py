@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil  # a dev dependency (pyproject.toml): installed by make test, never skipped
 import pytest
 
 from classifiers.testing import separable, write_cache
 from pipeline.classify import ClassifyConfig, classify
 
-psutil = pytest.importorskip("psutil")
 BUDGET = 16 * 2**20
 N, SIDE, CHANNELS = 4000, 8, 64  # 16 KiB per row: a 62.5 MiB layer, about 4x the budget
 

@@ -122,41 +122,66 @@ def test_bad_files_are_skipped_and_recorded(class_folder, tmp_path):
     assert "empty" in skipped["cats/zero.jpg"] and "not an image file type" in skipped["dogs/notes.txt"]
 
 
-def test_killed_run_resumes_to_identical_contents(tmp_path):
-    """SIGKILL a real extraction process mid-run, rerun the same command, compare with an uninterrupted run."""
+RESUME_IMAGES, RESUME_AT = 160, 24  # rows in the folder; rows written before the signal is sent
+
+
+@pytest.fixture(scope="module")
+def resume_case(tmp_path_factory):
+    """A folder, fixed random weights and the CLI arguments of one extraction, and its uninterrupted cache."""
+    root = tmp_path_factory.mktemp("resume")
     for k, name in enumerate(["a", "b"]):
-        write_images(tmp_path / "data" / name, 120, seed=10 + k, size=(120, 160))
-    args = ["extract", "--backbone", "vgg19", "--weights", "none", "--data", str(tmp_path / "data"),
-            "--layer", "block3_pool", "--image-size", "128", "--batch-size", "8", "--workers", "1"]
-    weights = tmp_path / "w.weights.h5"
+        write_images(root / "data" / name, RESUME_IMAGES // 2, seed=10 + k)
+    weights = root / "w.weights.h5"
     keras.utils.set_random_seed(0)
-    build_base(get_backbone("vgg19"), "none", 128).save_weights(weights)  # both runs: the same weights
-    args[args.index("none")] = str(weights)
-    out = tmp_path / "killed.h5"
+    build_base(get_backbone("vgg19"), "none", 64).save_weights(weights)  # every run: the same weights
+    args = ["extract", "--backbone", "vgg19", "--weights", str(weights), "--data", str(root / "data"),
+            "--layer", "block2_pool", "--image-size", "64", "--batch-size", "8", "--workers", "1"]
+    fresh = extract(ExtractConfig(backbone="vgg19", weights=str(weights), data=str(root / "data"),
+                                  layer=["block2_pool"], image_size=64, batch_size=8, workers=1,
+                                  out=str(root / "fresh.h5")), verbose=False).path
+    return args, fresh
+
+
+def interrupt_mid_run(args: list[str], out: Path, sig: signal.Signals) -> tuple[int, str, int]:
+    """Start `python -m pipeline <args> --out out`, send `sig` once RESUME_AT rows are written, wait for the exit;
+    (exit status, stderr, rows written before the process ended)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # SIGINT as at a terminal: a process started in the background inherits SIGINT ignored, so restore the default
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--out", str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         progress = progress_path(out)
-        if progress.exists() and json.loads(progress.read_text() or "{}").get("rows_written", 0) >= 24:
+        if progress.exists() and json.loads(progress.read_text() or "{}").get("rows_written", 0) >= RESUME_AT:
             break
         time.sleep(0.01)
-    assert proc.poll() is None, f"extraction ended before it could be killed: {proc.stderr.read()[-2000:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    assert proc.poll() is None, f"extraction ended before the signal: {proc.stderr.read()[-2000:]}"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err, json.loads(progress_path(out).read_text())["rows_written"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_interrupted_run_resumes_to_identical_contents(resume_case, tmp_path, sig):
+    """A real extraction process stopped mid-run by kill -9, Ctrl-C or a scheduler's SIGTERM; rerunning the same
+    command finishes the cache with the contents of an uninterrupted run."""
+    args, fresh = resume_case
+    out = tmp_path / "interrupted.h5"
+    status, err, done_before = interrupt_mid_run(args, out, sig)
+    if sig == signal.SIGKILL:
+        assert status == -signal.SIGKILL
+    else:  # stopped cleanly: exit 130 and one line saying how to resume
+        assert status == 130 and "interrupted: partial work is kept" in err and "Traceback" not in err, err
     assert not out.exists()  # nothing at the target until the cache is complete
     with h5py.File(partial_path(out)) as f:
         assert not f.attrs["complete"]
-    done_before = json.loads(progress_path(out).read_text())["rows_written"]
-    assert 24 <= done_before < 240
+    assert RESUME_AT <= done_before < RESUME_IMAGES
 
     resumed = run_cli(*args, "--out", str(out))
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed" in resumed.stdout and f"{240 - done_before} processed in this run" in resumed.stdout
-    fresh = run_cli(*args, "--out", str(tmp_path / "fresh.h5"))
-    assert fresh.returncode == 0, fresh.stderr
-    assert_same_cache(out, tmp_path / "fresh.h5")
+    assert "resumed" in resumed.stdout and f"{RESUME_IMAGES - done_before} processed in this run" in resumed.stdout
+    assert_same_cache(out, fresh)
     assert not progress_path(out).exists() and not partial_path(out).exists()
 
 

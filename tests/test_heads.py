@@ -10,6 +10,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from classifiers.data import RowStream, take_rows
 from classifiers.heads import StreamingSGDClassifier, get_head, list_heads, resolve_heads
+from classifiers.mlp import KerasMLPClassifier
 from classifiers.reduce import SpatialReduce, get_reduce, pool_function, resolve_reduce
 from classifiers.testing import separable, write_cache
 from features.errors import UsageError
@@ -29,17 +30,19 @@ def test_every_head_separates_separable_blobs(name, blobs):
     X, y = blobs
     spec = get_head(name)
     model = spec.build(0)
-    unfitted = clone(model)  # __init__ only stores: clone rebuilds it from get_params
-    assert unfitted.get_params().keys() == model.get_params().keys()
+    assert set(spec.grid) <= set(model.get_params(deep=True))  # the search can set every parameter it names
     model.set_params(**{k: v[0] for k, v in spec.grid.items() if k.endswith("n_components")})
+    twin = clone(model)  # rebuilt from get_params alone: it must be the same model
     model.fit(X[::2], y[::2])
     assert (model.predict(X[1::2]) == y[1::2]).mean() == 1.0
+    twin.fit(X[::2], y[::2])
+    method = next(m for m in ("predict_proba", "decision_function", "predict") if hasattr(model, m))
+    np.testing.assert_allclose(getattr(twin, method)(X[1::2]), getattr(model, method)(X[1::2]), rtol=1e-6, atol=1e-9)
     restored = pickle.loads(pickle.dumps(model))
     np.testing.assert_array_equal(restored.predict(X[1::2]), model.predict(X[1::2]))
 
 
 def test_mlp_head_learns_and_survives_pickling(blobs):
-    pytest.importorskip("keras")
     X, y = blobs
     model = get_head("mlp").build(0).set_params(epochs=60, patience=60)
     model.fit(X[::2], y[::2])
@@ -49,8 +52,41 @@ def test_mlp_head_learns_and_survives_pickling(blobs):
     np.testing.assert_allclose(restored.predict_proba(X[1::2]), model.predict_proba(X[1::2]), atol=1e-6)
 
 
-@parametrize_with_checks([SpatialReduce("avg")])
-def test_spatial_reduce_is_a_sklearn_transformer(estimator, check):
+# Checks these estimators fail by design, each with the reason. Both classifiers take X as an ndarray or a RowStream
+# over an HDF5 cache larger than memory, so they do not run check_array (which would load the whole stream).
+_NOT_CHECK_ARRAY = "X may be a RowStream (out-of-core HDF5 rows), so fit does not run check_array on it"
+_STREAMING_XFAIL = {
+    "check_estimators_unfitted": "predict reads classes_ before check_is_fitted runs: AttributeError, not "
+                                 "NotFittedError (a defect, reported)",
+    "check_estimators_empty_data_messages": _NOT_CHECK_ARRAY,
+    "check_estimator_sparse_tag": f"{_NOT_CHECK_ARRAY}; caches are dense",
+    "check_estimator_sparse_array": f"{_NOT_CHECK_ARRAY}; caches are dense",
+    "check_estimator_sparse_matrix": f"{_NOT_CHECK_ARRAY}; caches are dense",
+    "check_classifier_data_not_an_array": f"{_NOT_CHECK_ARRAY}: X needs .shape",
+    "check_classifiers_train": f"{_NOT_CHECK_ARRAY}: lists are not converted",
+    "check_supervised_y_2d": "y is taken as given (a 1-d label column from the cache), not raveled",
+    "check_requires_y_none": "y=None is not reported with scikit-learn's message",
+}
+_MLP_XFAIL = {
+    **_STREAMING_XFAIL,
+    "check_complex_data": _NOT_CHECK_ARRAY, "check_estimators_nan_inf": _NOT_CHECK_ARRAY,
+    "check_classifiers_regression_target": "labels are not type-checked (they come from the cache's label column)",
+    "check_supervised_y_no_nan": "labels are not type-checked (they come from the cache's label column)",
+    "check_methods_sample_order_invariance": "Keras float32 batches: probabilities differ by ~3e-8 with row order",
+}
+
+
+@parametrize_with_checks([SpatialReduce("avg"), StreamingSGDClassifier(epochs=2, random_state=0)],
+                         expected_failed_checks=lambda est: _STREAMING_XFAIL if isinstance(est, StreamingSGDClassifier)
+                         else {})
+def test_custom_estimators_pass_sklearns_checks(estimator, check):
+    check(estimator)
+
+
+@pytest.mark.slow  # ~55 checks, each fitting small Keras nets: minutes on 2 cores
+@parametrize_with_checks([KerasMLPClassifier(hidden=(8,), epochs=3, patience=2, random_state=0)],
+                         expected_failed_checks=lambda est: _MLP_XFAIL)
+def test_keras_mlp_passes_sklearns_checks(estimator, check):
     check(estimator)
 
 

@@ -11,9 +11,9 @@ from PIL import Image
 
 from features.augment import AUGMENT_POLICIES, augment_view, file_loader
 from features.images import RESIZE_POLICIES, dct_scale, decode_rgb, decode_stream, jpeg_size, load_image
-from tests.conftest import shared_path
+from tests.conftest import ODD_INPUTS
 
-ODD = Path(__file__).parent / "data" / "odd-inputs"  # the few odd inputs that need no ../shared
+ODD = ODD_INPUTS
 ODD_JPEGS = ["exif_rotated.jpg", "cmyk.jpg", "grayscale.jpg", "progressive.jpg", "large_4000x2328.jpg"]
 
 # file -> mean absolute difference to the reference allowed (0 = lossless)
@@ -25,7 +25,7 @@ BAD = ["truncated.jpg", "zero_bytes.jpg", "text_named.jpg", "html_named.jpeg", "
 
 @pytest.fixture(scope="module")
 def odd() -> Path:
-    return shared_path("datasets", "odd-inputs")
+    return ODD
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_channel_order_is_rgb_not_opencv_bgr(tmp_path):
 
 
 def test_generated_odd_formats(tmp_path):
-    """The same checks on files made here, so they run without ../shared."""
+    """The same checks on files made here from a synthetic gradient, where every pixel is known."""
     rgb = _rgb_gradient()
     Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
     cv2.imwrite(str(tmp_path / "16bit.png"), (rgb[..., ::-1].astype(np.uint16) * 257))
