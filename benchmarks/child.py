@@ -33,7 +33,7 @@ def _model(params: dict):
 
 def job_extract(params: dict) -> dict:
     from pipeline.config import ExtractConfig
-    from pipeline.extract import extract
+    from pipeline.extraction import extract
 
     out = Path(params["out"])
     cfg = ExtractConfig(backbone=params["backbone"], data=params["data"], layer=[params["layer"]] if params["layer"]

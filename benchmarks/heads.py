@@ -86,7 +86,7 @@ def section_heads_vs_training(sizes: Sizes, sources: Sources, work: Path, log) -
     from features.backbones import get_backbone
     from features.model import build_base
     from pipeline.config import ExtractConfig
-    from pipeline.extract import extract
+    from pipeline.extraction import extract
 
     sec = Section(5, "Heads vs end-to-end training (pretrained Lite0, real train/val split)",
                   "wall time of ALL default heads (with their search) ÷ ONE epoch of end-to-end training ≤ 0.1, "

@@ -70,7 +70,7 @@ def measure_case(case: Case, sources: Sources, sizes: Sizes, n: int, batch: int,
     in this process, side by side."""
     from benchmarks.child import keras_peer
     from pipeline.config import ExtractConfig
-    from pipeline.extract import extract
+    from pipeline.extraction import extract
 
     params = case.resolve(sources, sizes, work)
     size = params["size"]

@@ -6,5 +6,5 @@
 - `data`: reading caches within a memory budget; `RowStream` for data larger than RAM
 - `evaluate`: held-out or k-fold evaluation as pure functions
 - `report`: leaderboard, plots, saved models, report.md
-The stage functions that use them are `pipeline.classify.classify` and `pipeline.predict.predict`.
+The stage functions that use them are `pipeline.classification.classify` and `pipeline.prediction.predict`.
 """

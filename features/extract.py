@@ -3,7 +3,7 @@
 Decoding runs in a thread pool ahead of the model, HDF5 writes in a thread behind it; the model runs as one compiled
 function on fixed-shape batches in which every image's slot is its index in the whole set modulo the batch size, so each
 image is computed identically (by a given engine) whether the run is interrupted and resumed, sharded, or not.
-`pipeline.extract` resolves the configuration and decides what to run; this module only runs it.
+`pipeline.extraction` resolves the configuration and decides what to run; this module only runs it.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ def _config(cls, flags: dict, lists: tuple[str, ...] = ()):
 def extract(**flags):
     """Stage one, like `python -m pipeline extract`; returns the ExtractResult (`.path` is the cache)."""
     from pipeline.config import ExtractConfig
-    from pipeline.extract import extract as run
+    from pipeline.extraction import extract as run
 
     return run(_config(ExtractConfig, flags, ("layer",)))
 
@@ -51,8 +51,8 @@ class ClassifyResult:
 
 def classify(**flags) -> ClassifyResult:
     """Stage two, like `python -m pipeline classify`."""
-    from pipeline.classify import ClassifyConfig
-    from pipeline.classify import classify as run
+    from pipeline.classification import ClassifyConfig
+    from pipeline.classification import classify as run
 
     run_dir = run(_config(ClassifyConfig, flags, ("layer", "reduce")))
     return ClassifyResult(run_dir, pd.read_csv(run_dir / "leaderboard.csv"), run_dir / "best",
@@ -67,8 +67,8 @@ class PredictResult:
 
 def predict(**flags) -> PredictResult:
     """A saved model on new images, like `python -m pipeline predict`."""
-    from pipeline.predict import PredictConfig
-    from pipeline.predict import predict as run
+    from pipeline.prediction import PredictConfig
+    from pipeline.prediction import predict as run
 
     csv = run(_config(PredictConfig, flags))
     return PredictResult(csv, pd.read_csv(csv, keep_default_na=False))

@@ -6,7 +6,7 @@ import argparse
 from classifiers.heads import HEADS, TRANSFORMS, list_heads
 from classifiers.reduce import get_reduce, list_reduces
 from classifiers.report import summary
-from pipeline.classify import ClassifyConfig, classify
+from pipeline.classification import ClassifyConfig, classify
 
 _DEFAULTS = ClassifyConfig()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.config import ExtractConfig
-from pipeline.extract import extract
+from pipeline.extraction import extract
 from pipeline.summary import print_extract_summary
 
 # Stage ends of Lite0 from early to late: the leaderboard then shows which depth transfers best.
@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from classifiers.report import summary
-    from pipeline.classify import ClassifyConfig, classify
+    from pipeline.classification import ClassifyConfig, classify
 
     cfg = ExtractConfig(data=args.data, layer=DEMO_LAYERS)
     print(f"[1/2] extract: {cfg.backbone} at {', '.join(DEMO_LAYERS)} on {cfg.data}")

@@ -19,7 +19,7 @@ import time
 from features.errors import UsageError
 from pipeline.config import ExtractConfig, shard_out
 from features.extract import Timings
-from pipeline.extract import ExtractResult, extract, parse_shard, validate
+from pipeline.extraction import ExtractResult, extract, parse_shard, validate
 from pipeline.merge import merge, merged_out
 
 

@@ -7,7 +7,7 @@ import signal
 
 from pipeline.config import ExtractConfig
 from pipeline.devices import extract_on_devices
-from pipeline.extract import ExtractResult
+from pipeline.extraction import ExtractResult
 from pipeline.summary import print_extract_summary
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from classifiers import saved
-from pipeline.predict import PredictConfig, predict, summary
+from pipeline.prediction import PredictConfig, predict, summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 
 from features.store import read_attrs
-from pipeline.extract import ExtractResult
+from pipeline.extraction import ExtractResult
 
 
 def human_bytes(n: float) -> str:

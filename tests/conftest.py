@@ -52,7 +52,7 @@ def lite0_hymenoptera(tmp_path_factory) -> Path:
     """One extraction of the shipped photos with the pretrained Lite0, shared by every real-data test: the pooled
     features, the ImageNet predictions and the 7x7x1280 map before the pooling."""
     from pipeline.config import ExtractConfig
-    from pipeline.extract import extract
+    from pipeline.extraction import extract
 
     cfg = ExtractConfig(backbone=str(LITE0), data=str(HYMENOPTERA), layer=["avg_pool", "predictions", "top_activation"],
                         out=str(tmp_path_factory.mktemp("lite0") / "lite0.h5"))

@@ -32,7 +32,7 @@ def test_section1_ratio_is_end_to_end_over_model_only_on_known_timings(monkeypat
     monkeypatch.setattr(throughput, "time_forward", lambda forward, batches: 0.5 * len(batches))
     monkeypatch.setattr(throughput, "time_to_tensor", lambda batch: 0.001)
     timings = SimpleNamespace(wall_s=2.0, write_s=0.2, wait_input_s=0.1, model_s=1.5, decode_cpu_s=0.4)
-    monkeypatch.setattr(importlib.import_module("pipeline.extract"), "extract", lambda cfg, verbose: SimpleNamespace(
+    monkeypatch.setattr(importlib.import_module("pipeline.extraction"), "extract", lambda cfg, verbose: SimpleNamespace(
         processed=16, timings=timings, engine="tf", path=Path(cfg.out)))
     monkeypatch.setattr(throughput.Case, "resolve", lambda self, sources, sizes=None, work=None: {
         "backbone": "vgg19", "layer": "block2_pool", "size": 32, "weights": "none"})

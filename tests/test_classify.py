@@ -10,7 +10,7 @@ import pytest
 
 from classifiers.testing import separable, write_cache
 from features.errors import UsageError
-from pipeline.classify import ClassifyConfig, classify
+from pipeline.classification import ClassifyConfig, classify
 from pipeline.cli import main
 
 

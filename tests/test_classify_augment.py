@@ -16,7 +16,7 @@ from classifiers.holdout import holdout_mask
 from classifiers.report import augment_gains, rank
 from classifiers.testing import separable, with_views, write_cache
 from features.errors import UsageError
-from pipeline.classify import ClassifyConfig, classify
+from pipeline.classification import ClassifyConfig, classify
 
 
 def _augmented(path, X, y, split=None, k=3, noise=0.05, **attrs):

@@ -12,7 +12,7 @@ from sklearn.dummy import DummyClassifier
 from classifiers.heads import HEADS, HeadSpec
 from classifiers.testing import separable, write_cache
 from features.errors import UsageError
-from pipeline.classify import ClassifyConfig, classify
+from pipeline.classification import ClassifyConfig, classify
 from pipeline.cli import main
 
 

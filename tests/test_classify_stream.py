@@ -14,7 +14,7 @@ import psutil  # a dev dependency (pyproject.toml): installed by make test, neve
 import pytest
 
 from classifiers.testing import separable, write_cache
-from pipeline.classify import ClassifyConfig, classify
+from pipeline.classification import ClassifyConfig, classify
 
 BUDGET = 16 * 2**20
 N, SIDE, CHANNELS = 4000, 8, 64  # 16 KiB per row: a 62.5 MiB layer, about 4x the budget

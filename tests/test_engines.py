@@ -14,7 +14,7 @@ from features.errors import UsageError
 from features.images import load_image
 from features.model import build_base, cut
 from pipeline.config import ExtractConfig
-from pipeline.extract import extract
+from pipeline.extraction import extract
 from tests.conftest import LITE0, ROOT, write_images
 
 

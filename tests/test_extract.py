@@ -20,7 +20,7 @@ from features.images import load_image
 from features.model import build_base
 from features.store import partial_path, progress_path
 from pipeline.config import ExtractConfig
-from pipeline.extract import extract
+from pipeline.extraction import extract
 from tests.conftest import ROOT, run_cli, write_images
 
 VGG = dict(backbone="vgg19", weights="none", image_size=64, batch_size=8)

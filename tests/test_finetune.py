@@ -110,9 +110,9 @@ def _write(folder, n, tint, rng):
 def tuned(tmp_path_factory, tiny_backbone):
     """Split folder of tinted random textures -> extract with the tiny backbone -> classify logreg -> a 1+1 epoch
     fine-tune (the conversion, scoring and files are the point here, not Lite0's weights)."""
-    from pipeline.classify import ClassifyConfig, classify
+    from pipeline.classification import ClassifyConfig, classify
     from pipeline.config import ExtractConfig
-    from pipeline.extract import extract
+    from pipeline.extraction import extract
     from pipeline.finetune import FinetuneConfig, finetune
 
     root = tmp_path_factory.mktemp("ft")
@@ -185,9 +185,9 @@ def test_predict_refuses_a_cache_for_a_fine_tuned_model(tuned, capsys):
 
 @pytest.mark.slow
 def test_short_fine_tune_on_hymenoptera_keeps_the_frozen_head_accuracy(tmp_path):
-    from pipeline.classify import ClassifyConfig, classify
+    from pipeline.classification import ClassifyConfig, classify
     from pipeline.config import ExtractConfig
-    from pipeline.extract import extract
+    from pipeline.extraction import extract
     from pipeline.finetune import FinetuneConfig, finetune
 
     data = ROOT / "data" / "hymenoptera-small"

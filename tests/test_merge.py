@@ -21,7 +21,7 @@ from features.model import build_base
 from features.store import partial_path, progress_path
 from pipeline.config import ExtractConfig, shard_out
 from pipeline.devices import extract_on_devices, select_gpus
-from pipeline.extract import extract
+from pipeline.extraction import extract
 from pipeline.merge import merge
 from tests.conftest import ROOT, write_images
 

@@ -10,9 +10,9 @@ import pytest
 
 from classifiers.testing import separable, write_cache
 from features.errors import UsageError
-from pipeline.classify import ClassifyConfig, classify
+from pipeline.classification import ClassifyConfig, classify
 from pipeline.cli import main
-from pipeline.predict import PredictConfig, predict, summary
+from pipeline.prediction import PredictConfig, predict, summary
 
 
 @pytest.fixture(scope="module")

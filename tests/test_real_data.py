@@ -6,7 +6,7 @@ import numpy as np
 
 from features.images import load_image
 from pipeline.config import ExtractConfig
-from pipeline.extract import extract
+from pipeline.extraction import extract
 from tests.conftest import HYMENOPTERA, LITE0, ODD_INPUTS
 
 ANT, BEE = 310, 309  # ImageNet classes

@@ -15,9 +15,9 @@ import cv2
 import pandas as pd
 import pytest
 
-from pipeline.classify import ClassifyConfig, classify
+from pipeline.classification import ClassifyConfig, classify
 from pipeline.config import ExtractConfig
-from pipeline.extract import extract
+from pipeline.extraction import extract
 from pipeline.page import GALLERY_MAX
 from tests.conftest import LITE0, ROOT, run_cli
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from features.errors import UsageError
-from pipeline import extract as extract_stage
+from pipeline import extraction as extract_stage
 from pipeline.cli import main
-from pipeline.extract import parse_shard
+from pipeline.extraction import parse_shard
 
 
 def fails_in_one_line(capsys, argv: list[str], code: int = 2) -> str:

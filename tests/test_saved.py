@@ -21,9 +21,9 @@ from conftest import LITE0, write_images
 from features.backbones import get_backbone, load_keras
 from features.errors import UsageError
 from features.model import build_base
-from pipeline.classify import ClassifyConfig, classify
+from pipeline.classification import ClassifyConfig, classify
 from pipeline.cli import main
-from pipeline.predict import PredictConfig, predict, summary
+from pipeline.prediction import PredictConfig, predict, summary
 
 
 class RunsAShellCommand:
@@ -193,7 +193,7 @@ def lite0_run(tmp_path_factory):
     """Images -> Lite0 features at 64 px, the backbone given by a path relative to the working directory (as
     `make extract` does), -> a logreg run."""
     from pipeline.config import ExtractConfig
-    from pipeline.extract import extract
+    from pipeline.extraction import extract
 
     root = tmp_path_factory.mktemp("reloc")
     for k, name in enumerate(["cats", "dogs"]):

@@ -20,7 +20,7 @@ from features.model import build_base
 from features.store import CacheWriter, cache_dir, read_attrs
 from pipeline import extract_cmd
 from pipeline.config import ExtractConfig
-from pipeline.extract import extract
+from pipeline.extraction import extract
 from pipeline.cli import main
 from pipeline.slurm import SlurmOptions, parse_tasks, plan
 from tests.conftest import ROOT, run_cli, write_images

@@ -17,7 +17,7 @@ from features.store import (CacheWriter, Progress, copy_rows, open_cache, partia
                             verify)
 from pipeline.cli import main
 from pipeline.config import ExtractConfig
-from pipeline.extract import extract
+from pipeline.extraction import extract
 from pipeline.merge import merge
 from tests.conftest import ROOT, run_cli
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import ExtractConfig
-from pipeline.extract import extract
+from pipeline.extraction import extract
 from tests.conftest import LITE0, ROOT
 
 TRAIN = ROOT / "data" / "hymenoptera-small" / "train"

@@ -3,7 +3,7 @@
 `classify(cfg) -> Path` is the whole stage; the CLI only builds the config. Each (cache, layer, reduce) is read
 and reduced once, then every head is fitted and scored on that matrix. Example:
 
-    >>> from pipeline.classify import ClassifyConfig, classify
+    >>> from pipeline.classification import ClassifyConfig, classify
     >>> run_dir = classify(ClassifyConfig(features="cache/x.h5", heads="logreg,knn"))  # doctest: +SKIP
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@
 predicted label and per-class probability, with a row and the reason for every file it could not use. It
 replaces no file it did not write. Example:
 
-    >>> from pipeline.predict import PredictConfig, predict
+    >>> from pipeline.prediction import PredictConfig, predict
     >>> csv = predict(PredictConfig(model="results/20240101-120000/best", data="new/images"))  # doctest: +SKIP
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ class PredictConfig:
 
 def _extract(record: dict, cfg: PredictConfig, model_dir: Path, cache_path: Path) -> Path:
     """Run stage one on cfg.data with the recorded settings and the backbone found by its hash."""
-    from pipeline.extract import extract
+    from pipeline.extraction import extract
 
     xcfg = recorded_config(record, model_dir)
     return extract(xcfg.replace(data=cfg.data, out=str(cache_path), layer=[record["layer"]], shard=None, labels=None,
