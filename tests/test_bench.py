@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -137,7 +138,7 @@ def test_quick_bench_child_process_sections(tmp_path):
 
 
 def test_sections_argument_is_validated():
-    assert parse_sections("all") == [1, 2, 3, 4, 5, 6, 7]
+    assert parse_sections("all") == [1, 2, 3, 4, 5, 6, 7, 8]
     assert parse_sections("3,1") == [1, 3]
     with pytest.raises(ValueError, match="'9'"):
         parse_sections("9")
