@@ -24,7 +24,7 @@ FINETUNE_FLAGS = $(call flag,MODEL,model) $(call flag,DATA,data) $(call flag,OUT
   $(call flag,BATCH,batch-size) $(call flag,SIZE,image-size) $(call flag,AUGMENT_POLICY,augment-policy) \
   $(call flag,PRECISION,precision) $(call flag,SEED,seed) $(if $(OVERWRITE),--overwrite) $(if $(TRUST_PICKLE),--trust-pickle)
 
-.PHONY: install demo test test-all extract layers backbones weights classify predict audit finetune merge verify slurm-extract bench bench-gpu bench-finetune clean
+.PHONY: install demo test test-all test-slow extract layers backbones weights classify predict audit finetune merge verify slurm-extract bench bench-gpu bench-finetune clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python >= 3.10 or run 'make PYTHON=python3 ...'" >&2; exit 1; }
@@ -43,6 +43,9 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 extract: $(STAMP)
 	$(PY) -m pipeline extract $(EXTRACT_FLAGS)

@@ -89,3 +89,15 @@ def tiny_backbone(tmp_path_factory) -> Path:
     path.with_suffix(".json").write_text(json.dumps({"preprocess": "mean=127,std=128", "input_size": 32,
                                                      "default_layer": "avg_pool"}))
     return path
+
+
+def fails_in_one_line(capsys, argv: list[str], code: int = 2) -> str:
+    """Run the CLI in this process; assert the exit code and a single 'error:' line without traceback; return it."""
+    from pipeline.cli import main
+
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]

@@ -84,6 +84,7 @@ def _classify_in_fresh_process(big_cache, **cfg) -> tuple[int, Path]:
     return record["growth"], Path(record["run"])
 
 
+@pytest.mark.slow
 def test_flattened_maps_over_the_budget_stream_through_sgd(big_cache, tmp_path):
     cache_bytes = N * SIDE * SIDE * CHANNELS * 4
     assert cache_bytes > 3 * BUDGET

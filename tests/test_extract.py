@@ -21,7 +21,7 @@ from features.model import build_base
 from features.store import partial_path, progress_path
 from pipeline.config import ExtractConfig
 from pipeline.extraction import extract
-from tests.conftest import ROOT, run_cli, write_images
+from tests.conftest import ROOT, fails_in_one_line, run_cli, write_images
 
 VGG = dict(backbone="vgg19", weights="none", image_size=64, batch_size=8)
 
@@ -162,7 +162,8 @@ def interrupt_mid_run(args: list[str], out: Path, sig: signal.Signals) -> tuple[
     return proc.returncode, err, json.loads(progress_path(out).read_text())["rows_written"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+                                 pytest.param(signal.SIGTERM, marks=pytest.mark.slow)], ids=lambda s: s.name)
 def test_interrupted_run_resumes_to_identical_contents(resume_case, tmp_path, sig):
     """A real extraction process stopped mid-run by kill -9, Ctrl-C or a scheduler's SIGTERM; rerunning the same
     command finishes the cache with the contents of an uninterrupted run."""
@@ -192,20 +193,26 @@ def test_interrupted_run_resumes_to_identical_contents(resume_case, tmp_path, si
     (["--data", "/nonexistent/images"], "DATA folder '/nonexistent/images' does not exist"),
     (["--data", "EMPTY"], "holds no images"),
     (["--labels", "BADCSV"], "labels CSV .* needs at least two columns"),
-    (["--backbone", "vgg19", "--weights", "imagenet"], "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
 ])
-def test_user_errors_are_one_line_and_exit_nonzero(tmp_path, class_folder, args, message):
+def test_user_errors_are_one_line_and_exit_nonzero(tmp_path, class_folder, capsys, args, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.csv").write_text("just_one_column\nx\n")
     args = [str(tmp_path / "empty") if a == "EMPTY" else str(tmp_path / "bad.csv") if a == "BADCSV" else a
             for a in args]
+    line = fails_in_one_line(capsys, ["extract", "--data", str(class_folder), "--out", str(tmp_path / "o.h5"), *args])
+    assert re.search(message, line, flags=re.IGNORECASE), line
+
+
+def test_offline_imagenet_weights_are_one_line_naming_the_file(tmp_path, class_folder):
+    """In a process of its own: Keras reads KERAS_HOME when it is imported."""
     # Offline for certain: an empty Keras cache and a proxy on a closed local port refuse every download at once.
     offline = {"KERAS_HOME": str(tmp_path / "keras"), "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
-    res = run_cli("extract", "--data", str(class_folder), "--out", str(tmp_path / "o.h5"), *args, env=offline)
+    res = run_cli("extract", "--data", str(class_folder), "--out", str(tmp_path / "o.h5"), "--backbone", "vgg19",
+                  "--weights", "imagenet", env=offline)
     assert res.returncode == 2
     err = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "Traceback" not in res.stderr, res.stderr
-    assert re.search(message, err[0], flags=re.IGNORECASE), err[0]
+    assert "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5" in err[0], err[0]
 
 
 def test_mixed_precision_and_xla_paths_match_float32(class_folder, tmp_path):

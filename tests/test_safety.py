@@ -7,17 +7,8 @@ import pytest
 from features.errors import UsageError
 from pipeline import extraction as extract_stage
 from pipeline.cli import main
+from tests.conftest import fails_in_one_line
 from pipeline.extraction import parse_shard
-
-
-def fails_in_one_line(capsys, argv: list[str], code: int = 2) -> str:
-    """Run the CLI; assert the exit code and a single 'error:' line without traceback; return that line."""
-    assert main(argv) == code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.fixture

@@ -151,6 +151,7 @@ def submit(cluster: SlurmCluster, flags: list[str], *extra: str) -> tuple[str, s
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_array_extraction_resubmitted_task_resumes_and_merge_equals_a_single_run(slurm_cluster, tmp_path,
                                                                                  monkeypatch):
     for k, name in enumerate(["ants", "bees"]):
@@ -195,6 +196,7 @@ def test_array_extraction_resubmitted_task_resumes_and_merge_equals_a_single_run
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_a_data_folder_with_an_odd_name_runs_on_real_slurm_and_nothing_is_injected(slurm_cluster, tmp_path):
     """Data, cache, logs and working folder all under a name with a blank, '#', quotes, '%' and shell syntax."""
     home = tmp_path / ODD
