@@ -96,7 +96,9 @@ def label_issues(X: np.ndarray, meta: pd.DataFrame, label_names: list[str], seed
     if len(present) < 2:  # unlabelled or single-class data: no label can be doubted
         return pd.DataFrame(columns=["path", "split", "label", "suggested", "p_label"])
     probs = out_of_fold_probabilities(X[labelled], y_dense, seed)
-    found = find_label_issues(y_dense, probs, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: cleanlab's default forks a multiprocessing pool, and a fork of a process whose TensorFlow / ONNX
+    # Runtime threads hold locks can hang forever (seen here); one process gives the same result (cleanlab's docs)
+    found = find_label_issues(y_dense, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
     table = meta.iloc[labelled[found]][["path", "split", "label"]].reset_index(drop=True)
     table["suggested"] = [label_names[c] for c in present[probs[found].argmax(axis=1)]]
     table["p_label"] = probs[found, y_dense[found]].round(4)
