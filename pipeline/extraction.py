@@ -231,21 +231,22 @@ def _update(cfg: ExtractConfig, out: Path, attrs: dict, catalog: Catalog, graph:
     start = time.perf_counter()
     old = open_cache(out)
     reuse = reusable_rows(old, catalog)
+    kept = int((reuse >= 0).sum())
     todo = catalog.subset(np.flatnonzero(reuse < 0).tolist())
     if verbose:
-        print(f"update: {out} was made for an earlier state of {cfg.data}; keeping {int((reuse >= 0).sum())} rows of "
+        print(f"update: {out} was made for an earlier state of {cfg.data}; keeping {kept} rows of "
               f"unchanged files, computing {len(todo)} new or changed candidates.")
     delta_path = update_path(out)
-    delta_attrs = {**attrs, "source_fingerprint": todo.fingerprint(), "num_candidates": len(todo)}
     computed = ExtractResult(delta_path, "up-to-date", engine=attrs["engine"])
-    if len(todo):
+    delta, skipped = None, [list(item) for item in catalog.ignored]
+    if len(todo):  # else nothing is computed, and a scratch cache left by an earlier update is stale
+        delta_attrs = {**attrs, "source_fingerprint": todo.fingerprint(), "num_candidates": len(todo)}
         state = _delta_state(delta_path, delta_attrs)
         if state != "complete":
             computed = _compute(cfg, delta_path, delta_attrs, todo, state, graph, export, verbose)
-    attrs.update(engine_attrs(computed.engine or attrs["engine"]))
-    delta = open_cache(delta_path) if delta_path.exists() else None
-    skipped = (computed.skipped if computed.status != "up-to-date" else [list(s) for s in delta.skipped] if delta
-               else [list(item) for item in catalog.ignored])
+        delta = open_cache(delta_path) if delta_path.exists() else None  # absent when no new file could be used
+        skipped = [list(s) for s in delta.skipped] if state == "complete" else computed.skipped
+    attrs.update(engine_attrs(computed.engine))
     writer = CacheWriter.create(out, attrs, old.shapes, catalog.paths, catalog.label_names)
     try:
         rows = assemble(writer, catalog, reuse, old, delta, skipped)
@@ -256,7 +257,7 @@ def _update(cfg: ExtractConfig, out: Path, attrs: dict, catalog: Catalog, graph:
         raise UsageError(f"none of the {len(catalog)} files under '{cfg.data}' could be used; {out} is left as it was.")
     computed.timings.wall_s = time.perf_counter() - start
     return ExtractResult(out, "updated", rows, skipped, old.shapes, computed.timings, computed.processed,
-                         computed.engine or attrs["engine"], reused=int((reuse >= 0).sum()))
+                         computed.engine, reused=kept)
 
 
 def _delta_state(path: Path, attrs: dict) -> Progress | str | None:
