@@ -206,4 +206,5 @@ class StreamingSGDClassifier(ClassifierMixin, BaseEstimator):
         return self._collect(X, "decision_function")
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        proba = self.predict_proba(X)  # first: it raises NotFittedError on an unfitted head
+        return self.classes_[np.argmax(proba, axis=1)]

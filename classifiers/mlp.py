@@ -91,7 +91,8 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         return out
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        proba = self.predict_proba(X)  # first: it raises NotFittedError on an unfitted head
+        return self.classes_[np.argmax(proba, axis=1)]
 
     def save_keras(self, path: str | os.PathLike) -> None:
         """Write the fitted net alone as a `.keras` file (its input: standardised, reduced features)."""

@@ -2,9 +2,11 @@
 pretrained Lite0 in models/, the odd image files in tests/data), so every test runs on a plain clone."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -47,6 +49,22 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict
                           capture_output=True, timeout=timeout)
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], Path]) -> Path:
+    """`build(folder)` once per test run, also when pytest-xdist runs the suite in several worker processes: the
+    first worker builds under a file lock in the run's shared temporary folder, the others wait and reuse it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the folder every worker's temporary folder lives in
+    folder, done = root / f"shared-{name}", root / f"shared-{name}.json"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            done.write_text(json.dumps({"path": str(build(folder))}))
+    return Path(json.loads(done.read_text())["path"])
+
+
 @pytest.fixture(scope="session")
 def lite0_hymenoptera(tmp_path_factory) -> Path:
     """One extraction of the shipped photos with the pretrained Lite0, shared by every real-data test: the pooled
@@ -54,9 +72,18 @@ def lite0_hymenoptera(tmp_path_factory) -> Path:
     from pipeline.config import ExtractConfig
     from pipeline.extraction import extract
 
-    cfg = ExtractConfig(backbone=str(LITE0), data=str(HYMENOPTERA), layer=["avg_pool", "predictions", "top_activation"],
-                        out=str(tmp_path_factory.mktemp("lite0") / "lite0.h5"))
-    return extract(cfg, verbose=False).path
+    def build(folder: Path) -> Path:
+        cfg = ExtractConfig(backbone=str(LITE0), data=str(HYMENOPTERA), out=str(folder / "lite0.h5"),
+                            layer=["avg_pool", "predictions", "top_activation"])
+        return extract(cfg, verbose=False).path
+
+    return built_once(tmp_path_factory, "lite0", build)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: a worker per usable core, at most 4; each worker imports TensorFlow (about 1 GiB resident), and
+    the heaviest tests use two cores themselves."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -72,23 +99,24 @@ def pytest_collection_modifyitems(config, items):
 def tiny_backbone(tmp_path_factory) -> Path:
     """A small random-weight `.keras` backbone with a sidecar JSON, for tests where pretrained weights are not the
     point: two weighted blocks and a `top_conv` named as keras.applications name theirs, then `avg_pool`."""
-    import json
+    def build(folder: Path) -> Path:
+        import keras
 
-    import keras
+        keras.utils.set_random_seed(0)
+        x = inputs = keras.Input((None, None, 3))
+        for block, filters in [("block1", 8), ("block2", 16)]:
+            x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", name=f"{block}_conv")(x)
+            x = keras.layers.BatchNormalization(name=f"{block}_bn")(x)
+            x = keras.layers.ReLU(name=f"{block}_relu")(x)
+        x = keras.layers.Conv2D(32, 1, activation="relu", name="top_conv")(x)
+        outputs = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        path = folder / "tiny.keras"
+        keras.Model(inputs, outputs, name="tiny").save(path)
+        path.with_suffix(".json").write_text(json.dumps({"preprocess": "mean=127,std=128", "input_size": 32,
+                                                         "default_layer": "avg_pool"}))
+        return path
 
-    keras.utils.set_random_seed(0)
-    x = inputs = keras.Input((None, None, 3))
-    for block, filters in [("block1", 8), ("block2", 16)]:
-        x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", name=f"{block}_conv")(x)
-        x = keras.layers.BatchNormalization(name=f"{block}_bn")(x)
-        x = keras.layers.ReLU(name=f"{block}_relu")(x)
-    x = keras.layers.Conv2D(32, 1, activation="relu", name="top_conv")(x)
-    outputs = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    path = tmp_path_factory.mktemp("tiny") / "tiny.keras"
-    keras.Model(inputs, outputs, name="tiny").save(path)
-    path.with_suffix(".json").write_text(json.dumps({"preprocess": "mean=127,std=128", "input_size": 32,
-                                                     "default_layer": "avg_pool"}))
-    return path
+    return built_once(tmp_path_factory, "tiny", build)
 
 
 def fails_in_one_line(capsys, argv: list[str], code: int = 2) -> str:

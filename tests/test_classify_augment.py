@@ -160,7 +160,7 @@ def test_streaming_heads_group_views_in_their_validation_split(tmp_path):
         assert len(set(held[images == image])) == 1  # an image is held out with all its views, or not at all
     assert held.sum() == 4 * 16  # 20 % of the 40 images per class, 4 rows each
     path = write_cache(tmp_path / "a.h5", {"vec": rows.pop("X")}, **rows)
-    run = classify(ClassifyConfig(features=str(path), heads="sgd", cv=2, memory_budget="20KiB",
+    run = classify(ClassifyConfig(features=str(path), heads="sgd", cv=2, memory_budget="100KiB",
                                   out=str(tmp_path / "run")))
     board = pd.read_csv(run / "leaderboard.csv")
     assert bool(board.loc[0, "streamed"]) and board.loc[0, "accuracy"] > 0.95 and board.loc[0, "n_eval"] == 80

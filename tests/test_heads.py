@@ -56,8 +56,6 @@ def test_mlp_head_learns_and_survives_pickling(blobs):
 # over an HDF5 cache larger than memory, so they do not run check_array (which would load the whole stream).
 _NOT_CHECK_ARRAY = "X may be a RowStream (out-of-core HDF5 rows), so fit does not run check_array on it"
 _STREAMING_XFAIL = {
-    "check_estimators_unfitted": "predict reads classes_ before check_is_fitted runs: AttributeError, not "
-                                 "NotFittedError (a defect, reported)",
     "check_estimators_empty_data_messages": _NOT_CHECK_ARRAY,
     "check_estimator_sparse_tag": f"{_NOT_CHECK_ARRAY}; caches are dense",
     "check_estimator_sparse_array": f"{_NOT_CHECK_ARRAY}; caches are dense",

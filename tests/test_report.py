@@ -16,10 +16,11 @@ import pandas as pd
 import pytest
 
 from pipeline.classification import ClassifyConfig, classify
+from pipeline.cli import main
 from pipeline.config import ExtractConfig
 from pipeline.extraction import extract
 from pipeline.page import GALLERY_MAX
-from tests.conftest import LITE0, ROOT, run_cli
+from tests.conftest import LITE0, ROOT
 
 DOCS_SHOT = ROOT / "docs" / "report.png"
 
@@ -79,11 +80,10 @@ def test_report_names_at_least_4_of_5_planted_duplicates_and_flips(planted):
     assert sum(Path(b).name in page for _, b in pairs) >= 4 and sum(Path(f).name in page for f in flips) >= 4
 
 
-def test_audit_command_writes_the_same_findings_and_a_page(planted, tmp_path):
+def test_audit_command_writes_the_same_findings_and_a_page(planted, tmp_path, capsys):
     cache, _, pairs, flips = planted
-    done = run_cli("audit", "--features", str(cache), "--out", str(tmp_path / "audit"))
-    assert done.returncode == 0, done.stderr
-    assert "across splits (leakage)" in done.stdout and (tmp_path / "audit" / "audit.html").exists()
+    assert main(["audit", "--features", str(cache), "--out", str(tmp_path / "audit")]) == 0
+    assert "across splits (leakage)" in capsys.readouterr().out and (tmp_path / "audit" / "audit.html").exists()
     dups = pd.read_csv(tmp_path / "audit" / "duplicates.csv")
     issues = pd.read_csv(tmp_path / "audit" / "label_issues.csv")
     assert min(_found(dups, issues, pairs, flips)) >= 4
@@ -151,14 +151,13 @@ def test_report_loads_in_chromium_without_errors_and_shows_every_mistake(planted
     assert found["gallery"] == expected > 0, json.dumps(found)
 
 
-def test_classify_ends_by_printing_the_report_path_also_under_cv(tmp_path):
+def test_classify_ends_by_printing_the_report_path_also_under_cv(tmp_path, capsys):
     from classifiers.testing import separable, write_cache
 
     X, y = separable(20, 3, 16, seed=3)
     cache = write_cache(tmp_path / "toy.h5", {"vec": X}, y)  # no splits: 5-fold CV, images absent from disk
-    done = run_cli("classify", "--features", str(cache), "--heads", "logreg,ridge", "--out", str(tmp_path / "run"))
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == f"report:  {tmp_path / 'run' / 'report.html'}"
+    assert main(["classify", "--features", str(cache), "--heads", "logreg,ridge", "--out", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"report:  {tmp_path / 'run' / 'report.html'}"
     board = pd.read_csv(tmp_path / "run" / "leaderboard.csv")
     assert board["scheme"].iloc[0] == "cv5" and (board["ci_low"] <= board["accuracy"]).all()
     page = (tmp_path / "run" / "report.html").read_text()

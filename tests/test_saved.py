@@ -17,7 +17,7 @@ from classifiers import saved
 from classifiers.heads import get_head, list_heads
 from classifiers.reduce import get_reduce
 from classifiers.testing import separable, write_cache
-from conftest import LITE0, write_images
+from conftest import write_images
 from features.backbones import get_backbone, load_keras
 from features.errors import UsageError
 from features.model import build_base
@@ -189,9 +189,9 @@ def test_predict_refuses_to_replace_files_it_did_not_write(toy, tmp_path, capsys
 
 
 @pytest.fixture(scope="module")
-def lite0_run(tmp_path_factory):
-    """Images -> Lite0 features at 64 px, the backbone given by a path relative to the working directory (as
-    `make extract` does), -> a logreg run."""
+def file_backbone_run(tmp_path_factory, tiny_backbone):
+    """Images -> features of a `.keras` backbone given by a path relative to the working directory (as
+    `make extract DATA=... BACKBONE=models/x.keras` does) -> a logreg run; (images, run, backbone)."""
     from pipeline.config import ExtractConfig
     from pipeline.extraction import extract
 
@@ -199,20 +199,21 @@ def lite0_run(tmp_path_factory):
     for k, name in enumerate(["cats", "dogs"]):
         write_images(root / "data" / name, 8, seed=k)
     here = os.getcwd()
-    os.chdir(LITE0.parents[2])
+    os.chdir(tiny_backbone.parents[1])
     try:
-        cache = extract(ExtractConfig(backbone=str(LITE0.relative_to(LITE0.parents[2])), data=str(root / "data"),
-                                      image_size=64, out=str(root / "c.h5"), batch_size=8), verbose=False).path
+        cache = extract(ExtractConfig(backbone=str(tiny_backbone.relative_to(tiny_backbone.parents[1])),
+                                      data=str(root / "data"), out=str(root / "c.h5"), batch_size=8),
+                        verbose=False).path
         run = classify(ClassifyConfig(features=str(cache), heads="logreg", cv=2, out=str(root / "run")))
     finally:
         os.chdir(here)
-    return root, run
+    return root, run, tiny_backbone
 
 
-def test_a_copied_model_folder_predicts_from_another_directory(lite0_run, tmp_path, monkeypatch):
-    root, run = lite0_run
+def test_a_copied_model_folder_predicts_from_another_directory(file_backbone_run, tmp_path, monkeypatch):
+    root, run, backbone = file_backbone_run
     record = saved.load_record(run / "best")
-    assert record["backbone_file_sha256"] and record["backbone_abspath"] == str(LITE0.resolve())
+    assert record["backbone_file_sha256"] and record["backbone_abspath"] == str(backbone.resolve())
     copy = _copy_model(run, tmp_path / "elsewhere" / "best")
     monkeypatch.chdir(tmp_path)  # the recorded relative backbone path means nothing here
     table = pd.read_csv(predict(PredictConfig(model=str(copy), data=str(root / "data"), out="p.csv")),
@@ -221,20 +222,21 @@ def test_a_copied_model_folder_predicts_from_another_directory(lite0_run, tmp_pa
     assert (table["label"] == table["predicted"]).mean() > 0.5
 
 
-def test_a_missing_backbone_is_named_with_its_hash_and_found_in_the_model_folder(lite0_run, tmp_path, monkeypatch):
-    root, run = lite0_run
+def test_a_missing_backbone_is_named_with_its_hash_and_found_in_the_model_folder(file_backbone_run, tmp_path,
+                                                                                 monkeypatch):
+    root, run, backbone = file_backbone_run
     copy = _copy_model(run, tmp_path / "best")
     record = json.loads((copy / "model.json").read_text())
     (copy / "model.json").write_text(json.dumps({**record, "backbone_abspath": str(tmp_path / "gone.keras")}))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UsageError, match=f"{LITE0.name}' \\(sha256 {record['backbone_file_sha256']}\\)"):
+    with pytest.raises(UsageError, match=f"{backbone.name}' \\(sha256 {record['backbone_file_sha256']}\\)"):
         predict(PredictConfig(model=str(copy), data=str(root / "data"), out="p.csv"))
-    shutil.copy(LITE0, copy)  # the fix the message gives: a copy in the model folder
-    assert saved.locate_backbone(saved.load_record(copy), copy) == str(copy / LITE0.name)
+    shutil.copy(backbone, copy)  # the fix the message gives: a copy in the model folder
+    assert saved.locate_backbone(saved.load_record(copy), copy) == str(copy / backbone.name)
 
 
-def test_predict_reports_every_file_it_could_not_use(lite0_run, tmp_path):
-    _, run = lite0_run
+def test_predict_reports_every_file_it_could_not_use(file_backbone_run, tmp_path):
+    _, run, _ = file_backbone_run
     data = tmp_path / "new"
     write_images(data, 3, seed=5)
     (data / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
