@@ -39,9 +39,9 @@ COMPRESSIONS = ("none", "lzf")
 STORAGE_DTYPES = ("float16", "float32")
 PER_ROW = ("paths", "labels", "split", "view", "file_stamp")
 # Attributes that must match for a file to be resumed or reused as is.
-IDENTITY_ATTRS = ("backbone", "backbone_file_sha256", "weights", "image_size", "resize", "decoder", "preprocessing",
-                  "pool", "dtype", "compression", "precision", "layers", "source_fingerprint", "shard",
-                  "num_candidates", "augment", "augment_policy", "augment_seed", "engine")
+IDENTITY_ATTRS = ("backbone", "backbone_file_sha256", "weights", "image_size", "resize", "decoder", "interpolation",
+                  "preprocessing", "pool", "dtype", "compression", "precision", "layers", "source_fingerprint",
+                  "shard", "num_candidates", "augment", "augment_policy", "augment_seed", "engine")
 
 
 def cache_dir() -> Path:

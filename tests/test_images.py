@@ -159,6 +159,19 @@ def test_load_image_stays_close_to_the_full_resolution_path(name, size, resize):
     assert np.abs(load_image(ODD / "good" / name, size, resize) - full_path).mean() < 3.0
 
 
+def test_images_under_twice_the_needed_side_get_the_pixels_of_a_full_decode_area_shrunk(tmp_path):
+    """No DCT scale applies below 2x, and what remains is area-shrunk as before scaled decoding existed, so caches
+    of web-size photos keep their pixels (and a linear probe its predictions)."""
+    photo = cv2.imread(str(ODD / "good" / "progressive.jpg"))
+    for short in (300, 500):  # crop at 224 needs 256: a 1.17x and a 1.95x shrink
+        path = tmp_path / f"{short}.jpg"
+        cv2.imwrite(str(path), cv2.resize(photo, (short * 4 // 3, short), interpolation=cv2.INTER_AREA))
+        full = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        shrunk = cv2.resize(full, (round(256 * 4 / 3), 256), interpolation=cv2.INTER_AREA)
+        left = (shrunk.shape[1] - 224) // 2
+        assert np.array_equal(load_image(path, 224, "crop"), shrunk[16:240, left:left + 224]), short
+
+
 def test_scaled_decode_keeps_bad_files_bad():
     with pytest.raises(ValueError, match="not a decodable image"):
         decode_rgb(ODD / "bad" / "truncated.jpg", 40)
