@@ -21,16 +21,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from classifiers.memory import PeakMemory  # noqa: E402  (after the log level, before TensorFlow loads)
 
 
-def _model(params: dict):
-    from features.backbones import get_backbone
-    from features.model import build_base, cut
-
-    spec = get_backbone(params["backbone"])
-    base = build_base(spec, params["weights"], params["size"])
-    layers = [params["layer"] or spec.default_layer or base.layers[-1].name]
-    return spec, cut(base, layers)
-
-
 def job_extract(params: dict) -> dict:
     from pipeline.config import ExtractConfig
     from pipeline.extraction import extract
@@ -73,8 +63,9 @@ def job_naive(params: dict) -> dict:
     import numpy as np
 
     from benchmarks.common import list_images
+    from benchmarks.forward import cut_model
 
-    spec, model = _model(params)
+    spec, model = cut_model(params)
     size, paths = params["size"], list_images(Path(params["data"]))
     warm = cv2.resize(cv2.imread(str(paths[0])), (size, size))
     model.predict(spec.preprocess.fn(warm[None].astype("float32")), verbose=0)  # untimed warm-up (tracing)
@@ -106,7 +97,9 @@ def keras_peer(spec, model, data: str, size: int, batch: int, out: str) -> int:
 
 
 def job_keras(params: dict) -> dict:
-    spec, model = _model(params)
+    from benchmarks.forward import cut_model
+
+    spec, model = cut_model(params)
     with tempfile.TemporaryDirectory() as tmp:  # untimed warm-up on a one-batch copy of the folder
         from benchmarks.common import list_images, stage_images
 

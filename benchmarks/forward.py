@@ -10,17 +10,22 @@ import numpy as np
 from benchmarks.common import rate
 
 
-def model_forward(params: dict, batch: int, engine: str = "tf", jit: bool = False, precision: str = "float32",
-           export: Path | None = None):
-    """(spec, cut model, forward) of one engine; `export`: an ONNX file written by an earlier extract, reused."""
+def cut_model(params: dict, precision: str = "float32"):
+    """(spec, the backbone cut at params' layer), as extract builds it."""
     from features.backbones import get_backbone
-    from features.engines import ENGINES, EngineOptions, Graph
     from features.model import build_base, cut
 
     spec = get_backbone(params["backbone"])
     base = build_base(spec, params["weights"], params["size"], precision)
-    layers = [params["layer"] or spec.default_layer or base.layers[-1].name]
-    model = cut(base, layers)
+    return spec, cut(base, [params["layer"] or spec.default_layer or base.layers[-1].name])
+
+
+def model_forward(params: dict, batch: int, engine: str = "tf", jit: bool = False, precision: str = "float32",
+           export: Path | None = None):
+    """(spec, cut model, forward) of one engine; `export`: an ONNX file written by an earlier extract, reused."""
+    from features.engines import ENGINES, EngineOptions, Graph
+
+    spec, model = cut_model(params, precision)
     graph = Graph(model, spec.preprocess.fn, batch, params["size"])
     return spec, model, ENGINES[engine](graph, EngineOptions(jit, export, keep_export=export is not None))
 
@@ -69,3 +74,30 @@ def time_to_tensor(batch: np.ndarray, repeats: int = 5) -> float:
     for _ in range(repeats):
         tf.identity(tf.constant(batch)).numpy()
     return (time.perf_counter() - start) / (repeats * len(batch))
+
+
+def model_flops(model) -> float:
+    """Floating-point operations of one image's forward pass, counted as 2 per multiply-add of every layer with a
+    kernel (convolutions, depthwise convolutions, dense): kernel size times the output's spatial positions."""
+    total = 0
+    for layer in model.layers:
+        kernel = getattr(layer, "kernel", None)
+        if kernel is not None:
+            total += 2 * int(np.prod(kernel.shape)) * int(np.prod(layer.output.shape[1:-1]))
+    return float(total)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """This machine's float32 matrix-multiply rate on every core (NumPy's BLAS), best of `repeats`: about the most
+    arithmetic a convolution engine can get out of the CPU."""
+    rng = np.random.default_rng(0)
+    a, b = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
+    a @ b  # warm-up: thread pool, page faults
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start

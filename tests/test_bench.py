@@ -125,6 +125,9 @@ def test_quick_bench_child_process_sections(tmp_path):
                                                 command="pytest", strict=True)}
     methods = {r["method"] for r in sections[2].rows}
     assert set(throughput.METHOD_NAMES.values()) <= methods
+    (ceiling,) = sections[2].extra_tables[1][2]  # the quick run's one model: VGG19 block2_pool
+    assert ceiling["machine_gflop_s"] > 1 and ceiling["gflop_per_image"] > 0  # the quick run's rates are noise
+    assert ceiling["ceiling_img_s"] == pytest.approx(ceiling["machine_gflop_s"] / ceiling["gflop_per_image"])
     n1, n4 = sections[3].rows
     assert (n1["images"], n4["images"]) == (Sizes.quick().memory_images, 4 * Sizes.quick().memory_images)
     assert all(r["peak_rss_mb"] > 100 for r in sections[3].rows)  # real TensorFlow processes
@@ -135,6 +138,15 @@ def test_quick_bench_child_process_sections(tmp_path):
         {f"head: {h.name}" for h in resolve_heads("default")}
     extraction = next(r for r in rows if r["method"].startswith("extraction of the cache"))
     assert f"({2 * Sizes.quick().split_images} images, once)" in extraction["method"]
+
+
+def test_model_flops_count_every_multiply_add_of_the_convolutions():
+    """VGG19 to block2_pool at 256: four 3x3 convolutions, 3->64 and 64->64 at 256², 64->128 and 128->128 at 128²."""
+    from benchmarks.forward import cut_model, model_flops
+
+    macs = 256**2 * 9 * (3 * 64 + 64 * 64) + 128**2 * 9 * (64 * 128 + 128 * 128)
+    _, model = cut_model({"backbone": "vgg19", "weights": "none", "size": 256, "layer": "block2_pool"})
+    assert model_flops(model) == 2 * macs
 
 
 def test_sections_argument_is_validated():
