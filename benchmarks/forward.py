@@ -76,15 +76,15 @@ def time_to_tensor(batch: np.ndarray, repeats: int = 5) -> float:
     return (time.perf_counter() - start) / (repeats * len(batch))
 
 
-def model_flops(model) -> float:
-    """Floating-point operations of one image's forward pass, counted as 2 per multiply-add of every layer with a
-    kernel (convolutions, depthwise convolutions, dense): kernel size times the output's spatial positions."""
-    total = 0
-    for layer in model.layers:
-        kernel = getattr(layer, "kernel", None)
-        if kernel is not None:
-            total += 2 * int(np.prod(kernel.shape)) * int(np.prod(layer.output.shape[1:-1]))
-    return float(total)
+def model_flops(model, size: int) -> float:
+    """Floating-point operations of one size x size image's forward pass, counted as 2 per multiply-add of every
+    layer with a kernel (convolutions, depthwise convolutions, dense): kernel size times the output's spatial
+    positions, read from one forward pass (a `.keras` backbone may take any input size)."""
+    import keras
+
+    layers = [layer for layer in model.layers if getattr(layer, "kernel", None) is not None]
+    outputs = keras.Model(model.inputs, [layer.output for layer in layers])(np.zeros((1, size, size, 3), np.float32))
+    return float(sum(2 * np.prod(layer.kernel.shape) * np.prod(out.shape[1:-1]) for layer, out in zip(layers, outputs)))
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:

@@ -256,7 +256,8 @@ def section_naive(sizes: Sizes, sources: Sources, work: Path, log, children: dic
         values.append(f"{sc.name}: {ours['vs_tf_model_only']:.2f}× TF model-only, {ours['vs_keras_peer']:.2f}× peer, "
                       f"{ours['speedup_vs_naive']:.2f}× naive")
         if sc.case.name not in flops:
-            flops[sc.case.name] = model_flops(cut_model(sc.case.resolve(sources, sizes, work))[1])
+            params = sc.case.resolve(sources, sizes, work)
+            flops[sc.case.name] = model_flops(cut_model(params)[1], params["size"])
         ceiling = gflop_s * 1e9 / flops[sc.case.name]
         ceilings.append({"model": ours["model"], "gflop_per_image": flops[sc.case.name] / 1e9,
                          "machine_gflop_s": gflop_s, "ceiling_img_s": ceiling, "ours_img_s": ours["img_s"],

@@ -146,7 +146,16 @@ def test_model_flops_count_every_multiply_add_of_the_convolutions():
 
     macs = 256**2 * 9 * (3 * 64 + 64 * 64) + 128**2 * 9 * (64 * 128 + 128 * 128)
     _, model = cut_model({"backbone": "vgg19", "weights": "none", "size": 256, "layer": "block2_pool"})
-    assert model_flops(model) == 2 * macs
+    assert model_flops(model, 256) == 2 * macs
+
+
+def test_model_flops_of_a_backbone_that_takes_any_input_size(tiny_backbone):
+    """The tiny backbone's input is (None, None, 3): the spatial sizes come from the size asked for. At 32 px:
+    3x3 convolutions 3->8 at 16² and 8->16 at 8², then a 1x1 convolution 16->32 at 8²."""
+    from benchmarks.forward import cut_model, model_flops
+
+    _, model = cut_model({"backbone": str(tiny_backbone), "weights": "imagenet", "size": 32, "layer": "avg_pool"})
+    assert model_flops(model, 32) == 2 * (16**2 * 9 * 3 * 8 + 8**2 * 9 * 8 * 16 + 8**2 * 16 * 32)
 
 
 def test_sections_argument_is_validated():
