@@ -84,7 +84,8 @@ def model_flops(model, size: int) -> float:
 
     layers = [layer for layer in model.layers if getattr(layer, "kernel", None) is not None]
     outputs = keras.Model(model.inputs, [layer.output for layer in layers])(np.zeros((1, size, size, 3), np.float32))
-    return float(sum(2 * np.prod(layer.kernel.shape) * np.prod(out.shape[1:-1]) for layer, out in zip(layers, outputs)))
+    return float(sum(2 * np.prod(layer.kernel.shape) * np.prod(out.shape[1:-1])
+                     for layer, out in zip(layers, outputs)))
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
