@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import rate
+from benchmarks.common import rate, timed
 
 
 def cut_model(params: dict, precision: str = "float32"):
@@ -94,11 +94,5 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     rng = np.random.default_rng(0)
     a, b = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
     a @ b  # warm-up: thread pool, page faults
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    best = min(timed(np.matmul, a, b)[1] for _ in range(repeats))
     return 2 * n**3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
