@@ -27,12 +27,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg")  # what image_dataset_from_directory and the 
 
 @dataclass(frozen=True)
 class Sizes:
-    """How many images / samples each section uses. `full` keeps `make bench` within about 25 minutes on 2 cores."""
+    """How many images / samples each section uses. `full` keeps `make bench` within about an hour on 2 cores."""
 
     throughput_images: dict[str, int]  # section 1, per model case
     steady_cases: tuple[str, ...]  # section 2 groups (whole processes on N and 2N images)
     steady_seconds: float  # section 2: the extra work of a 2N run over its N run, long against start-up noise
     steady_range: tuple[int, int]  # section 2: bounds of N
+    steady_rounds: int  # section 2: every process of a group is run this often, interleaved; the fastest time counts
     memory_images: int  # N of sections 2 and 3 (4N is also run)
     memory_batch: int
     memory_size: int  # input side for the VGG19 block2_pool memory runs
@@ -56,7 +57,7 @@ class Sizes:
     def full(cls) -> "Sizes":
         return cls(throughput_images={"lite0": 128, "resnet50": 96, "vgg19_block2_pool": 96},
                    steady_cases=("lite0", "lite0_photos", "vgg19_block2_pool", "lite0_12mp"), steady_seconds=8.0,
-                   steady_range=(16, 1000),
+                   steady_range=(16, 1000), steady_rounds=2,
                    memory_images=32, memory_batch=16, memory_size=256, storage_images=64, storage_rows=512,
                    head_epochs=3, scaling_samples=200, scaling_dims=(64, 256, 1280, 5120), scaling_budget_s=10.0)
 
@@ -64,7 +65,7 @@ class Sizes:
     def quick(cls) -> "Sizes":
         """The smoke test: every code path, tiny inputs, about a minute."""
         return cls(throughput_images={"lite0": 8, "resnet50": 8, "vgg19_block2_pool": 8},
-                   steady_cases=("vgg19_block2_pool",), steady_seconds=0.2, steady_range=(4, 8),
+                   steady_cases=("vgg19_block2_pool",), steady_seconds=0.2, steady_range=(4, 8), steady_rounds=1,
                    memory_images=4, memory_batch=4, memory_size=32, storage_images=8, storage_rows=32,
                    head_epochs=2, scaling_samples=60, scaling_dims=(16, 64), scaling_budget_s=2.0, batch_size=8,
                    registry_size=32, jit_probe=False, split_images=8, cases=("vgg19_block2_pool",),

@@ -21,7 +21,7 @@ SOURCES = Sources(SHIPPED_IMAGES, Path("lite0.keras"), False)
 
 
 def _no_staging(monkeypatch, module):
-    monkeypatch.setattr(module, "stage_images", lambda source, n, dest: dest)
+    monkeypatch.setattr(module, "stage_images", lambda source, n, dest, link=False: dest)
 
 
 def test_section1_ratio_is_end_to_end_over_model_only_on_known_timings(monkeypatch, tmp_path):
@@ -69,6 +69,58 @@ def test_section3_rss_ratio_is_4n_over_n(monkeypatch, tmp_path, rss_4n, met):
     sec = storage.section_memory(sizes, SOURCES, tmp_path, lambda m: None, {})
     n4 = next(r for r in sec.rows if r["rss_ratio_4n_n"] is not None)
     assert n4["rss_ratio_4n_n"] == pytest.approx(rss_4n / 400.0) and sec.met is met
+
+
+def _fake_section2(monkeypatch, rates: dict[str, float], machine_gflop_s: float) -> list[dict]:
+    """Section 2 on fake processes: T(k images) = 10 s + k / rate, except in round 2, where a busy spell adds 5 s to
+    every 2N run and the model-only run is twice as fast. Returns the calls' (job, images, round) in order."""
+    _no_staging(monkeypatch, throughput)
+    monkeypatch.setattr(throughput.Case, "resolve", lambda self, sources, sizes=None, work=None: {
+        "backbone": "vgg19", "layer": "block2_pool", "size": 32, "weights": "none"})
+    forward = importlib.import_module("benchmarks.forward")
+    monkeypatch.setattr(forward, "cut_model", lambda params: (None, None))
+    monkeypatch.setattr(forward, "model_flops", lambda model, size: 1e9)
+    monkeypatch.setattr(forward, "matmul_gflops", lambda: machine_gflop_s)
+    calls, rounds = [], {"model_only": 0}
+
+    def run_child(job, params):
+        if job == "model_only":
+            rounds["model_only"] += 1
+            calls.append((job, 32, rounds["model_only"]))
+            return {"images": 32, "seconds": 2.0 / rounds["model_only"], "peak_rss_mb": 900.0}
+        name = Path(params["data"]).name
+        if not name.startswith("s2_vgg19_block2_pool_") or name.endswith("warm"):  # warm-up and memory runs
+            return _child(1, 1.0, 500.0)
+        method = "extract_tf" if params.get("engine") == "tf" else job
+        k = int(name.rsplit("_", 1)[1])
+        calls.append((method, k, rounds["model_only"]))
+        busy = 5.0 if rounds["model_only"] == 2 and k == max(c[1] for c in calls if c[0] == method) else 0.0
+        return {**_child(k, 1.0, 500.0), "process_s": 10.0 + k / rates[method] + busy}
+
+    monkeypatch.setattr(throughput, "run_child", run_child)
+    return calls
+
+
+@pytest.mark.parametrize("naive_rate,machine_gflop_s,met", [(1.0, 100.0, True), (20.0, 100.0, False),
+                                                           (20.0, 40.0, True)])
+def test_section2_steady_rate_from_the_fastest_of_interleaved_rounds(monkeypatch, tmp_path, naive_rate,
+                                                                     machine_gflop_s, met):
+    """Reference: the faster model-only round (32 img/s). Steady rates: N / (T(2N) - T(N)) from each size's fastest
+    run, so round 2's busy spell changes nothing. 5x the naive loop counts where the ceiling (machine rate / 1
+    GFLOP per image) is 5x the naive loop or more: 100 vs 20 img/s is, 40 vs 20 is not."""
+    rates = {"naive": naive_rate, "keras": 4.0, "extract_tf": 5.0, "extract": 48.0}
+    calls = _fake_section2(monkeypatch, rates, machine_gflop_s)
+    sizes = dataclasses.replace(Sizes.quick(), steady_rounds=2)
+    sec = throughput.section_naive(sizes, SOURCES, tmp_path, lambda m: None, {})
+    assert [c[2] for c in calls if c[0] == "extract"] == [1, 1, 2, 2]  # both sizes, in each round
+    by = {r["method"]: r for r in sec.rows if r["model"].startswith("vgg19")}
+    assert by["TensorFlow compiled, model only (reference)"]["img_s"] == pytest.approx(32.0)
+    for method, name in throughput.METHOD_NAMES.items():
+        assert by[name]["img_s"] == pytest.approx(rates[method]), method
+    ours = by[throughput.METHOD_NAMES["extract"]]
+    assert ours["vs_tf_model_only"] == pytest.approx(1.5) and ours["speedup_vs_naive"] == pytest.approx(48 / naive_rate)
+    assert sec.met is met
+    assert ("compute ceiling is 2.00× naive" in sec.value) is (machine_gflop_s == 40.0)
 
 
 def test_section6_scaling_exponents_from_a_known_cost(monkeypatch):
