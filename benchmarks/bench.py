@@ -109,7 +109,7 @@ def explanations(sections: list[Section]) -> dict[int, str]:
     if 3 in by:
         out[3] = ("The features of a batch go to disk as soon as they are computed; what is resident is the model, "
                   "one input batch, one output batch, the decode look-ahead (3 batches of uint8 pixels) and the "
-                  "HDF5 chunk cache (64 MiB), none of which depends on the number of images.")
+                  "HDF5 chunk cache (1 MiB per dataset), none of which depends on the number of images.")
     if 4 in by:
         rows = by[4].rows
         f16 = [r["vs_float32"] for r in rows if r["storage"] == "float16"]
