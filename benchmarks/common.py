@@ -56,8 +56,8 @@ class Sizes:
     @classmethod
     def full(cls) -> "Sizes":
         return cls(throughput_images={"lite0": 128, "resnet50": 96, "vgg19_block2_pool": 96},
-                   steady_cases=("lite0", "lite0_photos", "vgg19_block2_pool", "lite0_12mp"), steady_seconds=8.0,
-                   steady_range=(16, 1000), steady_rounds=2,
+                   steady_cases=("lite0", "lite0_photos", "vgg19_block2_pool", "lite0_12mp"), steady_seconds=20.0,
+                   steady_range=(16, 3000), steady_rounds=2,
                    memory_images=32, memory_batch=16, memory_size=256, storage_images=64, storage_rows=512,
                    head_epochs=3, scaling_samples=200, scaling_dims=(64, 256, 1280, 5120), scaling_budget_s=10.0)
 

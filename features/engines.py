@@ -5,9 +5,11 @@ batches of one fixed shape, so the batch-slot design of `features.extract` keeps
 engine. `tf` runs it as a compiled TensorFlow function (the only engine for mixed precision and XLA, and the choice
 on a GPU); `onnx` exports it once to ONNX and runs it with ONNX Runtime, 1.5-3.8x faster on CPU (docs/engines.md).
 The export is kept under the hash of what determines it, beside the caches, so only the first run pays for it.
+ONNX Runtime computes a batch in sub-batches whose largest activation fits ACTIVATION_BUDGET (`onnx_batch`).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,6 +30,10 @@ Forward = Callable[[np.ndarray], list[np.ndarray]]
 # The cache attributes that determine an exported graph (plus the converter versions, added by `export_key`).
 EXPORT_IDENTITY = ("backbone", "backbone_file_sha256", "weights", "image_size", "preprocessing", "pool", "dtype",
                    "layers", "batch_size", "keras_version", "tensorflow_version")
+# Bytes of one layer's output for the images ONNX Runtime computes at once. Past it, a larger batch only slows the CPU
+# down: VGG19 -> block2_pool @256 (16 MiB per image) in extract's loop ran 10-20% faster in sub-batches of 4 or 8 than
+# in one batch of 32, in each of 6 interleaved rounds (docs/engines.md); Lite0 (4.6 MiB) showed no difference.
+ACTIVATION_BUDGET = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -74,13 +80,34 @@ def tf_forward(graph: Graph, options: EngineOptions) -> Forward:
     return forward
 
 
+def peak_activation_bytes(graph: Graph) -> int:
+    """The largest float32 tensor the graph makes for one image, from a trace at batch 1 (every shape is known there,
+    even for a model saved with free input sides); weights are not activations."""
+    import tensorflow as tf
+
+    one = dataclasses.replace(graph, batch_size=1)
+    traced = tf.function(one, autograph=False).get_concrete_function(one.input_spec()).graph
+    return 4 * max(out.shape.num_elements() for op in traced.get_operations()
+                   if op.type not in ("ReadVariableOp", "VarHandleOp", "Const") for out in op.outputs
+                   if out.shape.is_fully_defined())
+
+
+def onnx_batch(graph: Graph) -> int:
+    """The images ONNX Runtime computes at once: the largest divisor of the batch whose largest activation fits
+    ACTIVATION_BUDGET. Each slot of a batch still lands in the same place of the same sub-batch every run."""
+    peak = peak_activation_bytes(graph)
+    fits = [d for d in range(1, graph.batch_size + 1) if graph.batch_size % d == 0 and d * peak <= ACTIVATION_BUDGET]
+    return max(fits, default=1)
+
+
 def onnx_forward(graph: Graph, options: EngineOptions) -> Forward:
-    """ONNX Runtime on the exported graph (exported now unless kept from an earlier run): fixed batch, fixed threads,
-    so a batch slot's result is the same in every process on the same machine."""
+    """ONNX Runtime on the exported graph (exported now unless kept from an earlier run): fixed sub-batch shape, fixed
+    threads, so a batch slot's result is the same in every process on the same machine."""
     import onnxruntime as ort
 
     keep = options.keep_export and options.export is not None
-    path = options.export if keep and options.export.exists() else export_onnx(graph, options.export if keep else None)
+    path = (options.export if keep and options.export.exists() else
+            export_onnx(dataclasses.replace(graph, batch_size=onnx_batch(graph)), options.export if keep else None))
     so = ort.SessionOptions()
     so.intra_op_num_threads = options.threads or len(os.sched_getaffinity(0))
     so.inter_op_num_threads = 1
@@ -94,10 +121,14 @@ def onnx_forward(graph: Graph, options: EngineOptions) -> Forward:
     finally:
         if not keep:
             path.unlink(missing_ok=True)
-    name = session.get_inputs()[0].name
+    name, sub = session.get_inputs()[0].name, session.get_inputs()[0].shape[0]  # a kept export: its own sub-batch
+    if not isinstance(sub, int) or graph.batch_size % sub:
+        raise UsageError(f"{path} computes batches of {sub}, which do not divide the batch size {graph.batch_size}; "
+                         "delete it to export the model again.")
 
     def forward(pixels: np.ndarray) -> list[np.ndarray]:
-        return session.run(None, {name: pixels})
+        parts = [session.run(None, {name: pixels[i : i + sub]}) for i in range(0, len(pixels), sub)]
+        return parts[0] if len(parts) == 1 else [np.concatenate(outs) for outs in zip(*parts)]
 
     return forward
 
@@ -156,9 +187,11 @@ def export_versions() -> dict[str, str]:
 
 
 def export_path(folder: Path, attrs: dict) -> Path:
-    """<folder>/<hash>.onnx, the hash over what determines the graph (EXPORT_IDENTITY and the converter versions)."""
+    """<folder>/<hash>.onnx, the hash over what determines the graph (EXPORT_IDENTITY, the converter versions and the
+    activation budget that sets its sub-batch)."""
     identity = {k: attrs.get(k) for k in EXPORT_IDENTITY}
     identity.update({k: v for k, v in export_versions().items() if k != "onnxruntime_version"})
+    identity["activation_budget"] = ACTIVATION_BUDGET  # decides the exported sub-batch
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return folder / f"{digest}.onnx"
 

@@ -2,6 +2,8 @@
 the export is kept once beside the caches; `auto`, fallback and refusals behave as documented."""
 from __future__ import annotations
 
+import dataclasses
+
 import h5py
 import keras
 import numpy as np
@@ -57,6 +59,28 @@ def test_float16_storage_is_cast_inside_the_graph(tmp_path):
     assert got.dtype == np.float16 and got.shape == (2, 64)
     want = tf_forward(graph, EngineOptions())(pixels)[0]
     np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=1e-3)  # float16's step
+
+
+def test_onnx_runtime_runs_sub_batches_that_fit_the_activation_budget(monkeypatch, tmp_path):
+    import onnx
+
+    keras.utils.set_random_seed(0)
+    spec = get_backbone("vgg19")
+    graph = Graph(cut(build_base(spec, "none", 32), ["block1_pool"]), spec.preprocess.fn, 4, 32, "avg")
+    assert engines.peak_activation_bytes(graph) == 32 * 32 * 64 * 4  # block1_conv1/2's output; weights not counted
+    pixels = real_pixels(4, 32)
+    whole = onnx_forward(graph, EngineOptions(export=tmp_path / "whole.onnx"))(pixels)[0]
+    monkeypatch.setattr(engines, "ACTIVATION_BUDGET", 2 * 32 * 32 * 64 * 4)
+    assert engines.onnx_batch(graph) == 2
+    got = onnx_forward(graph, EngineOptions(export=tmp_path / "sub.onnx"))(pixels)[0]
+    assert onnx.load(tmp_path / "sub.onnx").graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+    assert got.shape == whole.shape and np.abs(whole).max() > 0
+    assert np.array_equal(got, whole)  # a slot's features do not depend on how many images share its call
+    monkeypatch.setattr(engines, "ACTIVATION_BUDGET", 0)
+    assert engines.onnx_batch(graph) == 1  # one image larger than the budget still runs
+    with pytest.raises(UsageError, match="sub.onnx computes batches of 2, which do not divide the batch size 3; "
+                                         "delete it"):
+        onnx_forward(dataclasses.replace(graph, batch_size=3), EngineOptions(export=tmp_path / "sub.onnx"))
 
 
 def test_auto_picks_onnx_on_cpu_tf_on_gpu_or_for_tf_only_options(tmp_path):
