@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks import heads, storage, throughput
+from benchmarks import heads, storage, throughput, update
 from benchmarks.bench import parse_sections, run_bench
 from benchmarks.common import SHIPPED_IMAGES, Sizes, Sources
 from features.store import rows_per_chunk
@@ -121,6 +121,28 @@ def test_section2_steady_rate_from_the_fastest_of_interleaved_rounds(monkeypatch
     assert ours["vs_tf_model_only"] == pytest.approx(1.5) and ours["speedup_vs_naive"] == pytest.approx(48 / naive_rate)
     assert sec.met is met
     assert ("compute ceiling is 2.00× naive" in sec.value) is (machine_gflop_s == 40.0)
+
+
+@pytest.mark.parametrize("plus_one_percent,met", [((20.0, 13.0), True), ((20.0, 16.0), False)])
+def test_section8_extra_cost_of_an_update_from_the_fastest_of_each_kind(monkeypatch, tmp_path, plus_one_percent, met):
+    """Full run 100 s; updates +1% (a busy first round) and +1 (12 s, 12.5 s): (min T(+1%) - min T(+1)) / T(full)
+    is 1% (met) or 4% (not met against 3%), and every update pushed exactly the added images."""
+    times = iter([5.0, 100.0, plus_one_percent[0], 12.0, plus_one_percent[1], 12.5])  # the first: the warm-up export
+    seen: dict = {}
+
+    def fake_extract(data, out):
+        n = len(update.list_images(data))
+        processed, seen[data] = n - seen.get(data, 0), n
+        return next(times), processed
+
+    monkeypatch.setattr(update, "_extract", fake_extract)
+    sizes = dataclasses.replace(Sizes.quick(), steady_rounds=2, update_images=100)
+    sec = update.section_update(sizes, SOURCES, tmp_path, lambda m: None)
+    assert [(r["run"], r["round"], r["added"], r["processed"]) for r in sec.rows] == [
+        ("full", 1, 100, 100), ("update +1%", 1, 1, 1), ("update +1", 1, 1, 1), ("update +1%", 2, 1, 1),
+        ("update +1", 2, 1, 1)]
+    extra = (plus_one_percent[1] - 12.0) / 100
+    assert f"(T(+1%) − T(+1)) / T(full) = {extra:.2%}" in sec.value and sec.met is met
 
 
 def test_section6_scaling_exponents_from_a_known_cost(monkeypatch):
