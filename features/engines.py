@@ -27,12 +27,13 @@ from features.model import pool_features
 # uint8 pixels (batch, size, size, 3) -> one array per cut layer, (batch, *row_shape), in the storage dtype
 Forward = Callable[[np.ndarray], list[np.ndarray]]
 
-# The cache attributes that determine an exported graph (plus the converter versions, added by `export_key`).
+# The cache attributes that determine an exported graph (plus the converter versions, added by `export_path`).
 EXPORT_IDENTITY = ("backbone", "backbone_file_sha256", "weights", "image_size", "preprocessing", "pool", "dtype",
                    "layers", "batch_size", "keras_version", "tensorflow_version")
 # Bytes of one layer's output for the images ONNX Runtime computes at once. Past it, a larger batch only slows the CPU
-# down: VGG19 -> block2_pool @256 (16 MiB per image) in extract's loop ran 10-20% faster in sub-batches of 4 or 8 than
-# in one batch of 32, in each of 6 interleaved rounds (docs/engines.md); Lite0 (4.6 MiB) showed no difference.
+# down: extract of VGG19 -> block2_pool @256 (16 MiB per image) ran faster with batches of 8 than of 32 in each of 6
+# interleaved rounds (by up to 33%), and with sub-batches of 8 in a batch of 32 about 5% faster than in one call
+# (docs/engines.md); Lite0 (4.6 MiB) showed no difference.
 ACTIVATION_BUDGET = 128 << 20
 
 
