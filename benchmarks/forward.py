@@ -26,7 +26,7 @@ def model_forward(params: dict, batch: int, engine: str = "tf", jit: bool = Fals
     from features.engines import ENGINES, EngineOptions, Graph
 
     spec, model = cut_model(params, precision)
-    graph = Graph(model, spec.preprocess.fn, batch, params["size"])
+    graph = Graph(lambda: model, spec.preprocess.fn, batch, params["size"])
     return spec, model, ENGINES[engine](graph, EngineOptions(jit, export, keep_export=export is not None))
 
 

@@ -57,7 +57,7 @@ def _real_features(sources: Sources, n: int, work: Path) -> dict[str, np.ndarray
     spec = get_backbone(str(sources.lite0))
     model = cut(build_base(spec, "imagenet", 224), STORAGE_LAYERS)
     batch = min(n, 32)
-    forward = tf_forward(Graph(model, spec.preprocess.fn, batch, 224), EngineOptions())
+    forward = tf_forward(Graph(lambda: model, spec.preprocess.fn, batch, 224), EngineOptions())
     pixels, _ = decode_profile(list_images(stage_images(sources.images, n, work / "img_storage")), 224)
     outs: dict[str, list] = {name: [] for name in STORAGE_LAYERS}
     for i in range(0, n - n % batch, batch):

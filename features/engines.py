@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from features.errors import UsageError
-from features.model import pool_features
+from features.model import installed_version, pool_features
 
 # uint8 pixels (batch, size, size, 3) -> one array per cut layer, (batch, *row_shape), in the storage dtype
 Forward = Callable[[np.ndarray], list[np.ndarray]]
@@ -41,12 +41,20 @@ ACTIVATION_BUDGET = 128 << 20
 class Graph:
     """The computation every engine runs: one fixed-shape batch of uint8 pixels in, one array per cut layer out."""
 
-    model: object  # the cut keras.Model
+    build: Callable[[], object]  # returns the cut keras.Model, the same one each call; called only where TensorFlow
+    #                              runs, so a kept ONNX export runs without building it (or importing TensorFlow)
     preprocess: Callable  # RGB float [0, 255] -> model input, in TensorFlow ops
     batch_size: int
     size: int
     pool: str = "none"
     dtype: str = "float32"
+
+    @property
+    def model(self):
+        import tensorflow as tf
+
+        with tf.init_scope():  # built eagerly even when first used inside a trace, where weights would not be loaded
+            return self.build()
 
     def __call__(self, pixels):
         import tensorflow as tf
@@ -179,12 +187,7 @@ def export_onnx(graph: Graph, path: Path | None) -> Path:
 
 def export_versions() -> dict[str, str]:
     """The converter and runtime versions an exported graph and an onnx cache record."""
-    import onnx
-    import onnxruntime
-    import tf2onnx
-
-    return {"onnxruntime_version": onnxruntime.__version__, "tf2onnx_version": tf2onnx.__version__,
-            "onnx_version": onnx.__version__}
+    return {f"{name}_version": installed_version(name) for name in ("onnxruntime", "tf2onnx", "onnx")}
 
 
 def export_path(folder: Path, attrs: dict) -> Path:

@@ -5,9 +5,12 @@ and the error names the file to pre-stage; it never falls back to random weights
 """
 from __future__ import annotations
 
+import glob
+import importlib.metadata
 import os
 import re
 import socket
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,6 +19,8 @@ from features.errors import UsageError, did_you_mean
 
 DOWNLOAD_TIMEOUT_S = 60
 POOLS = ("none", "avg", "max")
+# Device nodes without which TensorFlow on Linux sees no GPU: CUDA, CUDA under WSL2, ROCm.
+GPU_DEVICE_NODES = ("/dev/nvidia[0-9]*", "/dev/dxg", "/dev/kfd")
 
 
 def keras_cache_dir() -> Path:
@@ -24,12 +29,10 @@ def keras_cache_dir() -> Path:
 
 def weights_identity(spec: BackboneSpec, weights: str) -> str:
     """What makes two caches comparable: `imagenet@keras-X`, `none`, or the sha256 of the weights file."""
-    import keras
-
     if spec.file is not None and weights in ("default", "imagenet"):
         return f"sha256:{sha256_file(spec.file)}"
     if weights in ("default", "imagenet"):
-        return f"imagenet@keras-{keras.__version__}"
+        return f"imagenet@keras-{installed_version('keras')}"
     if weights == "none":
         return "none"
     return f"sha256:{sha256_file(weights)}"
@@ -153,17 +156,25 @@ def layer_shapes(model, size: int) -> list[tuple[str, str, tuple]]:
     return [(layer.name, type(layer).__name__, tuple(o.shape[1:])) for layer, o in zip(usable, outs)]
 
 
+def installed_version(module: str) -> str:
+    """The version of the installed distribution that provides `module`, read without importing it: a run on a kept
+    ONNX export never imports TensorFlow (docs/engines.md)."""
+    try:
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:  # provided under another name: tensorflow-cpu, onnxruntime-gpu
+        names = importlib.metadata.packages_distributions().get(module) or []
+        return importlib.metadata.version(names[0]) if names else "unknown"
+
+
 def runtime_versions() -> dict[str, str]:
     """The library versions a cache records, so a reader can tell which software computed its numbers."""
-    import h5py
-    import keras
-    import tensorflow as tf
-
-    return {"keras_version": keras.__version__, "tensorflow_version": tf.__version__, "h5py_version": h5py.__version__}
+    return {name + "_version": installed_version(name) for name in ("keras", "tensorflow", "h5py")}
 
 
 def gpu_count() -> int:
-    """GPUs TensorFlow sees (imports TensorFlow: call only when a model is about to run anyway)."""
+    """GPUs TensorFlow sees. On Linux without a GPU device node it sees none, and is not imported to say so."""
+    if sys.platform == "linux" and not any(glob.glob(node) for node in GPU_DEVICE_NODES):
+        return 0
     import tensorflow as tf
 
     return len(tf.config.list_physical_devices("GPU"))

@@ -17,6 +17,7 @@ import sys
 import time
 
 from features.errors import UsageError
+from features.model import gpu_count
 from pipeline.config import ExtractConfig, shard_out
 from features.extract import Timings
 from pipeline.extraction import ExtractResult, extract, parse_shard, validate
@@ -25,9 +26,7 @@ from pipeline.merge import merge, merged_out
 
 def visible_gpus() -> list[str]:
     """CUDA ids of the GPUs TensorFlow sees, in its order (a scheduler may already have narrowed CUDA_VISIBLE_DEVICES)."""
-    import tensorflow as tf
-
-    count = len(tf.config.list_physical_devices("GPU"))
+    count = gpu_count()
     narrowed = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [d.strip() for d in narrowed.split(",") if d.strip()] if narrowed else [str(i) for i in range(count)]
     return ids[:count]

@@ -6,11 +6,11 @@ nothing itself: it turns an ExtractConfig into a plan and the plan into a call.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,7 +167,7 @@ def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
     catalog = full.shard(*shard) if shard else full
     spec = get_backbone(cfg.backbone, cfg.preprocess)
     size = cfg.image_size or spec.input_size
-    base = None  # built only when needed: a complete, matching cache is confirmed without loading any model
+    base = None  # built only when needed (see cut_model)
     layers = cfg.layer or ([spec.default_layer] if spec.default_layer else [])
     if not layers:
         base = build_base(spec, cfg.weights, size, cfg.precision)
@@ -177,9 +177,11 @@ def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
     export = export_path(out.parent / "engines", attrs)  # the ONNX graph, kept beside the caches
     attrs["engine"] = resolve_engine(cfg.engine, cfg.precision, cfg.jit, gpu_count(), export)
 
-    def graph() -> Graph:
-        return Graph(cut(base or build_base(spec, cfg.weights, size, cfg.precision), layers), spec.preprocess.fn,
-                     cfg.batch_size, size, cfg.pool, cfg.dtype)
+    @functools.cache
+    def cut_model():  # built on first use: never for a complete cache, nor to run a kept ONNX export
+        return cut(base or build_base(spec, cfg.weights, size, cfg.precision), layers)
+
+    graph = Graph(cut_model, spec.preprocess.fn, cfg.batch_size, size, cfg.pool, cfg.dtype)
 
     state = _existing(out, attrs, cfg.overwrite)
     if state == "complete":
@@ -197,14 +199,14 @@ def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
 
 
 def _compute(cfg: ExtractConfig, out: Path, attrs: dict, catalog: Catalog, progress: Progress | None,
-             graph: Callable[[], Graph], export: Path, verbose: bool) -> ExtractResult:
+             graph: Graph, export: Path, verbose: bool) -> ExtractResult:
     """Push `catalog` through the model into `out`: a new cache, or the rest of an interrupted one (`progress`)."""
     if cfg.precision == "mixed" and verbose and not gpu_count():
         print("warning: --precision mixed without a GPU computes float16 in software (several times slower on CPU).")
     if verbose and attrs["engine"] == "onnx" and not export.exists():
         print(f"exporting the model to ONNX once (kept as {export})" if cfg.weights != "none" else
               "exporting the model to ONNX (random weights: not kept)")
-    forward, engine = build_forward(cfg.engine, attrs["engine"], graph(),
+    forward, engine = build_forward(cfg.engine, attrs["engine"], graph,
                                     EngineOptions(cfg.jit, export, keep_export=cfg.weights != "none"),
                                     note=print if verbose else lambda _: None)
     attrs.update(engine_attrs(engine))  # the engine that runs: auto falls back to tf when the graph does not export
@@ -224,7 +226,7 @@ def _compute(cfg: ExtractConfig, out: Path, attrs: dict, catalog: Catalog, progr
     return ExtractResult(out, status, progress.rows_written, progress.skipped, shapes, timings, processed, engine)
 
 
-def _update(cfg: ExtractConfig, out: Path, attrs: dict, catalog: Catalog, graph: Callable[[], Graph], export: Path,
+def _update(cfg: ExtractConfig, out: Path, attrs: dict, catalog: Catalog, graph: Graph, export: Path,
             verbose: bool) -> ExtractResult:
     """`out` is complete for an earlier state of the folder: keep its rows of unchanged files, compute the rest into
     a cache of their own (resumable), then assemble both into `out` in the new row order (features/update.py)."""
