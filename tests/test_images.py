@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from features.augment import AUGMENT_POLICIES, augment_view, file_loader
-from features.images import RESIZE_POLICIES, dct_scale, decode_rgb, decode_stream, jpeg_size, load_image
-from tests.conftest import ODD_INPUTS
+from features.images import NEEDED_SHORT, RESIZE_POLICIES, dct_scale, decode_rgb, decode_stream, jpeg_size, load_image
+from tests.conftest import HYMENOPTERA, ODD_INPUTS
 
 ODD = ODD_INPUTS
 ODD_JPEGS = ["exif_rotated.jpg", "cmyk.jpg", "grayscale.jpg", "progressive.jpg", "large_4000x2328.jpg"]
@@ -50,6 +50,17 @@ def test_large_and_tiny_images_resize_close_to_the_reference(odd, reference):
     large = load_image(odd / "good" / "large_4000x2328.jpg", 224, "crop").astype(int)
     assert np.abs(large - want).mean() < 4
     assert load_image(odd / "good" / "tiny_20x20.png", 224, "stretch").shape == (224, 224, 3)
+
+
+@pytest.mark.parametrize("resize", sorted(RESIZE_POLICIES))
+def test_load_image_equals_resizing_the_rgb_decode(odd, resize):
+    """load_image resizes in BGR and flips last; the pixels must be those of resizing the RGB image, for every kind of
+    file (JPEGs decoded DCT-scaled, a 16-bit PNG, a palette GIF, a tiny image enlarged, web-size photos)."""
+    files = sorted((odd / "good").iterdir()) + sorted(HYMENOPTERA.glob("*/*/*.jpg"))[:20]
+    for size in (64, 224):
+        for path in files:
+            want = RESIZE_POLICIES[resize](decode_rgb(path, NEEDED_SHORT[resize](size)), size)
+            assert np.array_equal(load_image(path, size, resize), want), (path.name, size)
 
 
 @pytest.mark.parametrize("name", BAD)
