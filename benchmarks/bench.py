@@ -74,7 +74,7 @@ def profile_notes(sections: list[Section]) -> list[str]:
     cores = len(os.sched_getaffinity(0))
     notes = []
     for r in s1.rows:
-        costs = {"decode (read + JPEG decode)": r["decode_ms"], "resize + crop": r["resize_ms"],
+        costs = {"decode (read + JPEG decode)": r["decode_ms"], "resize + crop + RGB flip": r["resize_ms"],
                  "host → tensor copy": r["to_tensor_ms"], "model": r["model_ms"], "HDF5 write": r["write_ms"]}
         total = sum(costs.values())
         biggest = max(costs, key=costs.get)

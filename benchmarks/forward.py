@@ -42,16 +42,16 @@ def decode_profile(paths: list[Path], size: int) -> tuple[np.ndarray, dict]:
     """Decode every file on ONE thread (img/s per core), timing file read + JPEG decode and resize separately."""
     import cv2
 
-    from features.images import NEEDED_SHORT, RESIZE_POLICIES, decode_rgb
+    from features.images import NEEDED_SHORT, RESIZE_POLICIES, decode_bgr
 
     cv2.setNumThreads(1)
     out = np.empty((len(paths), size, size, 3), np.uint8)
     t_decode = t_resize = 0.0
     for i, path in enumerate(paths):
         t0 = time.perf_counter()
-        img = decode_rgb(path, NEEDED_SHORT["crop"](size))  # as extract decodes: DCT-scaled where a JPEG allows
+        img = decode_bgr(path, NEEDED_SHORT["crop"](size))  # as load_image decodes: DCT-scaled where a JPEG allows
         t1 = time.perf_counter()
-        out[i] = RESIZE_POLICIES["crop"](img, size)
+        out[i] = cv2.cvtColor(RESIZE_POLICIES["crop"](img, size), cv2.COLOR_BGR2RGB)  # resize, then flip to RGB
         t_resize += time.perf_counter() - t1
         t_decode += t1 - t0
     n = len(paths)
