@@ -55,7 +55,7 @@ def test_large_and_tiny_images_resize_close_to_the_reference(odd, reference):
 @pytest.mark.parametrize("resize", sorted(RESIZE_POLICIES))
 def test_load_image_equals_resizing_the_rgb_decode(odd, resize):
     """load_image resizes in BGR and flips last; the pixels must be those of resizing the RGB image, for every kind of
-    file (JPEGs decoded DCT-scaled, a 16-bit PNG, a palette GIF, a tiny image enlarged, web-size photos)."""
+    file (JPEGs decoded DCT-scaled, a 16-bit PNG, a palette GIF, a tiny image enlarged, the shipped photos)."""
     files = sorted((odd / "good").iterdir()) + sorted(HYMENOPTERA.glob("*/*/*.jpg"))[:20]
     for size in (64, 224):
         for path in files:
