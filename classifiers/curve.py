@@ -76,15 +76,37 @@ def learning_curve(spec: HeadSpec, params: dict, X, rows: np.ndarray, y: np.ndar
     return pd.DataFrame(out + [_point(full, smallest, len(np.unique(images)))])
 
 
+def size_ticks(sizes: list[int], gap: float = 0.15) -> list[float]:
+    """The sizes to label on the log axis: each one at least `gap` decades from the previous, so labels never
+    overlap; the last (every training image) is always kept.
+
+    >>> size_ticks([1, 2, 5, 10, 20, 21])
+    [1.0, 2.0, 5.0, 10.0, 21.0]
+    """
+    kept: list[float] = []
+    for i, size in enumerate(sorted(set(sizes))):
+        if kept and np.log10(size) - np.log10(kept[-1]) < gap:
+            if i < len(set(sizes)) - 1:
+                continue
+            kept.pop()
+        kept.append(float(size))
+    return kept
+
+
 def plot_curve(curve: pd.DataFrame, head: str, path) -> None:
-    """learning_curve.png: mean accuracy ± std (bars) and the range of draws (band), log-scaled size axis."""
+    """learning_curve.png: mean accuracy ± std (bars) and the range of draws (band), log-scaled size axis labelled
+    with the plain counts drawn (1, 2, 5, 10, ...), not powers of ten."""
     import matplotlib.pyplot as plt  # Agg: classifiers.report sets it on import
+    from matplotlib.ticker import FixedLocator, NullLocator
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.fill_between(curve["per_class"], curve["min"], curve["max"], alpha=0.2, label="range of draws")
     ax.errorbar(curve["per_class"], curve["mean"], yerr=curve["std"].fillna(0), marker="o", capsize=3,
                 label=f"{head}: mean ± std")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(size_ticks(curve["per_class"].tolist())))
+    ax.xaxis.set_major_formatter(lambda value, _: f"{value:.0f}")
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("training images per class")
     ax.set_ylabel("accuracy on the scored images")
     ax.set_title("Learning curve: does more data pay?")

@@ -23,29 +23,40 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, 
 from sklearn.model_selection import GridSearchCV, ParameterGrid, StratifiedKFold
 from sklearn.utils.validation import has_fit_parameter
 
+from threadpoolctl import threadpool_limits
+
 from classifiers.data import take_rows
-from classifiers.heads import HeadSpec
+from classifiers.heads import HeadSpec, small_grid
 from features.errors import UsageError
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "top5", "log_loss")
 MIN_IMAGES_PER_CLASS = 2  # fewer: some CV training fold lacks the class entirely; the class is dropped with a note
+# Above this many labelled images (or training images, with a held-out split in the cache) k-fold CV x inner grid is
+# replaced by one stratified held-out fifth and a smaller grid picked on one held-out fifth of the training images.
+# Why: 5 folds x (4 C x 5 inner folds + 1) = 105 logreg fits took 68 s at 10k x 1280 on 2 cores (docs/classify.md,
+# "Large caches"); the fits grow at least linearly with the rows, so 100k would take hours for one head.
+LARGE_IMAGES = 20_000
+HOLDOUT_FOLDS = 5  # the held-out part of the large protocol is one fold of this many: a fifth
 
 
 @dataclass
 class Plan:
     """Rows (indices into the cache) for each fold, the rows a final model is fitted on, and why."""
 
-    scheme: str  # 'val', 'test' (held-out split) or 'cv5' (k-fold)
+    scheme: str  # 'val', 'test' (held-out split), 'cv5' (k-fold) or 'holdout' (one held-out fifth: a large cache)
     folds: list[tuple[np.ndarray, np.ndarray]]  # (fit rows: every view, scored rows: clean views only)
     fit_rows: np.ndarray
-    inner_cv: int
+    inner_cv: int  # folds of the hyperparameter search; 1: a single held-out fifth (large caches)
     images: np.ndarray  # image id per cache row: the views of one image share it
     clean: np.ndarray  # per cache row: True for the clean view (view 0), the only rows ever scored
     notes: list[str] = field(default_factory=list)
+    large: bool = False  # over LARGE_IMAGES: one inner split and a smaller grid (heads.small_grid)
 
     def inner_folds(self, fit_rows: np.ndarray, y_fit: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """The hyperparameter search's folds inside `fit_rows` (positions into it, `y_fit` aligned with it),
         grouped by image and scored on clean views, like the outer folds."""
+        if self.inner_cv == 1:
+            return image_folds(y_fit, self.images[fit_rows], self.clean[fit_rows], HOLDOUT_FOLDS, seed)[:1]
         return image_folds(y_fit, self.images[fit_rows], self.clean[fit_rows], self.inner_cv, seed)
 
     @property
@@ -80,11 +91,13 @@ def image_folds(y: np.ndarray, images: np.ndarray, clean: np.ndarray, n_splits: 
 
 def plan_evaluation(labels: np.ndarray, split: np.ndarray, names: list[str], cv: int, seed: int,
                     source: str = "the cache", images: np.ndarray | None = None,
-                    view: np.ndarray | None = None) -> Plan:
+                    view: np.ndarray | None = None, large: int = LARGE_IMAGES) -> Plan:
     """Decide held-out split or k-fold CV for one cache; warn (not fail) on imbalance and tiny classes.
 
     `images` (image id per row) and `view` (0 = clean) describe augmented views; None means one clean row per image.
-    Class counts, fold counts and warnings are about images, not rows.
+    Class counts, fold counts and warnings are about images, not rows. Over `large` images to fit on, the cheaper
+    protocol of a large cache: scheme 'holdout' (one stratified fifth scored) instead of k-fold CV, and one inner
+    split with a smaller grid; a note says so.
     """
     if cv < 2:
         raise UsageError(f"CV must be at least 2 folds. Received: cv={cv}.")
@@ -109,16 +122,25 @@ def plan_evaluation(labels: np.ndarray, split: np.ndarray, names: list[str], cv:
     held_name = "test" if np.any(split == "test") else "val"
     held = labelled[(split == held_name) & clean[labelled]]
     if len(train) and len(held):
-        inner = min(cv, 5)
-        train_images = labels[train[clean[train]]]
-        notes += _small_classes(train_images, inner, names, f"{source} train")
+        n_train = int(clean[train].sum())
+        if n_train > large:
+            inner, note = 1, [_large_note(source, n_train, large, f"'{held_name}' split", cv)]
+        else:
+            inner, note = _inner_folds([labels[train[clean[train]]]], min(cv, 5), f"{source} train")
+        notes += note
         missing = sorted(set(labels[held].tolist()) - set(labels[train].tolist()))
         if missing:
             notes.append(f"{source}: classes {[names[c] for c in missing]} occur in {held_name} but not in train; "
                          f"no head can predict them.")
         if held_name == "test" and np.any(split == "val"):
             notes.append(f"{source}: scored on 'test'; the 'val' rows are not used.")
-        return Plan(held_name, [(train, held)], train, _inner_folds(train_images, inner), images, clean, notes)
+        return Plan(held_name, [(train, held)], train, inner, images, clean, notes, large=inner == 1)
+    n_images = int(clean[labelled].sum())
+    if n_images > large:
+        fit, score = image_folds(labels[labelled], images[labelled], clean[labelled], HOLDOUT_FOLDS, seed)[0]
+        notes.append(_large_note(source, n_images, large, f"stratified held-out 1/{HOLDOUT_FOLDS} of the images "
+                                 f"(scheme 'holdout'), not {cv}-fold CV", cv))
+        return Plan("holdout", [(labelled[fit], labelled[score])], labelled[fit], 1, images, clean, notes, large=True)
     largest = int(counts.max())
     folds_n = min(cv, largest)
     if folds_n < 2:
@@ -129,7 +151,14 @@ def plan_evaluation(labels: np.ndarray, split: np.ndarray, names: list[str], cv:
     notes += _small_classes(labelled_images, folds_n, names, source)
     folds = [(labelled[a], labelled[b])
              for a, b in image_folds(labels[labelled], images[labelled], clean[labelled], folds_n, seed)]
-    return Plan(f"cv{folds_n}", folds, labelled, _inner_folds(labelled_images, min(folds_n, 5)), images, clean, notes)
+    inner, note = _inner_folds([labels[fit[clean[fit]]] for fit, _ in folds], min(folds_n, 5), source)
+    return Plan(f"cv{folds_n}", folds, labelled, inner, images, clean, notes + note)
+
+
+def _large_note(source: str, n: int, large: int, scored: str, cv: int) -> str:
+    return (f"{source}: {n} images to fit on, over {large}: the large-cache protocol: scored once on the {scored}; "
+            f"hyperparameters picked on one held-out 1/{HOLDOUT_FOLDS} of the training images (not {min(cv, 5)}-fold "
+            f"inner CV) from a smaller grid (at most 2 values per parameter); the saved model is the scored one.")
 
 
 def _drop_small_classes(labels: np.ndarray, split: np.ndarray, labelled: np.ndarray, clean: np.ndarray,
@@ -156,19 +185,50 @@ def _drop_small_classes(labels: np.ndarray, split: np.ndarray, labelled: np.ndar
                   f"{where} so that every training fold holds one; add images to keep it."]
 
 
-def _inner_folds(y: np.ndarray, wanted: int) -> int:
-    """Inner CV folds for hyperparameter selection: no more than the largest class allows (at least 2)."""
-    return max(2, min(wanted, int(np.bincount(y).max())))
+def _inner_folds(fit_images: list[np.ndarray], wanted: int, where: str) -> tuple[int, list[str]]:
+    """Inner CV folds for hyperparameter selection, and a note when they are fewer than `wanted`: no more than the
+    smallest class has images in a training part (`fit_images`: the class of each training image, one array per
+    outer fold), so that every inner fold can hold every class; at least 2.
+
+    Why: a grid search whose inner folds outnumber a class's images fails inside scikit-learn for every head
+    (e.g. 2 classes x 4 images: 3 training images per class under 4-fold CV)."""
+    smallest = min(int(counts[counts > 0].min()) for counts in map(np.bincount, fit_images))
+    folds = max(2, min(wanted, smallest))
+    if folds == wanted:
+        return folds, []
+    return folds, [f"{where}: inner CV reduced to {folds} folds (from {wanted}): the smallest class has {smallest} "
+                   f"training image{'s' if smallest != 1 else ''}{' in some fold' if len(fit_images) > 1 else ''}."]
 
 
-def selector(spec: HeadSpec, inner_cv: int | list[tuple[np.ndarray, np.ndarray]], seed: int) -> BaseEstimator:
-    """The head with its hyperparameter search: GridSearchCV over `spec.grid` inside the training rows.
-    `inner_cv` is a number of stratified folds, or the folds themselves (Plan.inner_folds, grouped by image)."""
-    estimator = spec.build(seed)
-    if len(ParameterGrid(spec.grid)) <= 1:
-        return estimator.set_params(**{k: v[0] for k, v in spec.grid.items()})
+def selector(spec: HeadSpec, inner_cv: int | list[tuple[np.ndarray, np.ndarray]], seed: int,
+             large: bool = False) -> BaseEstimator:
+    """The head with its hyperparameter search: GridSearchCV over `spec.grid` (`small_grid` of it for a `large`
+    plan) inside the training rows. `inner_cv` is a number of stratified folds, or the folds themselves
+    (Plan.inner_folds, grouped by image)."""
+    estimator, grid = spec.build(seed), small_grid(spec.grid) if large else spec.grid
+    if len(ParameterGrid(grid)) <= 1:
+        return estimator.set_params(**{k: v[0] for k, v in grid.items()})
     inner = StratifiedKFold(inner_cv, shuffle=True, random_state=seed) if isinstance(inner_cv, int) else inner_cv
-    return GridSearchCV(estimator, spec.grid, cv=inner, scoring="accuracy", error_score=np.nan)
+    return GridSearchCV(estimator, grid, cv=inner, scoring="accuracy", error_score=np.nan)
+
+
+def capped(spec: HeadSpec, y: np.ndarray, images: np.ndarray, seed: int) -> tuple[np.ndarray, str | None]:
+    """Positions (into `y`/`images`, the training rows) that `spec` is fitted on: all of them, or for a head that
+    does not scale past `spec.max_fit_rows` rows, every view of a class-stratified random sample of images holding
+    about that many rows; with a note saying so."""
+    cap = spec.max_fit_rows
+    if cap is None or len(y) <= cap:
+        return np.arange(len(y)), None
+    ids, first = np.unique(images, return_index=True)
+    share = cap / len(y)  # the same share of every class's images, at least one each
+    rng, chosen = np.random.default_rng(seed), []
+    for c in np.unique(y[first]):
+        members = ids[y[first] == c]
+        chosen.append(rng.choice(members, size=max(1, int(share * len(members))), replace=False))
+    keep = np.flatnonzero(np.isin(images, np.concatenate(chosen)))
+    return keep, (f"fitted on a class-stratified random sample of {len(keep)} of its {len(y)} training rows: "
+                  f"{spec.name} does not scale past {cap} rows (heads.py max_fit_rows); every held-out image is "
+                  f"still scored")
 
 
 def _fit(model: BaseEstimator, X, y: np.ndarray, images: np.ndarray) -> BaseEstimator:
@@ -238,10 +298,15 @@ def evaluate(spec: HeadSpec, X, y: np.ndarray, rows: np.ndarray, plan: Plan, n_c
     per_fold, params, fit_s, predict_s = [], [], 0.0, 0.0
     preds, probs, eval_rows, notes = [], [], [], Counter()
     for fit_rows, score_rows in plan.folds:
+        keep, note = capped(spec, y[fit_rows], plan.images[fit_rows], seed)
+        notes.update([note] if note else [])
+        fit_rows = fit_rows[keep]
         fit_pos = np.array([index[r] for r in fit_rows])
         score_pos = np.array([index[r] for r in score_rows])
-        model = selector(spec, plan.inner_folds(fit_rows, y[fit_rows], seed), seed)
-        with warnings.catch_warnings(record=True) as caught:
+        model = selector(spec, plan.inner_folds(fit_rows, y[fit_rows], seed), seed, plan.large)
+        # one BLAS thread, like the rest of the evaluation: heads make many small solves, and a second thread on a
+        # busy 2-core machine made each logreg fit 7x slower (docs/classify.md, "Large caches")
+        with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1, user_api="blas"):
             warnings.simplefilter("always")
             start = time.perf_counter()
             _fit(model, take_rows(X, fit_pos), y[fit_rows], plan.images[fit_rows])
@@ -269,9 +334,15 @@ def evaluate(spec: HeadSpec, X, y: np.ndarray, rows: np.ndarray, plan: Plan, n_c
 
 
 def fit_final(spec: HeadSpec, X, y: np.ndarray, plan: Plan, seed: int) -> tuple[BaseEstimator, dict]:
-    """The model to save after CV: selection and fit on every labelled row (X and y hold exactly plan.fit_rows)."""
-    with warnings.catch_warnings():
+    """The model to save after CV: selection and fit on every labelled row (X and y hold exactly plan.fit_rows),
+    with the same row cap and grid as the evaluation, and one BLAS thread as in `evaluate`.
+
+    Why the thread limit here too: this refit ran outside the evaluation's limit, and at 10k x 1280 its 21 logreg
+    fits took 77 s against 68 s for the evaluation's 105 (two BLAS threads fighting other work for 2 cores)."""
+    keep, _ = capped(spec, y, plan.images[plan.fit_rows], seed)
+    fit_rows = plan.fit_rows[keep]
+    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
         warnings.simplefilter("ignore")  # the same warnings were already recorded during evaluation
-        model = selector(spec, plan.inner_folds(plan.fit_rows, y, seed), seed)
-        _fit(model, X, y, plan.images[plan.fit_rows])
+        model = selector(spec, plan.inner_folds(fit_rows, y[keep], seed), seed, plan.large)
+        _fit(model, take_rows(X, keep) if len(keep) < len(y) else X, y[keep], plan.images[fit_rows])
     return fitted_head(model)

@@ -36,7 +36,9 @@ from features.errors import UsageError, did_you_mean
 @dataclass(frozen=True)
 class HeadSpec:
     """A registered head. `build(random_state)` returns an unfitted estimator; `grid` maps its parameters to
-    candidate values; `streaming` heads also fit from a RowStream; `default` heads form the fast default set."""
+    candidate values; `streaming` heads also fit from a RowStream; `default` heads form the fast default set;
+    `max_fit_rows`: a head whose fit or prediction does not scale is fitted on a stratified sample of about that
+    many training rows (classifiers.evaluate.capped), with a note, rather than left running for hours."""
 
     name: str
     build: Callable[[int | None], BaseEstimator]
@@ -44,32 +46,53 @@ class HeadSpec:
     streaming: bool = False
     default: bool = False
     summary: str = ""
+    max_fit_rows: int | None = None
 
 
 HEADS: dict[str, HeadSpec] = {}
 
+# Training rows past which a head is fitted on a stratified sample (docs/classify.md, "Large caches", has the timings
+# on 1280-d features): knn's prediction compares every scored row with every training row; liblinear's one-vs-rest
+# SVM and lbfgs grow with rows x classes x iterations; a forest of 300 trees on wide features is slower still.
+KNN_MAX_ROWS = 20_000
+LINSVM_MAX_ROWS = 50_000
+LOGREG_MAX_ROWS = 100_000
+TREES_MAX_ROWS = 20_000
 
-def register_head(name: str, grid: dict[str, list] | None = None, streaming: bool = False, default: bool = False):
+
+def register_head(name: str, grid: dict[str, list] | None = None, streaming: bool = False, default: bool = False,
+                  max_fit_rows: int | None = None):
     """Decorator: add a builder `f(random_state) -> estimator` to HEADS under `name`; its docstring is the summary."""
     def wrap(build: Callable[[int | None], BaseEstimator]) -> Callable[[int | None], BaseEstimator]:
         if name in HEADS:
             raise ValueError(f"Head {name!r} is already registered.")
-        HEADS[name] = HeadSpec(name, build, dict(grid or {}), streaming, default, (build.__doc__ or "").strip())
+        HEADS[name] = HeadSpec(name, build, dict(grid or {}), streaming, default, (build.__doc__ or "").strip(),
+                               max_fit_rows)
         return build
     return wrap
+
+
+def small_grid(grid: dict[str, list], keep: int = 2) -> dict[str, list]:
+    """The grid of a large cache's cheaper protocol: the `keep` middle values of each parameter.
+
+    >>> small_grid({"clf__C": [1e-3, 1e-2, 1e-1, 1.0], "n_neighbors": [1, 5, 15]})
+    {'clf__C': [0.01, 0.1], 'n_neighbors': [5, 15]}
+    """
+    return {name: values[(len(values) - 1) // 2:][:keep] if len(values) > keep else list(values)
+            for name, values in grid.items()}
 
 
 def _scaled(clf: BaseEstimator) -> Pipeline:
     return Pipeline([("scale", StandardScaler()), ("clf", clf)])
 
 
-@register_head("logreg", grid={"clf__C": [1e-3, 1e-2, 1e-1, 1.0]}, default=True)
+@register_head("logreg", grid={"clf__C": [1e-3, 1e-2, 1e-1, 1.0]}, default=True, max_fit_rows=LOGREG_MAX_ROWS)
 def _logreg(random_state):
     """L2 logistic regression on standardised features; C swept on inner folds (the linear-probe protocol)."""
     return _scaled(LogisticRegression(max_iter=2000, random_state=random_state))
 
 
-@register_head("linsvm", grid={"clf__C": [1e-4, 1e-3, 1e-2, 1e-1]}, default=True)
+@register_head("linsvm", grid={"clf__C": [1e-4, 1e-3, 1e-2, 1e-1]}, default=True, max_fit_rows=LINSVM_MAX_ROWS)
 def _linsvm(random_state):
     """Linear SVM (squared hinge) on standardised features; no probabilities, so no log-loss."""
     return _scaled(LinearSVC(max_iter=5000, random_state=random_state))
@@ -81,19 +104,19 @@ def _ridge(random_state):
     return _scaled(RidgeClassifier())
 
 
-@register_head("knn", grid={"n_neighbors": [1, 5, 15]}, default=True)
+@register_head("knn", grid={"n_neighbors": [1, 5, 15]}, default=True, max_fit_rows=KNN_MAX_ROWS)
 def _knn(random_state):
     """k nearest neighbours by cosine distance, distance-weighted votes; no training, slow to predict at scale."""
     return KNeighborsClassifier(metric="cosine", algorithm="brute", weights="distance")
 
 
-@register_head("rf")
+@register_head("rf", max_fit_rows=TREES_MAX_ROWS)
 def _rf(random_state):
     """Random forest of 300 trees: no scaling needed, robust, slower on wide features."""
     return RandomForestClassifier(n_estimators=300, random_state=random_state)
 
 
-@register_head("hgb")
+@register_head("hgb", max_fit_rows=TREES_MAX_ROWS)
 def _hgb(random_state):
     """Histogram gradient boosting with early stopping on an internal 10% split: strong on tabular, slow on wide."""
     return HistGradientBoostingClassifier(max_iter=200, early_stopping=True, random_state=random_state)
@@ -122,7 +145,8 @@ def _compose(prefix: str, head: HeadSpec) -> HeadSpec:
     build_step, step_grid = TRANSFORMS[prefix]
     grid = {f"{prefix}__{k}": v for k, v in step_grid.items()} | {f"head__{k}": v for k, v in head.grid.items()}
     return HeadSpec(f"{prefix}+{head.name}", lambda rs: Pipeline([(prefix, build_step(rs)), ("head", head.build(rs))]),
-                    grid, streaming=False, summary=f"{prefix.upper()} (variance kept tuned), then {head.name}")
+                    grid, streaming=False, summary=f"{prefix.upper()} (variance kept tuned), then {head.name}",
+                    max_fit_rows=head.max_fit_rows)
 
 
 def list_heads(pattern: str = "*") -> list[str]:
@@ -156,14 +180,20 @@ class StreamingSGDClassifier(ClassifierMixin, BaseEstimator):
     epoch trains one model per `alphas` value on the same batches and scores each on a held-out
     `validation_fraction` of the training rows as they stream past (progressive validation); the model of the
     alpha with the lowest held-out log-loss is kept, so the search costs no extra reads of a cache larger than RAM.
+    Training stops before `epochs` once the best held-out log-loss has not fallen by a relative `tol` for
+    `n_iter_no_change` epochs in a row (as scikit-learn's SGD does): on a large cache a few epochs are enough, and
+    each costs a pass over the file.
     """
 
     def __init__(self, alphas=(1e-4, 1e-3, 1e-2, 1e-1), epochs: int = 20, batch_size: int = 256,
-                 validation_fraction: float = 0.2, random_state: int | None = None):
+                 validation_fraction: float = 0.2, tol: float = 1e-3, n_iter_no_change: int = 3,
+                 random_state: int | None = None):
         self.alphas = alphas
         self.epochs = epochs
         self.batch_size = batch_size
         self.validation_fraction = validation_fraction
+        self.tol = tol
+        self.n_iter_no_change = n_iter_no_change
         self.random_state = random_state
 
     def fit(self, X, y, groups=None):
@@ -173,7 +203,8 @@ class StreamingSGDClassifier(ClassifierMixin, BaseEstimator):
         self.classes_ = start.classes
         models = [SGDClassifier(loss="log_loss", alpha=alpha, average=True, random_state=self.random_state)
                   for alpha in self.alphas]
-        for _ in range(self.epochs):
+        best_loss, waited = np.inf, 0
+        for epoch in range(self.epochs):
             loss = np.zeros(len(models))  # summed log-loss on held-out rows, last epoch only
             for positions, batch in iter_batches(X, self.batch_size, rng):
                 batch, labels, val = scaler.transform(batch), y[positions], held_out[positions]
@@ -183,6 +214,12 @@ class StreamingSGDClassifier(ClassifierMixin, BaseEstimator):
                         loss[i] -= np.log(np.clip(proba, 1e-15, None)).sum()
                     if (~val).any():
                         model.partial_fit(batch[~val], labels[~val], classes=self.classes_)
+            if held_out.any() and epoch > 0:  # the first epoch scores models that had seen no rows yet
+                waited = 0 if loss.min() < best_loss * (1 - self.tol) else waited + 1
+                best_loss = min(best_loss, loss.min())
+                if waited >= self.n_iter_no_change:
+                    break
+        self.n_epochs_ = epoch + 1
         best = int(np.argmin(loss))
         self.scaler_, self.model_, self.alpha_ = scaler, models[best], self.alphas[best]
         self.validation_log_loss_ = loss[best] / max(1, held_out.sum())

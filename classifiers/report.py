@@ -17,14 +17,16 @@ from sklearn.metrics import confusion_matrix  # noqa: E402
 
 from classifiers import saved  # noqa: E402
 from classifiers.memory import format_bytes  # noqa: E402
-from classifiers.stats import choose, explain  # noqa: E402
+from classifiers.stats import ALPHA, choose  # noqa: E402
 
-# accuracy order (before classifiers.stats.choose moves the best tied row first): ties broken by balanced
-# accuracy, then lower log-loss, then faster fit
-SORT_BY = ["accuracy", "balanced_accuracy", "log_loss", "fit_s"]
-SORT_ASCENDING = [False, False, True, True]
-SHOWN = ["backbone", "layer", "reduce", "head", "augment", "scheme", "accuracy", "ci_low", "ci_high",
-         "tied", "accuracy_std", "augment_gain",
+# what a leaderboard can be ranked by: column -> (words for a reader, lower is better)
+METRICS = {"accuracy": ("accuracy", False), "balanced_accuracy": ("balanced accuracy", False),
+           "macro_f1": ("macro-F1", False), "log_loss": ("log-loss", True)}
+# the metric's order is broken by these, then by the names, so equal scores rank the same whatever the row order
+TIE_BREAK = [("balanced_accuracy", False), ("log_loss", True), ("fit_s", True), ("backbone", True), ("layer", True),
+             ("reduce", True), ("head", True), ("augment", True), ("cache", True)]
+SHOWN = ["choice", "backbone", "layer", "reduce", "head", "augment", "scheme", "accuracy", "ci_low", "ci_high",
+         "accuracy_std", "augment_gain",
          "balanced_accuracy", "macro_f1", "top5", "log_loss", "fit_s", "predict_s", "error"]
 # an augmented row is compared with the clean row of the same data, features and head
 SAME_MODEL = ["data_id", "backbone", "layer", "reduce", "head", "scheme"]
@@ -53,26 +55,119 @@ def augment_gains(table: pd.DataFrame) -> pd.DataFrame:
     return gains.sort_values(["gain", "head"], ascending=[False, True], kind="stable").reset_index(drop=True)
 
 
-def rank(rows: list[dict], correct: dict[int, pd.Series] | None = None, seed: int = 0) -> pd.DataFrame:
-    """The leaderboard: best first (classifiers.stats.choose: the lowest log-loss among rows tied with the top
-    accuracy), with 95% intervals, and `augment_gain` (accuracy minus the clean twin's) on augmented rows.
+def rank(rows: list[dict], correct: dict[int, pd.Series] | None = None, seed: int = 0,
+         metric: str = "accuracy") -> pd.DataFrame:
+    """The leaderboard with `rank` (1 = the best `metric`, one of METRICS; ties broken by TIE_BREAK), `chosen` (the
+    model to save: classifiers.stats.choose, the lowest log-loss among the rows statistically tied with rank 1),
+    `tied`, 95% intervals, and `augment_gain` (accuracy minus the clean twin's) on augmented rows.
     `correct[i]` (optional) is row i's per-image correctness, indexed by image path, for the paired tests
-    (failed heads have none)."""
-    table = _with_augment(pd.DataFrame(rows).drop(columns="augment_gain", errors="ignore"))  # recomputed
+    (failed heads have none).
+
+    Row 0 is the chosen row, then the others by rank: callers take the model to save from row 0, while every file a
+    person reads lists the rows by rank (`by_rank`), with the chosen one marked where it is.
+
+    >>> rows = [{"head": head, "accuracy": acc, "balanced_accuracy": acc, "log_loss": loss, "fit_s": 1.0}
+    ...         for head, acc, loss in [("a", 0.8, 0.4), ("b", 0.9, 0.5)]]
+    >>> rank(rows)[["rank", "chosen", "head"]].values.tolist()
+    [[1, True, 'b'], [2, False, 'a']]
+    """
+    if metric not in METRICS:
+        raise ValueError(f"Unknown metric {metric!r}. Expected one of {', '.join(METRICS)}.")
+    table = _with_augment(pd.DataFrame(rows).drop(columns=["augment_gain", "rank", "chosen"], errors="ignore"))
     table["row_id"] = np.arange(len(table))
     keys = SAME_MODEL + ["augment", "cache"]  # one leaderboard row each
     gains = augment_gains(table)[keys + ["gain"]].rename(columns={"gain": "augment_gain"})
     table = table.merge(gains, on=keys, how="left")
-    table = table.sort_values(SORT_BY, ascending=SORT_ASCENDING, na_position="last", kind="stable")
-    table = choose(table.reset_index(drop=True), correct, seed).drop(columns="row_id")
-    table.insert(0, "rank", np.arange(1, len(table) + 1))
-    return table
+    order = [(metric, METRICS[metric][1])] + [key for key in TIE_BREAK if key[0] != metric and key[0] in table]
+    table = table.sort_values([c for c, _ in order], ascending=[a for _, a in order], na_position="last",
+                              kind="stable").reset_index(drop=True)
+    position = dict(zip(table["row_id"], range(1, len(table) + 1)))
+    table = choose(table, correct, seed)  # its input order (best metric first) is what the ties are tested against
+    table.insert(0, "rank", table["row_id"].map(position))
+    table.insert(1, "chosen", table.index == 0)
+    table = pd.concat([table.iloc[:1], table.iloc[1:].sort_values("rank")])
+    return table.drop(columns="row_id").assign(ranked_by=metric).reset_index(drop=True)
+
+
+def ranked_by(table: pd.DataFrame) -> str:
+    """The metric a saved leaderboard was ranked by (`--metric`); accuracy for leaderboards older than the flag."""
+    return str(table["ranked_by"].iloc[0]) if "ranked_by" in table and len(table) else "accuracy"
+
+
+def by_rank(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows in `rank` order (what a person reads); a leaderboard without ranks as it is."""
+    return table.sort_values("rank", kind="stable") if "rank" in table else table
+
+
+def best_row(table: pd.DataFrame) -> pd.Series:
+    """The chosen model's row (`chosen`); in leaderboards written before that column existed, the first row."""
+    if "chosen" in table and table["chosen"].eq(True).any():
+        return table[table["chosen"].eq(True)].iloc[0]
+    return table.iloc[0]
+
+
+def _marks(table: pd.DataFrame) -> pd.Series:
+    """'chosen' for the saved model, 'tied' for the other rows statistically tied with rank 1, else ''."""
+    chosen = table["chosen"].eq(True) if "chosen" in table else table.index == table.index[0]
+    tied = table["tied"].eq(True) if "tied" in table else False
+    return pd.Series(np.where(chosen, "chosen", np.where(tied, "tied", "")), index=table.index)
+
+
+def _name(row: pd.Series) -> str:
+    augment = row.get("augment", "")
+    return (f"{row['head']} on {row['backbone']}/{row['layer']}/{row['reduce']}"
+            + (f" ({augment})" if isinstance(augment, str) and augment else ""))
+
+
+def _interval(row: pd.Series) -> str:
+    return (f", 95% CI {row['ci_low']:.3f}–{row['ci_high']:.3f}"
+            if not pd.isna(row.get("ci_low", np.nan)) else "")
+
+
+def why_chosen(table: pd.DataFrame, metric: str | None = None) -> str:
+    """One sentence: the selection rule as it applied to this leaderboard, saying plainly when the chosen row's
+    `metric` (default: the one it was ranked by) is below that of another row it is statistically tied with (plain
+    text: no markdown)."""
+    metric = metric or ranked_by(table)
+    words, lower = METRICS[metric]
+    best, ranked = best_row(table), by_rank(table)
+    top = ranked.iloc[0]
+    tied = table[table["tied"].eq(True)] if "tied" in table else table.head(0)
+    value = f"{words} ({best[metric]:.3f}{_interval(best) if metric == 'accuracy' else ''})"
+    if len(tied) <= 1:
+        others = table[(table.index != best.name) & table[metric].notna()]
+        paired = len(others) and "p_vs_top" in table and others["p_vs_top"].notna().any()
+        return (f"{_name(best)} is chosen: it has the best {value}"
+                + ("." if not len(others) else
+                   f"; no other row is statistically tied with it (exact McNemar test on the same images, "
+                   f"p < {ALPHA})." if paired else
+                   "; no other row could be tested for a tie with it (no per-image results)."))
+    loss = best["log_loss"]
+    same = tied[tied["log_loss"] == loss] if not pd.isna(loss) else tied
+    reason = ("no tied row has a log-loss and it is the fastest to fit" if pd.isna(loss) else
+              f"it has the lowest log-loss ({loss:.3g})" if len(same) == 1 else
+              f"it has the lowest log-loss ({loss:.3g}, as have {len(same) - 1} other tied rows) and of those is "
+              f"the fastest to fit")
+    test = f"exact McNemar test on the same images, p ≥ {ALPHA}"
+    if best.name == top.name:
+        return (f"{_name(best)} is chosen: it has the best {value}, and of the {len(tied)} rows statistically tied "
+                f"with it ({test}) {reason}.")
+    gap = (best[metric] - top[metric]) * (1 if lower else -1)
+    where = (f"its {words} {best[metric]:.3f} is {gap:.3f} {'above' if lower else 'below'}" if gap > 0 else
+             f"its {words} {best[metric]:.3f} equals it")
+    best_words = "most accurate" if metric == "accuracy" else f"best {words}"
+    return (f"{_name(best)} is chosen among the {len(tied)} rows statistically tied with the {best_words} "
+            f"({_name(top)}, {top[metric]:.3f}; {test}) because {reason}; {where}.")
 
 
 def shown(table: pd.DataFrame, top: int | None = None) -> pd.DataFrame:
-    """The columns a person reads, empty columns (metrics, augment on clean runs) dropped, numbers rounded."""
-    view = table.reindex(columns=["rank"] + SHOWN).head(top).replace("", np.nan).dropna(axis=1, how="all")
-    return view.fillna({"augment": ""}).round(4)
+    """The columns a person reads, by rank (the first `top` ranks and always the chosen row), `choice` marking the
+    chosen and the tied rows, empty columns (metrics, augment on clean runs) dropped, numbers rounded."""
+    table = by_rank(table.assign(choice=_marks(table)))
+    if top is not None:
+        table = table[(np.arange(len(table)) < top) | (table["choice"] == "chosen").to_numpy()]
+    view = table.reindex(columns=["rank"] + SHOWN).replace("", np.nan).dropna(axis=1, how="all")
+    return view.fillna({"augment": "", "choice": ""}).round(4)
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -84,7 +179,7 @@ def markdown(table: pd.DataFrame) -> str:
 
 def write_leaderboard(table: pd.DataFrame, run_dir: Path) -> None:
     """leaderboard.csv/.md, and augment_gain.csv when the run has clean and augmented caches of the same features."""
-    table.to_csv(run_dir / "leaderboard.csv", index=False)
+    by_rank(table).to_csv(run_dir / "leaderboard.csv", index=False)
     (run_dir / "leaderboard.md").write_text(markdown(shown(table)) + "\n")
     gains = augment_gains(table)
     if len(gains):
@@ -100,25 +195,47 @@ def _error_bars(part: pd.DataFrame) -> np.ndarray:
 
 def plot_leaderboard(run_dir: Path) -> Path:
     """accuracy.png: accuracy (with its 95% interval) of every head, grouped by backbone / layer / reduce."""
-    table = pd.read_csv(run_dir / "leaderboard.csv")
+    return save_figure(leaderboard_figure(pd.read_csv(run_dir / "leaderboard.csv")), run_dir / "accuracy.png")
+
+
+def accuracy_limits(table: pd.DataFrame) -> tuple[float, float]:
+    """The accuracy axis of accuracy.png: every bar's interval (error bar) inside it with a small margin."""
+    err = _error_bars(table)
+    low, high = np.nanmin(table["accuracy"] - err[0]), np.nanmax(table["accuracy"] + err[1])
+    pad = max(0.01, 0.04 * (high - low))
+    return max(0.0, min(low - pad, high - 0.1)), high + pad  # at least 0.1 wide: equal bars still read as bars
+
+
+def leaderboard_figure(table: pd.DataFrame):
+    """Horizontal bars, so that labels stay readable however many feature sets (caches, layers) there are: one
+    group per backbone / layer / reduce (and augment; and the cache where several share that), one bar per head;
+    the accuracy axis includes every interval; the chosen model's bar is outlined in black."""
+    table = table[table["accuracy"].notna()].reset_index(drop=True)
     extra = table.reindex(columns=["augment", "cache"]).fillna("").astype(str)
-    label = (table["backbone"] + "\n" + table["layer"] + " · " + table["reduce"]
-             + extra["augment"].where(extra["augment"] == "", " · " + extra["augment"]))
+    label = (table["backbone"] + " / " + table["layer"] + " / " + table["reduce"]
+             + extra["augment"].where(extra["augment"] == "", " / " + extra["augment"]))
     shared = label.groupby(label).transform(lambda same: extra.loc[same.index, "cache"].nunique() > 1)
     table["features"] = label.where(~shared.astype(bool), label + "\n" + extra["cache"].map(lambda c: Path(c).stem))
     groups, heads = list(dict.fromkeys(table["features"])), sorted(table["head"].unique())
-    width = 0.8 / len(heads)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(heads) / 3)), 4.5))
+    lines = max(group.count("\n") + 1 for group in groups)
+    step = max(0.22 * len(heads), 0.2 * lines + 0.1)  # inches per group: its bars, or its label's lines
+    fig, ax = plt.subplots(figsize=(9, 1.6 + step * len(groups)))
+    height, where = 0.8 / len(heads), np.arange(len(groups))
     for i, head in enumerate(heads):
         part = table[table["head"] == head].set_index("features").reindex(groups)
-        ax.bar(np.arange(len(groups)) + (i - (len(heads) - 1) / 2) * width, part["accuracy"], width,
-               yerr=_error_bars(part), label=head, capsize=2)
-    ax.set_xticks(np.arange(len(groups)), groups, fontsize=8)
-    ax.set_ylabel(f"accuracy ({table['scheme'].iloc[0]})")
-    ax.set_ylim(max(0.0, np.nanmin(table["accuracy"]) - 0.1), 1.0)
-    ax.legend(fontsize=8, ncols=min(len(heads), 5), loc="lower right")
+        ax.barh(where + (i - (len(heads) - 1) / 2) * height, part["accuracy"], height, xerr=_error_bars(part),
+                label=head, capsize=2)
+    best = best_row(table)
+    mark = groups.index(best["features"]) + (heads.index(best["head"]) - (len(heads) - 1) / 2) * height
+    ax.barh(mark, best["accuracy"], height, fill=False, edgecolor="black", linewidth=2, label="chosen")
+    ax.set_yticks(where, groups, fontsize=8)
+    ax.invert_yaxis()  # the first feature set at the top, as in the leaderboard
+    ax.set_xlim(*accuracy_limits(table))
+    ax.set_xlabel(f"accuracy ({table['scheme'].iloc[0]}) with its 95% interval")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_title("Accuracy by layer and head")
-    return save_figure(fig, run_dir / "accuracy.png")
+    return fig
 
 
 def plot_confusion(model_dir: Path, class_names: list[str]) -> Path:
@@ -163,22 +280,25 @@ def _fmt(value: float, std: float | None = None) -> str:
     return f"{value:.3f}" + (f" ± {std:.3f}" if std is not None and not pd.isna(std) else "")
 
 
-def write_report(run_dir: Path, table: pd.DataFrame, record: dict, run: dict, notes: list[str]) -> Path:
-    """report.md: what ran, what won and how sure we are, what to do next — readable in a minute."""
-    best = table.iloc[0]
+def write_report(run_dir: Path, table: pd.DataFrame, record: dict, run: dict, notes: list[str],
+                 published: Path) -> Path:
+    """report.md in `run_dir`: what ran, what won and how sure we are, what to do next — readable in a minute.
+    Paths it cites are under `published`, where the run will be once complete (it is written in a staging folder)."""
+    best = best_row(table)
     scheme = best["scheme"]
+    inner = int(best["inner_cv"])
     how = (f"{scheme[2:]}-fold stratified cross-validation (mean ± std over folds); hyperparameters chosen by "
-           f"inner CV within each training fold; the saved model is refitted on all labelled images"
+           f"{inner}-fold inner CV within each training fold; the saved model is refitted on all labelled images"
            if scheme.startswith("cv") else
-           f"fitted on the 'train' split, hyperparameters chosen by CV inside train, scored once on the held-out "
-           f"'{scheme}' split; the saved model is exactly the scored one")
+           f"fitted on the 'train' split, hyperparameters chosen by {inner}-fold CV inside train, scored once on the "
+           f"held-out '{scheme}' split; the saved model is exactly the scored one")
     lines = [
-        f"# Classify run {run_dir.name}", "",
+        f"# Classify run {published.name}", "",
         f"**Best:** `{best['head']}` on `{best['backbone']}` / `{best['layer']}` / reduce `{best['reduce']}` — "
         f"accuracy **{_fmt(best['accuracy'], best['accuracy_std'])}**, balanced accuracy "
         f"{_fmt(best['balanced_accuracy'])}, macro-F1 {_fmt(best['macro_f1'])}, log-loss {_fmt(best['log_loss'])}"
         + (f", top-5 {_fmt(best['top5'])}" if not pd.isna(best["top5"]) else "") + ".", "",
-        f"- Why this one: {explain(table)}",
+        f"- Why this one: {why_chosen(table)}",
         f"- Evaluation: {how}.",
         f"- Data: {int(best['n_fit_images'])} training and {int(best['n_eval'])} scored images"
         + (f" (trained on {int(best['n_fit'])} rows: clean and augmented views {best['augment']}; only clean "
@@ -188,7 +308,7 @@ def write_report(run_dir: Path, table: pd.DataFrame, record: dict, run: dict, no
         f"{table[['backbone', 'layer', 'reduce', 'augment']].drop_duplicates().shape[0]} feature sets) in "
         f"{run['seconds']:.1f} s; "
         f"peak memory {format_bytes(run['peak_bytes'])} above start (budget {format_bytes(run['budget_bytes'])}).",
-        f"- Use it: `make predict MODEL={run_dir / 'best'} DATA=<image folder>`", "",
+        f"- Use it: `make predict MODEL={published / 'best'} DATA=<image folder>`", "",
         "## Leaderboard (top 10)", "", markdown(shown(table, 10)), "",
         "Full table: `leaderboard.csv`; plot: `accuracy.png`; best model's confusion matrix: "
         "`best/confusion_matrix.png`.", "",
@@ -215,7 +335,7 @@ def summary(run_dir: Path, top: int = 10) -> str:
     table = pd.read_csv(run_dir / "leaderboard.csv")
     record = json.loads((run_dir / "best" / "model.json").read_text())
     run = json.loads((run_dir / "run.json").read_text())
-    best = table.iloc[0]
+    best = best_row(table)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         board = shown(table, top).to_string(index=False)
     return "\n".join([
@@ -224,9 +344,23 @@ def summary(run_dir: Path, top: int = 10) -> str:
         f"{_fmt(best['accuracy'], best['accuracy_std'])} ({record['scheme']}), "
         f"balanced {_fmt(best['balanced_accuracy'])}, macro-F1 {_fmt(best['macro_f1'])}",
         f"{len(table)} combinations in {run['seconds']:.1f} s; peak memory {format_bytes(run['peak_bytes'])} "
-        f"(budget {format_bytes(run['budget_bytes'])}); {len(run['notes'])} warning(s), see report.md",
-        *([f"why:     {explain(table)}"] if "tied" in table else []),
+        f"(budget {format_bytes(run['budget_bytes'])})",
+        *([f"why:     {why_chosen(table)}"] if "tied" in table else []),
         f"results: {run_dir}/  (report.md, leaderboard.csv, accuracy.png, best/)",
         f"next:    make predict MODEL={run_dir / 'best'} DATA=<image folder>",
+        f"check:   {warnings_line(run_dir, run['notes'])}",
         *([f"report:  {run_dir / 'report.html'}"] if (run_dir / "report.html").exists() else []),
     ])
+
+
+def warnings_line(run_dir: Path, notes: list[str]) -> str:
+    """What the report's first screen counts (warnings.json, written with report.html), problems first; without a
+    report, the run's notes."""
+    try:
+        counts = json.loads((run_dir / "warnings.json").read_text())
+    except (OSError, ValueError):
+        return f"{len(notes)} note(s), see report.md" if notes else "no notes (the data audit runs with the report)"
+    found = [c["one"] if c["count"] is None else f"{c['count']} {c['one'] if c['count'] == 1 else c['many']}"
+             for c in counts if c["count"] != 0]
+    return ("; ".join(found) + " (see report.html)") if found else "no warnings: no leakage, label errors, outliers, " \
+        "dropped classes, skipped images or failed heads found"

@@ -5,25 +5,14 @@ with a known answer (e.g. linearly separable classes) in milliseconds.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 
+from features.schema import CacheAttrs
 from features.store import CacheWriter, Progress
-
-# The attributes a real extraction writes, with values describing a fictitious backbone.
-TOY_ATTRS = {
-    "backbone": "toynet", "backbone_file_sha256": "", "weights": "none",
-    "weights_source": "none", "image_size": 32, "resize": "crop", "interpolation": "area",
-    "preprocessing": "none (synthetic features)", "color": "RGB", "pool": "none", "dtype": "float32",
-    "compression": "none", "precision": "float32", "data_root": "/synthetic", "layout": "classes",
-    "labels_csv": "", "source_fingerprint": "toy", "shard": "", "batch_size": 32, "tool_version": "0.1.0",
-    "keras_version": "", "tensorflow_version": "", "h5py_version": h5py.__version__,
-    "augment": 0, "augment_policy": "", "augment_seed": 0,
-}
-
 
 def separable(n_per_class: int, n_classes: int, dim: int, seed: int = 0, spread: float = 0.3
               ) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +56,8 @@ def write_cache(path: str | Path, layers: dict[str, np.ndarray], labels: np.ndar
                 paths: list[str] | None = None, view: np.ndarray | None = None, complete: bool = True,
                 **attrs) -> Path:
     """Write `layers` (name -> (N, ...) array or np.memmap) and per-row metadata through the real `CacheWriter`;
-    `view` (0 = clean, 1.. = augmented) defaults to all clean rows; `attrs` override TOY_ATTRS. With
+    `view` (0 = clean, 1.. = augmented) defaults to all clean rows; `attrs` override the schema's example values
+    (a fictitious backbone, `CacheAttrs.example`). With
     `complete=False` the rows are written but the file is left unpublished, as an interrupted extraction leaves it."""
     path = Path(path)
     labels = np.asarray(labels, dtype=np.int32)
@@ -77,9 +67,11 @@ def write_cache(path: str | Path, layers: dict[str, np.ndarray], labels: np.ndar
     paths = paths or [f"{split[i] + '/' if split[i] else ''}{label_names[labels[i]] if labels[i] >= 0 else 'x'}"
                       f"/img{i:05d}.jpg" for i in range(n)]
     view = np.zeros(n, np.int16) if view is None else np.asarray(view, dtype=np.int16)
-    meta = {**TOY_ATTRS, **attrs, "layers": list(layers), "num_candidates": n}
-    meta.setdefault("config_json", json.dumps({"backbone": meta["backbone"], "data": meta["data_root"],
-                                               "layer": list(layers), "pool": meta["pool"], "dtype": meta["dtype"]}))
+    meta = dataclasses.replace(CacheAttrs.example(**attrs), layers=list(layers), num_candidates=n)
+    if meta.config_json == CacheAttrs.example().config_json:  # not given: say what a fictitious run was asked
+        meta = dataclasses.replace(meta, config_json=json.dumps({"backbone": meta.backbone, "data": meta.data_root,
+                                                                 "layer": list(layers), "pool": meta.pool,
+                                                                 "dtype": meta.dtype}))
     writer = CacheWriter.create(path, meta, {name: values.shape[1:] for name, values in layers.items()}, paths,
                                 label_names)
     try:

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from features.errors import UsageError
-from features.images import NEEDED_SHORT, RESIZE_POLICIES, _interpolation, decode_rgb
+from features.images import MAX_PIXELS, NEEDED_SHORT, RESIZE_POLICIES, Readable, _interpolation, decode_rgb
 
 
 @dataclass(frozen=True)
@@ -129,9 +129,12 @@ def view_loader(size: int, resize: str, policy: str, seed: int, view: int) -> Ca
     return lambda path, img: augment_view(img, size, policy, seed, path, view)
 
 
-def file_loader(size: int, resize: str, policy: str, seed: int, view: int) -> Callable[[str, Path], np.ndarray]:
-    """(relative path, file) -> view `view` of it, decoded no larger than the view needs (see decode_rgb):
-    augmented views keep enough pixels for the policy's smallest crop, so a crop is never upsampled for want of them."""
+def file_loader(size: int, resize: str, policy: str, seed: int, view: int, max_pixels: int = MAX_PIXELS
+                ) -> Callable[[str, Path | Readable], np.ndarray]:
+    """(relative path, file or image in a tar shard) -> view `view` of it, decoded no larger than the view needs
+    (see decode_rgb):
+    augmented views keep enough pixels for the policy's smallest crop, so a crop is never upsampled for want of them.
+    Images of more than `max_pixels` pixels raise ValueError without being decoded."""
     load = view_loader(size, resize, policy, seed, view)
     need = NEEDED_SHORT[resize](size) if view == 0 else get_policy(policy).min_short(size)
-    return lambda path, file: load(path, decode_rgb(file, need))
+    return lambda path, file: load(path, decode_rgb(file, need, max_pixels))

@@ -2,9 +2,14 @@
 
 (a) DATA/<class>/*.jpg; (b) DATA/<train|val|test...>/<class>/*.jpg, the split kept per image;
 (c) DATA/**/*.jpg plus a labels CSV. Unlabelled folders are allowed (label -1), for prediction later.
+(d) WebDataset tar shards: a folder of `.tar` files, one `.tar`, or a glob / brace pattern naming them
+(`shards/train-{000000..000099}.tar`); samples are grouped by key inside each shard and read in place
+(features/tars.py).
 In (a) and (b) the label is the folder an image lies in *as seen from DATA* (its first, or for (b) second, path
 component); links are walked so that this can never relabel an image (see `_walk_files`). Nothing is guessed: a
 CSV's columns are recognised by name (or given), and an image listed twice with different labels is refused.
+Entries that cannot be used (links to nowhere, named pipes and other special files, folders that cannot be read,
+names that are not UTF-8) are listed with the reason, without being opened, so none can stop or block a run.
 """
 from __future__ import annotations
 
@@ -12,16 +17,19 @@ import dataclasses
 import functools
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from features import tars
 from features.errors import UsageError
 from features.images import IMAGE_EXTENSIONS
 
 SPLIT_PREFIXES = ("train", "val", "test")
-PATH_COLUMNS = ("path", "filepath", "file", "filename", "image", "image_path", "image_id", "img", "id", "name")
+PATH_COLUMNS = ("path", "filepath", "file", "filename", "image", "image_path", "image_id", "img", "id", "name",
+                "key", "__key__")  # the last two: a WebDataset sample's key, as img2dataset's parquet files name it
 LABEL_COLUMNS = ("label", "class", "category", "target", "y", "class_name", "labels")
 
 
@@ -38,15 +46,32 @@ class Catalog:
     ignored: list[tuple[str, str]]  # files under root that are not images, with the reason
     offset: int = 0  # index of the first candidate in the whole set (non-zero for a shard)
     views: list[int] = field(default_factory=list)  # per row: 0 = clean, 1.. = augmented view (see with_views)
+    notes: tuple[str, ...] = ()  # what discovery decided on the user's behalf, for the summary
+    # (d) only: row path -> where its image lies in a tar shard (shard, offset, size); the whole set's, shared by
+    # every shard, subset and view of this catalog (dataclasses.replace carries it)
+    members: dict[str, tars.Member] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     @functools.cached_property
     def stamps(self) -> list[tuple[int, int]]:
-        """(size, mtime_ns) of each candidate's file: how an update tells an unchanged file from a changed one."""
-        stats = {rel: (self.root / rel).stat() for rel in dict.fromkeys(self.paths)}
-        return [(stats[rel].st_size, stats[rel].st_mtime_ns) for rel in self.paths]
+        """(size, mtime_ns) of each candidate's file: how an update tells an unchanged file from a changed one. A
+        sample of a tar shard has its shard's, as read when the shard was indexed."""
+        def stamp(rel: str) -> tuple[int, int]:
+            if rel in self.members:
+                return self.members[rel].shard.stamp
+            st = (self.root / rel).stat()
+            return st.st_size, st.st_mtime_ns
+
+        stats = {rel: stamp(rel) for rel in dict.fromkeys(self.paths)}
+        return [stats[rel] for rel in self.paths]
+
+    def source(self, i: int) -> Path | tars.Member:
+        """What a loader reads candidate i from: its file, or its place in a tar shard (`features.images.read_file`
+        reads both)."""
+        rel = self.paths[i]
+        return self.members.get(rel) or self.root / rel
 
     def fingerprint(self) -> str:
         """Identity of the input set: names, sizes, modification times and labels of every candidate."""
@@ -82,29 +107,80 @@ class Catalog:
             splits=[self.splits[i] for i, _ in rows], views=[v for _, v in rows])
 
 
-def _walk_files(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """Image files (relative, sorted) and other visible files, recursively; hidden files and folders are ignored.
+NOT_UTF8 = ("its name is not valid UTF-8 (listed with the bytes escaped), and the cache stores names as UTF-8; "
+            "skipped. Rename it, e.g. with `convmv -f latin1 -t utf8 --notest`.")
+NOT_REGULAR = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device"}
+
+
+def _shown(path: str) -> str:
+    """`path` as it can be listed and stored as UTF-8: bytes of a name that is not UTF-8 (which Python keeps as
+    surrogates) are escaped, e.g. b'caf\\xe9.jpg' -> 'caf\\\\xe9.jpg'. Every other path is returned unchanged."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _file_problem(path: Path, suffixes: frozenset[str] = IMAGE_EXTENSIONS) -> str:
+    """Why the visible file `path` is no image (or other file of `suffixes`) the pipeline may open, or '' when it is
+    one. Nothing is opened: a named pipe would block the run forever. A file that cannot be read is found when it
+    is decoded (and listed)."""
+    name = path.name
+    if _shown(name) != name:
+        return NOT_UTF8
+    if Path(name).suffix.lower() not in suffixes:
+        if tars.is_compressed(name):
+            return tars.COMPRESSED
+        return f"not an image file type ({Path(name).suffix or 'no extension'})"
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:  # a link to nowhere, a loop of links, a file removed meanwhile
+        if isinstance(err, FileNotFoundError) and path.is_symlink():
+            return f"a link to '{_shown(os.readlink(path))}', which does not exist; skipped. Fix or remove the link."
+        return f"cannot be read ({err.strerror}); skipped"
+    if not stat.S_ISREG(mode):
+        return f"{NOT_REGULAR.get(stat.S_IFMT(mode), 'a special file')}, not a regular file; skipped without opening it"
+    return ""
+
+
+def _walk_files(root: Path, suffixes: frozenset[str] = IMAGE_EXTENSIONS) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image files (relative, sorted) and the visible entries not used, with the reason, recursively; hidden files
+    and folders are ignored.
 
     Directory links are followed once each, so a loop (`ants/up -> ..`) cannot multiply the images: every real
     folder is walked at most once (a seen-set of (device, inode)), and a link that leads back inside DATA is
-    skipped because its target is catalogued at its own place, under its own label. Skipped links are reported.
+    skipped because its target is catalogued at its own place, under its own label. Skipped links are reported,
+    as are folders that cannot be read and entries `_file_problem` refuses (links to nowhere, named pipes, names
+    that are not UTF-8), so that nothing is left out silently and no odd entry stops or blocks the run.
     """
     images, others = [], []
     real_root = root.resolve()
     start = root.stat()
     seen = {(start.st_dev, start.st_ino)}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def unreadable(err: OSError) -> None:
+        folder = Path(err.filename)
+        if folder == root:
+            raise UsageError(f"DATA folder '{_shown(str(root))}' cannot be read ({err.strerror}). Expected a folder "
+                             "this user may list; fix its permissions (e.g. chmod a+rx) or choose another DATA.")
+        others.append((_shown(folder.relative_to(root).as_posix()) + "/",
+                       f"a folder that cannot be read ({err.strerror}); its files are left out. Fix its permissions "
+                       "(e.g. chmod a+rx) to include them."))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         keep = []
         for name in sorted(d for d in dirnames if not d.startswith(".")):
             sub = Path(dirpath, name)
+            rel = _shown(sub.relative_to(root).as_posix())
+            if _shown(name) != name:
+                others.append((rel + "/", NOT_UTF8))
+                continue
             st = sub.stat()
             target = sub.resolve()
-            rel = sub.relative_to(root).as_posix()
             if (st.st_dev, st.st_ino) in seen:
-                others.append((rel + "/", f"a link to the folder '{target}', which is already catalogued; skipped"))
+                others.append((rel + "/", f"a link to the folder '{_shown(str(target))}', which is already catalogued;"
+                                          " skipped"))
             elif sub.is_symlink() and (target == real_root or real_root in target.parents):
-                others.append((rel + "/", f"a link back into DATA ('{target.relative_to(real_root).as_posix() or '.'}'"
-                                          "), catalogued at its own place; skipped"))
+                inside = _shown(target.relative_to(real_root).as_posix()) or "."
+                others.append((rel + "/", f"a link back into DATA ('{inside}'), catalogued at its own place; skipped"))
             else:
                 seen.add((st.st_dev, st.st_ino))
                 keep.append(name)
@@ -112,11 +188,13 @@ def _walk_files(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
         for name in filenames:
             if name.startswith("."):
                 continue
-            rel = Path(dirpath, name).relative_to(root).as_posix()
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                images.append(rel)
+            path = Path(dirpath, name)
+            rel = path.relative_to(root).as_posix()
+            problem = _file_problem(path, suffixes)
+            if problem:
+                others.append((_shown(rel), problem))
             else:
-                others.append((rel, f"not an image file type ({Path(name).suffix or 'no extension'})"))
+                images.append(rel)
     return sorted(images), sorted(others)
 
 
@@ -129,20 +207,114 @@ def discover(
     data: str | Path, labels_csv: str | None = None, path_column: str | None = None, label_column: str | None = None
 ) -> Catalog:
     root = Path(data)
+    if not root.exists() and tars.is_pattern(str(data)):
+        return _from_pattern(str(data), labels_csv, path_column, label_column)
     if not root.exists():
         raise UsageError(f"DATA folder '{data}' does not exist. Expected a folder of images (class sub-folders, "
-                         "split sub-folders, or images plus LABELS=labels.csv).")
+                         "split sub-folders, or images plus LABELS=labels.csv), or of .tar shards.")
+    if root.is_file() and root.name.lower().endswith(tars.SHARD_SUFFIX):  # one shard: as the pattern naming it
+        _check_root(root.parent)
+        problem = _file_problem(root, frozenset({tars.SHARD_SUFFIX}))
+        if problem:
+            raise UsageError(f"DATA '{data}': {problem}")
+        return _from_tars(root.parent, [root.name], [], labels_csv, path_column, label_column)
     if not root.is_dir():
-        raise UsageError(f"DATA '{data}' is a file, expected a folder of images.")
-    images, others = _walk_files(root)
+        raise UsageError(f"DATA '{data}' is a file, expected a folder of images (or of .tar shards, or one .tar).")
+    _check_root(root)
+    images, others = _walk_files(root, IMAGE_EXTENSIONS | {tars.SHARD_SUFFIX})
     if labels_csv:
         others = [o for o in others if (root / o[0]).resolve() != Path(labels_csv).resolve()]
+    shards = [p for p in images if p.lower().endswith(tars.SHARD_SUFFIX)]
+    images = [p for p in images if not p.lower().endswith(tars.SHARD_SUFFIX)]
+    if shards and not images:
+        return _from_tars(root, shards, _beside_shards(root, shards, others), labels_csv, path_column, label_column)
+    others = sorted(others + [(s, "a tar shard among image files: DATA is read as a folder of images, so its samples "
+                                  "are left out. Point DATA at the shards alone (e.g. 'DATA/*.tar') to extract them")
+                              for s in shards])
     if not images:
+        skipped = f" Skipped {len(others)} other entries, e.g. {others[0][0]}: {others[0][1]}" if others else ""
         raise UsageError(f"DATA folder '{data}' holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
-                         "recursively).")
+                         f"recursively).{skipped}")
     if labels_csv:
         return _from_csv(root, images, others, labels_csv, path_column, label_column)
     return _from_folders(root, images, others)
+
+
+def _check_root(root: Path) -> None:
+    if _shown(str(root.resolve())) != str(root.resolve()):  # the cache records where its images are, as UTF-8
+        raise UsageError(f"DATA folder '{_shown(str(root.resolve()))}' has a name that is not valid UTF-8. Expected a "
+                         "UTF-8 path; rename the folder, e.g. with `convmv -f latin1 -t utf8 --notest`.")
+
+
+def _from_pattern(data: str, labels_csv: str | None, path_column: str | None, label_column: str | None) -> Catalog:
+    """Layout (d) from a glob or brace pattern: the shards it names, relative to the folder before its first pattern
+    character (the data root). Names the braces spell out that do not exist are listed; a pattern that matches no
+    file at all is refused."""
+    root, found, missing = tars.match_pattern(data)
+    if not found:
+        raise UsageError(f"DATA pattern '{data}' matches no file (e.g. '{missing[0] if missing else data}'). Expected "
+                         "a glob or brace pattern naming .tar shards, e.g. 'shards/*.tar' or "
+                         "'shards/train-{000000..000099}.tar' (quoted, so that the shell leaves it to this tool).")
+    if not root.is_dir():
+        raise UsageError(f"DATA pattern '{data}': its folder '{root}' is not a folder. Expected a pattern of .tar "
+                         "files in a folder, e.g. 'shards/*.tar'.")
+    _check_root(root)
+    shards, others = [], [(_shown(os.path.relpath(m, root)), "named by the pattern, but does not exist; skipped")
+                          for m in missing]
+    for path in found:
+        rel = _shown(path.relative_to(root).as_posix())
+        problem = ("a folder; a pattern selects .tar files" if path.is_dir() else
+                   _file_problem(path, frozenset({tars.SHARD_SUFFIX})))
+        if problem.startswith("not an image file type"):
+            problem = f"not a tar shard ({path.suffix or 'no extension'}); skipped"
+        (others.append((rel, problem)) if problem else shards.append(rel))
+    if not shards:
+        raise UsageError(f"DATA pattern '{data}' matches no .tar shard ({len(found)} other entries, e.g. "
+                         f"{others[-1][0]}: {others[-1][1]}). Expected .tar files; for a folder of images, give the "
+                         "folder itself.")
+    return _from_tars(root, shards, sorted(others), labels_csv, path_column, label_column)
+
+
+def _beside_shards(root: Path, shards: list[str], others: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """What a folder of shards holds besides them, as listed: not `classes.txt`, nor img2dataset's per-shard
+    sidecars (`00000.parquet`, `00000_stats.json`, named after their shard), which are no candidates."""
+    stems = {s[: -len(tars.SHARD_SUFFIX)] for s in shards}
+    return [(rel, reason.replace("not an image file type", "not a tar shard") if reason.startswith("not an image")
+             else reason) for rel, reason in others
+            if rel != tars.CLASSES_FILE and rel.rsplit(".", 1)[0].removesuffix("_stats") not in stems]
+
+
+def _from_tars(root: Path, shards: list[str], others: list[tuple[str, str]], labels_csv: str | None,
+               path_column: str | None, label_column: str | None) -> Catalog:
+    """Layout (d): index each shard once (features/tars.py); rows are the samples with one image, sorted by row path
+    `<shard>/<image member>`. A shard's split comes from its file name (`train-000001.tar`), else, as in (b), from
+    its folder under DATA when every shard folder there is named for a split (`val/000001.tar`). Labels come from
+    the labels CSV keyed by sample key, else from each sample's label member; see `tars.class_labels`."""
+    indexes = [tars.scan(root, rel, read_labels=not labels_csv) for rel in shards]  # one open and pass per shard
+    samples = sorted((s for index in indexes for s in index.samples), key=lambda s: s.path)
+    others = sorted(others + [item for index in indexes for item in index.ignored])
+    if not samples:
+        skipped = f" Skipped {len(others)} entries, e.g. {others[0][0]}: {others[0][1]}" if others else ""
+        raise UsageError(f"the {len(shards)} tar shard(s) under '{root}' hold no sample with an image (looked for "
+                         f"members of type {', '.join(sorted(tars.IMAGE_TYPES))}).{skipped}")
+    tops = {rel.split("/")[0] for rel in shards if "/" in rel}
+    by_folder = bool(tops) and all(_split_of(t) for t in tops)
+    split_of = {rel: _split_of(rel.rsplit("/", 1)[-1]) or (_split_of(rel.split("/")[0]) if by_folder and "/" in rel
+                                                           else "") for rel in shards}
+    paths = [s.path for s in samples]
+    splits = [split_of[s.member.shard.name] for s in samples]
+    members = {s.path: s.member for s in samples}
+    if labels_csv:
+        found = _from_csv(root, paths, others, labels_csv, path_column, label_column, tars.sample_keys(samples), splits)
+        return dataclasses.replace(found, layout="tars", members=members)
+    classes_file = root / tars.CLASSES_FILE
+    classes = tars.read_classes(classes_file) if classes_file.is_file() else None
+    labels, names = tars.class_labels(samples, classes, tars.CLASSES_FILE)
+    notes: tuple[str, ...] = ()
+    if any(s.label is not None and s.label_from.endswith(".txt") for s in samples):
+        notes = (f"tar shards: labels taken from the samples' .txt members ({len(names)} classes); a .txt counts as "
+                 "the label only in a sample without .cls or .json. Give LABELS=labels.csv to label them otherwise",)
+    return Catalog(root, paths, labels, splits, names, "tars", others, notes=notes, members=members)
 
 
 def _from_folders(root: Path, images: list[str], others: list[tuple[str, str]]) -> Catalog:
@@ -180,7 +352,10 @@ def _pick_column(columns: list[str], given: str | None, known: tuple[str, ...], 
 
 
 def _from_csv(root: Path, images: list[str], others: list[tuple[str, str]], csv: str,
-              path_column: str | None, label_column: str | None) -> Catalog:
+              path_column: str | None, label_column: str | None, keys: dict[str, str] | None = None,
+              splits: list[str] | None = None) -> Catalog:
+    """`keys`: how the CSV may name each image (default `_image_keys`); `splits`: each image's split where the CSV
+    gives none (default '')."""
     try:
         table = pd.read_csv(csv, dtype=str, keep_default_na=False)
     except FileNotFoundError:
@@ -192,12 +367,19 @@ def _from_csv(root: Path, images: list[str], others: list[tuple[str, str]], csv:
         raise UsageError(f"labels CSV '{csv}' needs at least two columns (image path or id, label); "
                          f"found {columns}.")
     pcol = _pick_column(columns, path_column, PATH_COLUMNS, "path", csv)
-    lcol = _pick_column(columns, label_column, LABEL_COLUMNS, "label", csv)
+    rest = [c for c in columns if c != pcol and c.lower().strip() != "split"]
+    notes: tuple[str, ...] = ()
+    if label_column is None and len(rest) == 1 and not any(c.lower().strip() in LABEL_COLUMNS for c in columns):
+        lcol = rest[0]  # e.g. Kaggle's id,breed: the key is recognised and one column is left
+        notes = (f"labels CSV '{csv}': using column '{lcol}' as the label (the only column besides '{pcol}'); "
+                 "name another with --label-column",)
+    else:
+        lcol = _pick_column(columns, label_column, LABEL_COLUMNS, "label", csv)
     if pcol == lcol:
         raise UsageError(f"labels CSV '{csv}': path and label column are both '{pcol}'; "
                          "set --path-column and --label-column.")
     scol = next((c for c in columns if c.lower().strip() == "split"), None)
-    keys = _image_keys(images)
+    keys = keys or _image_keys(images)
     label_of: dict[str, str] = {}
     split_of: dict[str, str] = {}
     unknown, conflicts = [], {}
@@ -225,9 +407,9 @@ def _from_csv(root: Path, images: list[str], others: list[tuple[str, str]], csv:
     names = sorted({v for v in label_of.values() if v})
     index = {n: i for i, n in enumerate(names)}
     labels = [index.get(label_of.get(rel, ""), -1) for rel in images]
-    splits = [split_of.get(rel, "") for rel in images]
+    splits = [split_of.get(rel, given) for rel, given in zip(images, splits or [""] * len(images))]
     ignored = others + [(u, "listed in the labels CSV but not found under DATA") for u in unknown]
-    return Catalog(root, images, labels, splits, names, "csv", ignored)
+    return Catalog(root, images, labels, splits, names, "csv", ignored, notes=notes)
 
 
 def _image_keys(images: list[str]) -> dict[str, str]:

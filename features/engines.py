@@ -23,13 +23,11 @@ import numpy as np
 
 from features.errors import UsageError
 from features.model import installed_version, pool_features
+from features.schema import GRAPH, CacheAttrs
 
 # uint8 pixels (batch, size, size, 3) -> one array per cut layer, (batch, *row_shape), in the storage dtype
 Forward = Callable[[np.ndarray], list[np.ndarray]]
 
-# The cache attributes that determine an exported graph (plus the converter versions, added by `export_path`).
-EXPORT_IDENTITY = ("backbone", "backbone_file_sha256", "weights", "image_size", "preprocessing", "pool", "dtype",
-                   "layers", "batch_size", "keras_version", "tensorflow_version")
 # Bytes of one layer's output for the images ONNX Runtime computes at once. Past it, a larger batch only slows the CPU
 # down: extract of VGG19 -> block2_pool @256 (16 MiB per image) ran faster with batches of 8 than of 32 in each of 6
 # interleaved rounds (by up to 33%), and with sub-batches of 8 in a batch of 32 about 5% faster than in one call
@@ -190,10 +188,10 @@ def export_versions() -> dict[str, str]:
     return {f"{name}_version": installed_version(name) for name in ("onnxruntime", "tf2onnx", "onnx")}
 
 
-def export_path(folder: Path, attrs: dict) -> Path:
-    """<folder>/<hash>.onnx, the hash over what determines the graph (EXPORT_IDENTITY, the converter versions and the
-    activation budget that sets its sub-batch)."""
-    identity = {k: attrs.get(k) for k in EXPORT_IDENTITY}
+def export_path(folder: Path, attrs: CacheAttrs) -> Path:
+    """<folder>/<hash>.onnx, the hash over what determines the graph (the schema's `graph` attributes, the converter
+    versions and the activation budget that sets its sub-batch)."""
+    identity = attrs.select(GRAPH)
     identity.update({k: v for k, v in export_versions().items() if k != "onnxruntime_version"})
     identity["activation_budget"] = ACTIVATION_BUDGET  # decides the exported sub-batch
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]

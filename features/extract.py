@@ -17,7 +17,7 @@ from tqdm import tqdm
 from features.augment import file_loader
 from features.catalog import Catalog
 from features.engines import Forward
-from features.images import decode_stream
+from features.images import MAX_PIXELS, decode_stream
 from features.store import CacheWriter, Progress
 
 
@@ -32,13 +32,15 @@ class Timings:
 
 @dataclass(frozen=True)
 class Decoding:
-    """How each candidate becomes pixels: the model input side, resize policy, augmentation and decoder threads."""
+    """How each candidate becomes pixels: the model input side, resize policy, augmentation, decoder threads, and the
+    largest image decoded."""
 
     size: int
     resize: str = "crop"
     augment_policy: str = "standard"
     seed: int = 0
     workers: int = 1
+    max_pixels: int = MAX_PIXELS  # larger images are skipped from their header, never decoded
 
 
 def extract_rows(catalog: Catalog, forward: Forward, writer: CacheWriter, progress: Progress, batch_size: int,
@@ -48,11 +50,11 @@ def extract_rows(catalog: Catalog, forward: Forward, writer: CacheWriter, progre
     t = Timings()
     start = time.perf_counter()
     size = decoding.size
-    views = {v: file_loader(size, decoding.resize, decoding.augment_policy, decoding.seed, v)
+    views = {v: file_loader(size, decoding.resize, decoding.augment_policy, decoding.seed, v, decoding.max_pixels)
              for v in set(catalog.views)}
 
     def load(i: int) -> np.ndarray:
-        return views[catalog.views[i]](catalog.paths[i], catalog.root / catalog.paths[i])
+        return views[catalog.views[i]](catalog.paths[i], catalog.source(i))  # a file, or an image in a tar
 
     todo = ((i, i) for i in range(progress.files_done, len(catalog)))
     stream = decode_stream(todo, load, decoding.workers, lookahead=3 * batch_size)

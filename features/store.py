@@ -12,11 +12,14 @@ that names the rows and the fix; `verify` checks a whole file.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import math
 import os
+import stat
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -29,8 +32,8 @@ import numpy as np
 
 from features.errors import UsageError
 from features.lock import exclusive
-
-SCHEMA_VERSION = 1
+from features.schema import (PER_ROW, REBUILD, SCHEMA_VERSION, CacheAttrs, ConfigMismatch, DamagedCache, ForeignFile,
+                             IncompleteCache, SchemaMismatch, SOURCE_GENERATIONS, StaleCache, VERSION_ATTR, plain)
 CHUNK_BYTES = 1 << 20  # h5py suggests 10 KiB - 1 MiB per chunk; readers take whole rows
 MAX_ROWS_PER_CHUNK = 1024
 # The writer's chunk cache per dataset: one chunk keeps the chunk a batch leaves half-filled for the next batch, and
@@ -39,11 +42,9 @@ WRITE_CACHE_BYTES = CHUNK_BYTES
 COPY_BLOCK_BYTES = 64 << 20  # rows are copied and verified in blocks of about this size
 COMPRESSIONS = ("none", "lzf")
 STORAGE_DTYPES = ("float16", "float32")
-PER_ROW = ("paths", "labels", "split", "view", "file_stamp")
-# Attributes that must match for a file to be resumed or reused as is.
-IDENTITY_ATTRS = ("backbone", "backbone_file_sha256", "weights", "image_size", "resize", "decoder", "interpolation",
-                  "preprocessing", "pool", "dtype", "compression", "precision", "layers", "source_fingerprint",
-                  "shard", "num_candidates", "augment", "augment_policy", "augment_seed", "engine")
+# Most a chunk of lzf-compressed data can shrink (runs of 264 bytes in 3): a dataset declaring more rows than its stored
+# bytes could hold is refused before anything is allocated for it.
+MAX_COMPRESSION = 100
 
 
 def cache_dir() -> Path:
@@ -88,10 +89,18 @@ class Progress:
     skipped: list[list[str]] = field(default_factory=list)
 
     def save(self, path: Path) -> None:
-        """Replace the record of cache `path` atomically (write + rename)."""
+        """Replace the record of cache `path` atomically (write + rename). When that fails (a full disk), the previous
+        record stays as it was, no temporary file is left, and the error is one line naming the record."""
         tmp = progress_path(path).with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.__dict__))
-        os.replace(tmp, progress_path(path))
+        try:
+            tmp.write_text(json.dumps(self.__dict__))
+            os.replace(tmp, progress_path(path))
+        except OSError as err:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise _write_failed(err, f"the progress record {progress_path(path)}", path) from None
 
     @classmethod
     def load(cls, path: Path) -> "Progress | None":
@@ -116,53 +125,49 @@ def _dcpl_early():
     return dcpl
 
 
-def _plain(value):
-    """h5py attribute -> plain Python (bytes -> str, numpy scalars/arrays -> Python)."""
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def read_attrs(path: Path) -> dict | None:
-    """Root attributes of a file, or None when it cannot be read (e.g. a partial file killed during creation)."""
+def read_attrs(path: Path) -> CacheAttrs | None:
+    """The attributes of a cache or partial file of this schema, or None when they cannot be read (a partial file
+    killed during creation, another schema, a foreign file)."""
     try:
         with h5py.File(path, "r") as f:
-            return {k: _plain(v) for k, v in f.attrs.items()}
-    except (OSError, KeyError, RuntimeError):
+            return CacheAttrs.parse(f.attrs, str(path)) if f.attrs.get(VERSION_ATTR) == SCHEMA_VERSION else None
+    except (OSError, KeyError, RuntimeError, DamagedCache):
         return None
 
 
-def existing_cache(path: Path) -> dict | None:
-    """The root attributes of the cache at `path`, None when nothing is there. Anything else at `path` (a folder, a
-    file that is not HDF5, HDF5 without this tool's schema marker) is refused: this tool never replaces it."""
+def check_ours(path: Path) -> bool:
+    """False when nothing is at `path`, True when a cache of this tool (of any schema version) is; anything else (a
+    folder, a file that is not HDF5, HDF5 without this tool's schema marker) is refused: this tool never replaces it."""
     path = Path(path)
-    if not path.exists():
-        return None
+    if not path.exists() and not path.is_symlink():
+        return False
     refuse = (f"{path} exists and is not a feature cache of this tool ({{}}); it is never replaced, --overwrite "
               "included. Move it away or choose another output path.")
-    if not path.is_file():
-        raise UsageError(refuse.format("not a file"))
+    if path.is_symlink() or not path.is_file():
+        raise ForeignFile(refuse.format("a link" if path.is_symlink() else "not a file"))
     if not h5py.is_hdf5(path):
-        raise UsageError(refuse.format("not an HDF5 file"))
-    attrs = read_attrs(path)
-    if attrs is None:
-        raise UsageError(refuse.format("an HDF5 file that cannot be read"))
-    if "schema_version" not in attrs or "features" not in _members(path):
-        raise UsageError(refuse.format("HDF5 without the schema_version attribute and features group"))
-    return attrs
+        raise ForeignFile(refuse.format("not an HDF5 file"))
+    try:
+        with h5py.File(path, "r") as f:
+            ours = VERSION_ATTR in f.attrs and isinstance(f.get("features", getlink=True), h5py.HardLink)
+    except (OSError, KeyError, RuntimeError):
+        raise ForeignFile(refuse.format("an HDF5 file that cannot be read")) from None
+    if not ours:
+        raise ForeignFile(refuse.format("HDF5 without the schema_version attribute and features group"))
+    return True
 
 
-def _members(path: Path) -> list[str]:
+def existing_cache(path: Path) -> CacheAttrs | None:
+    """The attributes of the cache at `path`, None when nothing is there; a foreign file is refused (`check_ours`),
+    a cache of another schema version too."""
+    if not check_ours(path):
+        return None
     with h5py.File(path, "r") as f:
-        return list(f)
-
-
-def identity_diff(existing: dict, wanted: dict) -> list[str]:
-    return [f"{k}: {existing.get(k)!r} -> {wanted.get(k)!r}" for k in IDENTITY_ATTRS if existing.get(k) != wanted.get(k)]
+        version = plain(f.attrs[VERSION_ATTR])
+        if version != SCHEMA_VERSION:
+            raise SchemaMismatch(f"{path} has schema_version={version!r}; this version reads schema {SCHEMA_VERSION}. "
+                                 f"Re-extract it: the same `make extract` with OVERWRITE=1.")
+        return CacheAttrs.parse(f.attrs, str(path))
 
 
 class Rows(NamedTuple):
@@ -190,23 +195,30 @@ class CacheWriter:
         lock = ExitStack()
         lock.enter_context(exclusive(path))
         try:
-            existing_cache(path)
+            check_ours(path)
         except BaseException:
             lock.close()
             raise
         return lock
 
     @classmethod
-    def create(cls, path: Path, attrs: dict, layer_shapes: dict[str, tuple[int, ...]], paths: list[str],
+    def create(cls, path: Path, attrs: CacheAttrs, layer_shapes: dict[str, tuple[int, ...]], paths: list[str],
                label_names: list[str]) -> "CacheWriter":
         """Start `path` anew under its partial name (an earlier partial file is discarded; `path` is untouched)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = cls._claim(path)
         discard_partial(path)
         n = len(paths)
+        if attrs.compression == "none":  # every chunk is allocated now: a full disk would fail inside HDF5
+            need = _allocated_bytes(n, layer_shapes, attrs.dtype, _fixed_utf8(paths).dtype.itemsize) + ROOM_MARGIN
+            detail = _no_room(path.parent, 0, need)
+            if detail:
+                lock.close()
+                raise _write_failed(detail, str(partial_path(path)), path)
         f = h5py.File(partial_path(path), "w", rdcc_nbytes=WRITE_CACHE_BYTES)
-        f.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "complete": False, "created": utc_now()})
-        dtype, compressed = attrs["dtype"], attrs["compression"] != "none"
+        f.attrs.update(dataclasses.replace(attrs, schema_version=SCHEMA_VERSION, complete=False, generation="",
+                                           created=utc_now()).to_h5())
+        dtype, compressed = attrs.dtype, attrs.compression != "none"
 
         def per_row(name: str, row_shape: tuple[int, ...], dt, chunk_rows: int):
             return f.create_dataset(
@@ -240,67 +252,310 @@ class CacheWriter:
             lock.close()
             raise UsageError(f"the half-written {partial_path(path)} changed or vanished while this run started "
                              f"({err}); run the same command again.") from None
-        return cls(path, f, [str(v) for v in f.attrs["layers"]], lock)
+        try:
+            layers = CacheAttrs.parse(f.attrs, str(partial_path(path))).layers
+        except BaseException:
+            f.close()
+            lock.close()
+            raise
+        return cls(path, f, layers, lock)
 
     def write(self, row: int, features: list[np.ndarray], paths: list[str], labels: list[int], splits: list[str],
               views: list[int], stamps: list[tuple[int, int]]) -> None:
-        """Write rows [row, row+n) and flush them, so a progress record saved afterwards never claims unwritten rows."""
+        """Write rows [row, row+n) and flush them, so a progress record saved afterwards never claims unwritten rows.
+
+        Full disks: a write must not fail inside HDF5. When one does, HDF5 has already freed the old place of the chunk
+        it rewrites (an lzf chunk moves whenever its size changes) and reuses it at the end of the file, so the failed
+        write tears rows the progress record claims; the flush that follows writes index nodes and an end of file the
+        disk does not have; and a close that fails leaves a freed file behind its id (tracebacks from finalizers, a
+        segfault at exit). So the room the batch can take is checked first (`_check_room`): exact for a file-size
+        limit, the free space for a full disk. A refusal writes nothing, and the partial file stays as the last flush
+        left it: the rerun resumes at the progress record. A write that fails all the same (an I/O error, another
+        writer filling the disk meanwhile) stops the writer at once (`_fail`)."""
         n = len(paths)
-        for layer, values in zip(self.layers, features):
-            self.file[f"features/{layer}"][row : row + n] = values
-        self.file["paths"][row : row + n] = _fixed_utf8(paths, self.file["paths"].dtype.itemsize)
-        self.file["labels"][row : row + n] = labels
-        self.file["split"][row : row + n] = _fixed_utf8(splits, 5)
-        self.file["view"][row : row + n] = views
-        self.file["file_stamp"][row : row + n] = np.asarray(stamps, np.int64).reshape(n, 2)
-        self.file.flush()
+        datasets = {f"features/{layer}": self._uncached(f"features/{layer}") for layer in self.layers[:len(features)]}
+        datasets.update({name: self._uncached(name) for name in PER_ROW})
+        values = dict(zip(datasets, features))
+        values.update(paths=_fixed_utf8(paths, datasets["paths"].dtype.itemsize), labels=labels,
+                      split=_fixed_utf8(splits, 5), view=views, file_stamp=np.asarray(stamps, np.int64).reshape(n, 2))
+        where = f"rows {row}-{row + n - 1} of {partial_path(self.path)}"
+        self._check_room(sum(_growth(ds, row, n) for ds in datasets.values()), where)
+        try:
+            for name, ds in datasets.items():
+                ds[row : row + n] = values[name]
+            self.file.flush()
+        except Exception as err:
+            raise self._fail(err, where, row + n) from None
 
-    def link_features(self, sources: list[tuple[Path, int]], shapes: dict[str, tuple[int, ...]],
+    def _uncached(self, name: str) -> h5py.Dataset:
+        """Dataset `name` opened without a chunk cache: each write reaches the file, or fails, in the call that makes
+        it (not later, in a finalizer), and a failed write leaves no dirty chunk for HDF5 to retry at close. As fast:
+        a handle from `self.file[name]` is closed after each statement, which writes its cached chunk then."""
+        dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+        dapl.set_chunk_cache(0, 0, 1.0)
+        return h5py.Dataset(h5py.h5d.open(self.file.id, name.encode(), dapl))
+
+    def _check_room(self, growth: int, where: str) -> None:
+        """Refuse in one line, before anything reaches HDF5, a write that could grow the file (by up to `growth`
+        bytes, plus room for index nodes) past the file-size limit (RLIMIT_FSIZE, `ulimit -f`: exact) or the free
+        space of its disk (as it is now: another writer may still take it before this one does)."""
+        import resource
+
+        size = max(self.file.id.get_filesize(), partial_path(self.path).stat().st_size)
+        detail = _no_room(self.path.parent, size, growth + (ROOM_MARGIN if growth else 0))
+        if detail:
+            raise _write_failed(detail, where, self.path)
+
+    def _fail(self, err: Exception, where: str, stop: int) -> Exception:
+        """After a write failed: stop writing (`_abandon`); keep the progress record if the partial file still reads
+        back every chunk a resume rereads (the one holding the first unrecorded row) or the failed write touched (up
+        to row `stop`), else remove the partial file and its record, so the rerun starts afresh instead of failing on
+        a torn chunk. Returns the one-line error, or `err` itself when it is no I/O error."""
+        self._abandon()
+        if _errno(err) is None and not isinstance(err, OSError):
+            return err
+        record = Progress.load(self.path)
+        # a close that failed leaves HDF5 holding the file, so it is not reopened here: the rerun's writes check it
+        kept = record is None or getattr(self, "_close_failed", False) or self._readable(record.rows_written, stop)
+        if not kept:
+            discard_partial(self.path)
+        return _write_failed(err, where, self.path, kept)
+
+    def _readable(self, rows: int, stop: int) -> bool:
+        """Whether the partial file opens, its attributes parse, and every per-row dataset reads back (checksums
+        verified) the chunks from the one holding row `rows` to the one holding row `stop` - 1."""
+        try:
+            with h5py.File(partial_path(self.path), "r") as f:
+                CacheAttrs.parse(f.attrs, str(partial_path(self.path)))
+                for name in [f"features/{layer}" for layer in self.layers] + list(PER_ROW):
+                    ds = f[name]
+                    if ds.chunks is None:
+                        continue
+                    step = ds.chunks[0]
+                    lo, hi = rows // step * step, min(ds.shape[0], -(-max(rows, stop) // step) * step)
+                    if lo < hi:
+                        ds[lo:hi]
+            return True
+        except Exception:  # noqa: BLE001  (whatever HDF5 raises, the file cannot be resumed)
+            return False
+
+    def _abandon(self) -> None:
+        """Close the file without letting HDF5 write anything more to it. What HDF5 still holds for a failed write
+        (index nodes pointing at chunks it could not write, the new end of file) would otherwise go to the disk at
+        close, in place over what the last flush left, or fail there and leave the close half done. So its file
+        descriptor is first pointed at a scratch file in memory: the close writes there, succeeds, and the disk keeps
+        exactly what the last successful flush and the failed write itself left."""
+        if not self.file.id.valid or getattr(self, "_close_failed", False):
+            return
+        try:
+            fd = self.file.id.get_vfd_handle()
+        except Exception:  # noqa: BLE001  (not the default sec2 driver: no descriptor to redirect)
+            fd = None
+        if fd is not None:
+            sink = os.memfd_create("abandoned-hdf5") if hasattr(os, "memfd_create") else os.open(os.devnull, os.O_RDWR)
+            os.dup2(sink, fd)
+            os.close(sink)
+        with _FileSizeLimitLifted():  # the scratch file takes what a file-size limit refused to the real one
+            try:
+                self._close_file()
+            except Exception:  # noqa: BLE001  (recorded by _close_file; the failed write is what gets reported)
+                pass
+
+    def _close_file(self) -> None:
+        """Close the HDF5 file once. A close that fails has freed the file all the same (HDF5 1.14 keeps the id of a
+        file it freed): the id is locked, so that no finalizer closes it again."""
+        fid = self.file.id
+        if not fid.valid or getattr(self, "_close_failed", False):
+            return
+        try:
+            self.file.close()
+        except Exception:
+            self._close_failed = True
+            fid.locked = True
+            raise
+
+    def link_features(self, sources: list[Cache], shapes: dict[str, tuple[int, ...]],
                       dtypes: dict[str, np.dtype]) -> None:
-        """features/<layer> as a virtual dataset over (file, rows) sources, named relative to the target (HDF5 looks
-        for relative source files beside the virtual file, so the folder can move as a whole). Reads go to the
-        sources' chunks, whose checksums are verified as usual."""
+        """features/<layer> as a virtual dataset over the rows of caches beside the target, named by their bare file
+        names (HDF5 looks for them beside the virtual file, so the folder can move as a whole; readers accept no
+        other source). Reads go to the sources' chunks, whose checksums are verified as usual; the sources'
+        generations are recorded, so a source replaced later is refused rather than read."""
+        for source in sources:
+            if source.path.resolve().parent != self.path.resolve().parent:
+                raise UsageError(f"a virtual merge links caches in its own folder only; {source.path} is not beside "
+                                 f"{self.path}. Merge without --virtual (a copy), or write --out beside the shards.")
         for layer, shape in shapes.items():
-            layout = h5py.VirtualLayout(shape=(sum(n for _, n in sources), *shape), dtype=dtypes[layer])
+            layout = h5py.VirtualLayout(shape=(sum(len(s.paths) for s in sources), *shape), dtype=dtypes[layer])
             start = 0
-            for source, n in sources:
-                name = os.path.relpath(source.resolve(), self.path.resolve().parent)
-                layout[start : start + n] = h5py.VirtualSource(name, f"features/{layer}", shape=(n, *shape))
+            for source in sources:
+                n = len(source.paths)
+                layout[start : start + n] = h5py.VirtualSource(source.path.name, f"features/{layer}", shape=(n, *shape))
                 start += n
-            ds = self.file.create_virtual_dataset(f"features/{layer}", layout)
-            ds.attrs.update({"layer": layer, "shape": shape})
+            # NaN where a source cannot be read (missing, or more shards than the open-file limit): never zeros that
+            # pass as features; every reader refuses NaN rows
+            ds = self.file.create_virtual_dataset(f"features/{layer}", layout, fillvalue=np.nan)
+            ds.attrs.update({"layer": layer, "shape": shape,
+                             SOURCE_GENERATIONS: [f"{s.path.name}:{s.attrs.generation}" for s in sources]})
 
-    def finalize(self, progress: Progress, **attrs) -> None:
-        """Trim to the rows written, record the skipped files, mark the file complete, and only then publish it
-        under its target name (replacing an earlier cache there: `_claim` checked it is one). A file without rows
-        is discarded instead: it would be of no use, and an earlier cache at the target stays."""
+    def finalize(self, progress: Progress, created: str | None = None) -> None:
+        """Trim to the rows written, record the skipped files, mark the file complete under a new generation, and
+        only then publish it under its target name (replacing an earlier cache there: `_claim` checked it is one).
+        A file without rows is discarded instead: it would be of no use, and an earlier cache at the target stays.
+
+        A full disk is refused before the first of these steps (`_check_room`, as in `write`); a step that fails all
+        the same stops the writer (`_fail`). Either way nothing is published, and the partial file keeps its progress
+        record: the rerun has no rows left to compute and finishes it (a failed rename leaves it complete, unnamed)."""
         f, n = self.file, progress.rows_written
         if n == 0:
             self.close()
             discard_partial(self.path)
             return
-        for name in [f"features/{layer}" for layer in self.layers] + list(PER_ROW):
-            if f[name].shape[0] != n:
-                f[name].resize(n, axis=0)
-        if "skipped" in f:
-            del f["skipped"]
-        text = h5py.string_dtype("utf-8")
-        skipped = np.array([tuple(s) for s in progress.skipped], dtype=[("path", text), ("reason", text)])
-        f.create_dataset("skipped", data=skipped)
-        f.attrs.update({"num_images": n, "completed": utc_now(), **attrs})
-        f.flush()
-        f.attrs["complete"] = True
-        f.flush()
-        f.close()
-        os.replace(partial_path(self.path), self.path)
+        where = f"the end (skipped files, attributes) of {partial_path(self.path)}"
+        self._check_room(self._finalize_growth(progress), where)
+        try:
+            for name in [f"features/{layer}" for layer in self.layers] + list(PER_ROW):
+                if f[name].shape[0] != n:
+                    f[name].resize(n, axis=0)
+            if "skipped" in f:
+                del f["skipped"]
+            text = h5py.string_dtype("utf-8")
+            skipped = np.array([tuple(s) for s in progress.skipped], dtype=[("path", text), ("reason", text)])
+            f.create_dataset("skipped", data=skipped)
+            attrs = dataclasses.replace(CacheAttrs.parse(f.attrs, str(partial_path(self.path))), num_images=n,
+                                        completed=utc_now(), generation=uuid.uuid4().hex)
+            f.attrs.update(dataclasses.replace(attrs, created=created or attrs.created).to_h5())
+            f.flush()
+            f.attrs.update(dataclasses.replace(attrs, complete=True).to_h5())
+            f.flush()
+            self._close_file()  # flushed: nothing is left to write
+        except Exception as err:
+            raise self._fail(err, where, n) from None
+        try:
+            os.replace(partial_path(self.path), self.path)
+        except OSError as err:
+            where = f"{self.path} (renaming {partial_path(self.path).name} to it)"
+            raise _write_failed(err, where, self.path) from None
         progress_path(self.path).unlink(missing_ok=True)
         self.close()
 
+    def _finalize_growth(self, progress: Progress) -> int:
+        """Most bytes `finalize` can add to the file: the skipped files (strings in the global heap, twice over) and
+        every attribute rewritten twice (h5py writes a new attribute before it deletes the old one)."""
+        text = sum(len(str(p).encode()) + len(str(r).encode()) + 64 for p, r in progress.skipped)
+        attrs = sum(len(str(plain(self.file.attrs[k])).encode()) + 64 for k in self.file.attrs)
+        return 2 * text + 3 * attrs + 4096
+
     def close(self) -> None:
-        """Close the file and release the lock (the partial file stays, to be resumed)."""
-        if self.file.id.valid:
-            self.file.close()
-        self._lock.close()
+        """Close the file and release the lock (the partial file stays, to be resumed). Never raises for the file: it
+        is flushed first, and should that fail (every write flushes, so it should not) it is abandoned as after a
+        failed write, so the close itself cannot fail half way."""
+        try:
+            if self.file.id.valid and not getattr(self, "_close_failed", False):
+                try:
+                    self.file.flush()
+                except Exception:  # noqa: BLE001  (called from `finally` blocks: the error that led here is reported)
+                    self._abandon()
+                else:
+                    try:
+                        self._close_file()
+                    except Exception:  # noqa: BLE001  (as above)
+                        pass
+        finally:
+            self._lock.close()
+
+
+ROOM_MARGIN = 64 << 10  # room for index nodes and metadata blocks when a write can grow the file
+
+
+def _no_room(folder: Path, size: int, need: int) -> str | None:
+    """Why a file of `size` bytes in `folder` cannot grow by `need` more (the file-size limit, `ulimit -f`, exactly;
+    the free space of its disk as it is now), or None."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and size + need > limit:
+        return f"the file-size limit is {limit} bytes; the file has {size} and may need {need} more"
+    if need and (free := _free_bytes(folder)) < need:
+        return f"{free} bytes are free on its disk; it may need {need}"
+    return None
+
+
+def _allocated_bytes(n: int, layer_shapes: dict[str, tuple[int, ...]], dtype: str, path_bytes: int) -> int:
+    """What an uncompressed cache of `n` rows allocates when it is created (every chunk at once)."""
+    row = sum(math.prod(shape) for shape in layer_shapes.values()) * np.dtype(dtype).itemsize
+    return n * (row + path_bytes + 5 + 4 + 2 + 16)  # features, paths, split, labels, view, file_stamp
+
+
+def _growth(dset: h5py.Dataset, row: int, n: int) -> int:
+    """Most bytes writing rows [row, row+n) of `dset` can add to its file: none where the chunks were allocated with
+    the file (rewritten in place); else every touched chunk anew, as large as uncompressed (lzf stores a chunk it
+    cannot shrink as it is) with its checksum."""
+    if n <= 0 or dset.chunks is None or dset.id.get_create_plist().get_alloc_time() == h5py.h5d.ALLOC_TIME_EARLY:
+        return 0
+    step = dset.chunks[0]
+    touched = (row + n - 1) // step - row // step + 1
+    return touched * (math.prod(dset.chunks) * dset.dtype.itemsize + 4)
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return 1 << 62  # unknown: let the write tell
+    return st.f_bavail * st.f_frsize
+
+
+class _FileSizeLimitLifted:
+    """`with _FileSizeLimitLifted():` the soft file-size limit is raised to the hard one (where the process may)."""
+
+    def __enter__(self) -> None:
+        import resource
+
+        self.limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        try:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.limits[1], self.limits[1]))
+        except (ValueError, OSError):
+            self.limits = None
+
+    def __exit__(self, *exc) -> None:
+        import resource
+
+        if self.limits is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, self.limits)
+
+
+def _errno(err: BaseException) -> int | None:
+    """The OS error behind an exception from a write: its errno, or the one HDF5 quotes in its message."""
+    import re
+
+    if isinstance(err, OSError) and err.errno:
+        return err.errno
+    found = re.search(r"errno = (\d+)", str(err))
+    return int(found.group(1)) if found else None
+
+
+def _write_failed(cause: BaseException | str, where: str, path: Path, kept: bool = True) -> Exception:
+    """The one line for a write into the cache `path` (its partial file, its progress record, its rename) that failed
+    or was refused (`cause`: the error, or what `_check_room` found): what happened while writing what, the fix, and
+    where the rerun resumes (the progress record's row, when there is one; `kept=False`: from the beginning)."""
+    import errno
+
+    from features.schema import WriteFailed
+
+    code = None if isinstance(cause, str) else _errno(cause)
+    if isinstance(cause, str) or code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        detail = cause if isinstance(cause, str) else os.strerror(code)
+        head = (f"the disk is full or a file-size limit was reached ({detail}) while writing {where}: free space (or "
+                "raise the limit: ulimit -f) and rerun the same command")
+    else:
+        detail = os.strerror(code) if code else " ".join(str(cause).split())[:300]
+        head = f"writing {where} failed ({detail}): check the disk, then rerun the same command"
+    record = Progress.load(path) if kept else None
+    if not kept:
+        tail = "; the half-written file could not be read back and was removed, so the rerun starts from the beginning"
+    else:
+        tail = f"; it resumes from row {record.rows_written}" if record is not None else ""
+    return WriteFailed(head + tail + ".")
 
 
 def _ranges(rows: np.ndarray | list[int]) -> str:
@@ -333,8 +588,8 @@ def _read(path: Path, dset: h5py.Dataset, start: int, stop: int) -> np.ndarray:
         return dset[start:stop]
     except OSError as err:
         bad = _scan_block(dset, start, stop) or list(range(start, stop))
-        raise UsageError(f"{path} is damaged: rows {_ranges(bad)} of {dset.name.lstrip('/')} fail their checksum "
-                         f"({err.__class__.__name__} from HDF5). {fix_hint(path)}") from None
+        raise DamagedCache(f"{path} is damaged: rows {_ranges(bad)} of {dset.name.lstrip('/')} fail their checksum "
+                           f"({err.__class__.__name__} from HDF5). {fix_hint(path)}") from None
 
 
 def _nonfinite_rows(block: np.ndarray) -> np.ndarray:
@@ -349,7 +604,7 @@ class Cache:
     Feature rows are read on demand (`blocks`, `read`, `records`), checked for checksum and NaN/inf."""
 
     path: Path
-    attrs: dict
+    attrs: CacheAttrs
     shapes: dict[str, tuple[int, ...]]
     labels: np.ndarray
     label_names: list[str]
@@ -379,16 +634,32 @@ class Cache:
     @property
     def augment(self) -> str:
         """'<policy>×<K>' for a cache with augmented views, '' for a clean one: the leaderboard's `augment`."""
-        k = int(self.attrs.get("augment", 0) or 0)
-        return f"{self.attrs.get('augment_policy', '')}×{k}" if k else ""
+        return f"{self.attrs.augment_policy}×{self.attrs.augment}" if self.attrs.augment else ""
 
     @property
     def name(self) -> str:
         return self.path.stem
 
+    @functools.cached_property
+    def _stamps(self) -> dict[str, tuple[int, int]]:
+        return {p: (int(size), int(mtime)) for p, (size, mtime) in zip(self.paths.tolist(), self.file_stamps)}
+
+    def image_file(self, name: str) -> Path | None:
+        """The image file of row path `name`, for a thumbnail: only the very file that was extracted (a regular file
+        under the data root with the recorded size and modification time), never anything else a cache could name."""
+        root, stamp = Path(self.attrs.data_root), self._stamps.get(name)
+        if stamp is None or stamp[0] < 0 or not root.is_absolute() or root.parent == root:
+            return None
+        try:
+            found = os.stat(root / name)
+        except OSError:
+            return None
+        regular = stat.S_ISREG(found.st_mode)
+        return root / name if regular and (found.st_size, found.st_mtime_ns) == stamp else None
+
     @property
     def backbone(self) -> str:
-        backbone = str(self.attrs.get("backbone", "?"))
+        backbone = self.attrs.backbone
         return Path(backbone).stem if backbone.endswith(".keras") else backbone
 
     @property
@@ -401,8 +672,8 @@ class Cache:
 
     def blocks(self, layer: str, rows: np.ndarray, block_rows: int, rng: np.random.Generator | None = None
                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """`read_blocks` of this cache."""
-        return read_blocks(self.path, layer, rows, block_rows, rng)
+        """`read_blocks` of this cache, of the version it was opened at."""
+        return read_blocks(self.path, layer, rows, block_rows, rng, self.attrs.generation)
 
     def read(self, layer: str, rows: np.ndarray | None = None, block_rows: int | None = None) -> np.ndarray:
         """Rows `rows` (any order; default all) of `layer` as one array, in the order given."""
@@ -427,13 +698,14 @@ class Cache:
                        self.file_stamps[sel].tolist())
 
 
-def read_blocks(path: Path, layer: str, rows: np.ndarray, block_rows: int, rng: np.random.Generator | None = None
-                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def read_blocks(path: Path, layer: str, rows: np.ndarray, block_rows: int, rng: np.random.Generator | None = None,
+                generation: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (positions, raw rows) covering `rows` of the opened cache `path` in blocks of contiguous file rows.
 
     `positions` index into `rows` (any order); blocks come in file order, or shuffled when `rng` is given.
     Reading contiguous ranges keeps reads sequential and aligned with the row-wise chunking of the cache.
-    A block whose checksum fails or that holds NaN/inf is refused in one line naming the rows.
+    A block whose checksum fails or that holds NaN/inf is refused in one line naming the rows, and so is a file
+    whose generation is no longer `generation` (it was replaced since it was planned with).
     """
     rows = np.asarray(rows, dtype=np.int64)
     order = np.argsort(rows, kind="stable")
@@ -443,15 +715,27 @@ def read_blocks(path: Path, layer: str, rows: np.ndarray, block_rows: int, rng: 
     if rng is not None:
         groups = [groups[i] for i in rng.permutation(len(groups))]
     with h5py.File(path, "r") as file:
+        _check_generation(path, file, generation)
         dset = file["features"][layer]
         for positions in groups:
             first, last = rows[positions[0]], rows[positions[-1]]
             block = _read(path, dset, first, last + 1)[rows[positions] - first]
             bad = _nonfinite_rows(block)
+            if len(bad) and dset.is_virtual:
+                raise DamagedCache(f"{path}: rows {_ranges(rows[positions][bad])} of features/{layer} could not be "
+                                   "read from its shard files beside it (missing, unreadable, or more shards than the "
+                                   "open-file limit allows). Raise the limit (ulimit -n), or merge again without "
+                                   "--virtual.")
             if len(bad):
-                raise UsageError(f"{path} holds NaN or inf in rows {_ranges(rows[positions][bad])} of "
-                                 f"features/{layer}. {fix_hint(path)}")
+                raise DamagedCache(f"{path} holds NaN or inf in rows {_ranges(rows[positions][bad])} of "
+                                   f"features/{layer}. {fix_hint(path)}")
             yield positions, block
+
+
+def _check_generation(path: Path, file: h5py.File, generation: str | None) -> None:
+    if generation is not None and CacheAttrs.parse(file.attrs, str(path)).generation != generation:
+        raise StaleCache(f"{path} was replaced (updated, overwritten or merged) while this command was reading it; "
+                         "run the command again.")
 
 
 def copy_rows(source: Cache, writer: CacheWriter, start: int = 0, rows: np.ndarray | None = None) -> int:
@@ -463,51 +747,156 @@ def copy_rows(source: Cache, writer: CacheWriter, start: int = 0, rows: np.ndarr
     return start
 
 
+def _links(group: h5py.Group, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """(name, link) of every member, depth first, without following any link."""
+    for name in group:
+        link = group.get(name, getlink=True)
+        yield prefix + name, link
+        if isinstance(link, h5py.HardLink) and isinstance(group[name], h5py.Group):
+            yield from _links(group[name], f"{prefix}{name}/")
+
+
+def _outside_reads(path: Path, file: h5py.File) -> list[str]:
+    """Everything in `file` that would make a reader read another file: external or soft links, external raw storage,
+    and virtual sources other than the generation-pinned sibling caches a virtual merge links. One phrase each."""
+    found = []
+    for name, link in _links(file):
+        if not isinstance(link, h5py.HardLink):
+            found.append(f"{name} is a {type(link).__name__}")
+            continue
+        obj = file[name]
+        if not isinstance(obj, h5py.Dataset):
+            continue
+        if obj.id.get_create_plist().get_external_count():
+            found.append(f"{name} keeps its data in an external file")
+        if obj.is_virtual:
+            found += _virtual_problems(path, name, obj)
+    return found
+
+
+def _virtual_problems(path: Path, name: str, dset: h5py.Dataset) -> list[str]:
+    pinned = dict(str(v).rsplit(":", 1) for v in plain(dset.attrs.get(SOURCE_GENERATIONS, [])) if ":" in str(v))
+    problems = []
+    for source in {s.file_name for s in dset.virtual_sources()}:
+        sibling = path.parent / source
+        if (not name.startswith("features/") or source in ("", ".", "..") or Path(source).name != source
+                or source not in pinned):
+            problems.append(f"{name} is virtual over {source!r}, not a cache beside it that a merge linked")
+        elif not sibling.is_file():
+            problems.append(f"{name} reads the shard {source!r}, which is missing beside it")
+        elif (read_attrs(sibling) or CacheAttrs.example(generation="?")).generation != pinned[source]:
+            problems.append(f"{name} reads the shard {source!r}, which was replaced or damaged since the merge")
+    return problems
+
+
+def _check_sizes(path: Path, file: h5py.File, n: int) -> None:
+    """Every per-row dataset has `n` rows, and no dataset declares more data than its stored bytes can hold: checked
+    before anything is read, so a small file declaring 10^9 rows is refused without allocating for them."""
+    for name, link in _links(file):
+        obj = file[name]
+        if not isinstance(obj, h5py.Dataset):
+            continue
+        if (name.startswith("features/") or name in PER_ROW) and (not obj.shape or obj.shape[0] != n):
+            raise DamagedCache(f"{path}: {name} has shape {obj.shape}, expected {n} rows (num_images). "
+                               f"{fix_hint(path)}")
+        if obj.is_virtual:
+            continue
+        declared = math.prod(obj.shape) * obj.dtype.itemsize
+        stored = obj.id.get_storage_size()
+        if stored * (MAX_COMPRESSION if obj.compression else 1) < declared:
+            raise DamagedCache(f"{path}: {name} declares {declared} bytes of data but stores {stored}. "
+                               f"{fix_hint(path)}")
+
+
 def _metadata(path: Path, file: h5py.File, name: str) -> np.ndarray:
     dset = file[name]
     return _read(path, dset, 0, dset.shape[0]) if dset.shape else dset[()]
 
 
-def open_cache(path: str | Path) -> Cache:
-    """Read and check a cache's metadata (not its features). Raises for missing, incomplete or foreign files."""
-    path = Path(path)
+def _text(path: Path, file: h5py.File, name: str) -> np.ndarray:
+    values = _metadata(path, file, name)
+    if values.dtype.kind == "S":
+        return np.char.decode(values, "utf-8", "backslashreplace").astype(str)
+    return np.array([plain(v) for v in values], str)
+
+
+def _open(path: Path) -> h5py.File:
     if not path.exists():
         if partial_path(path).exists():
-            raise UsageError(f"Feature cache {str(path)!r} is incomplete: its extraction was interrupted or is still "
-                             f"running ({partial_path(path).name} beside it). Rerun the same `make extract` command "
-                             "to finish it.")
+            raise IncompleteCache(f"Feature cache {str(path)!r} is incomplete: its extraction was interrupted or is "
+                                  f"still running ({partial_path(path).name} beside it). Rerun the same "
+                                  "`make extract` command to finish it.")
         raise FileNotFoundError(f"Feature cache {str(path)!r} does not exist. Create it with `make extract`, "
                                 f"or pass FEATURES=<file.h5> of an existing cache (see `ls {cache_dir()}/`).")
     try:
-        file = h5py.File(path, "r")
+        return h5py.File(path, "r")
     except OSError as err:
-        raise UsageError(f"{str(path)!r} is not a readable HDF5 feature cache ({err}).") from err
-    with file:
-        attrs = {key: _plain(value) for key, value in file.attrs.items()}
-        if "features" not in file or "schema_version" not in attrs:
-            raise UsageError(f"{str(path)!r} is not a feature cache: it lacks the 'features' group or the "
-                             f"'schema_version' attribute (see docs/hdf5-schema.md).")
-        if attrs["schema_version"] != SCHEMA_VERSION:
-            raise UsageError(f"{str(path)!r} has schema_version={attrs['schema_version']}; this version reads "
-                             f"schema {SCHEMA_VERSION}. Re-extract it with `make extract ... OVERWRITE=1`.")
-        if not attrs.get("complete", False):
-            raise UsageError(f"Feature cache {str(path)!r} is incomplete (complete=False): its extraction was "
-                             f"interrupted or is still running. Rerun the same `make extract` command to finish it.")
+        raise ForeignFile(f"{str(path)!r} is not a readable HDF5 feature cache ({err}).") from None
+
+
+def _check_file(path: Path, file: h5py.File) -> CacheAttrs:
+    """This tool's cache, of this schema, that reads nothing outside itself: its attributes, or one line."""
+    if file.get("features", getlink=True) is None or VERSION_ATTR not in file.attrs:
+        raise ForeignFile(f"{str(path)!r} is not a feature cache: it lacks the 'features' group or the "
+                          f"'schema_version' attribute (see docs/hdf5-schema.md).")
+    version = plain(file.attrs[VERSION_ATTR])
+    if version != SCHEMA_VERSION:
+        raise SchemaMismatch(f"{str(path)!r} has schema_version={version!r}; this version reads schema "
+                             f"{SCHEMA_VERSION}. Re-extract it: the same `make extract` with OVERWRITE=1.")
+    outside = _outside_reads(path, file)
+    if outside:
+        raise ForeignFile(f"{str(path)!r} reads data from outside its own file ({'; '.join(outside[:3])}); this tool "
+                          "never writes such a file and does not read it. Re-extract the cache from its images.")
+    return CacheAttrs.parse(file.attrs, repr(str(path)))
+
+
+def open_cache(path: str | Path) -> Cache:
+    """Read and check a cache's metadata (not its features): complete, this schema, nothing read from outside the
+    file, every per-row dataset as long as the row count, labels within the label names, relative paths. Raises
+    one line for missing, incomplete, foreign or damaged files."""
+    path = Path(path)
+    with _open(path) as file:
+        attrs = _check_file(path, file)
+        if not attrs.complete:
+            raise IncompleteCache(f"Feature cache {str(path)!r} is incomplete (complete=False): its extraction was "
+                                  "interrupted or is still running. Rerun the same `make extract` command to finish it.")
+        _check_sizes(path, file, attrs.num_images)
         features = file["features"]
         labels = _metadata(path, file, "labels").astype(np.int64)
-        # caches written before augmentation existed have no `view`: every row is a clean view
-        view = _metadata(path, file, "view").astype(np.int64) if "view" in file else np.zeros(len(labels), np.int64)
-        text = {name: np.char.decode(_metadata(path, file, name), "utf-8").astype(str)
-                if file[name].dtype.kind == "S" else np.array([_plain(v) for v in _metadata(path, file, name)], str)
-                for name in ("paths", "split", "label_names")}
-        skipped = [(_plain(p), _plain(r)) for p, r in file["skipped"][()]] if "skipped" in file else []
-        # caches written before updates existed have no `file_stamp`: their files count as unknown (never reused)
-        stamps = (_metadata(path, file, "file_stamp").astype(np.int64) if "file_stamp" in file
-                  else np.full((len(labels), 2), -1, np.int64))
-        return Cache(path=path, attrs=attrs, shapes={k: tuple(int(d) for d in v.shape[1:]) for k, v in features.items()},
-                     labels=labels, label_names=text["label_names"].tolist(), split=text["split"],
-                     paths=text["paths"], view=view, skipped=skipped, file_stamps=stamps,
-                     dtypes={k: v.dtype for k, v in features.items()}, path_bytes=file["paths"].dtype.itemsize)
+        view = _metadata(path, file, "view").astype(np.int64)
+        text = {name: _text(path, file, name) for name in ("paths", "split", "label_names")}
+        skipped = [(plain(p), plain(r)) for p, r in file["skipped"][()]] if "skipped" in file else []
+        stamps = _metadata(path, file, "file_stamp").astype(np.int64)
+        cache = Cache(path=path, attrs=attrs, shapes={k: tuple(int(d) for d in v.shape[1:]) for k, v in features.items()},
+                      labels=labels, label_names=text["label_names"].tolist(), split=text["split"],
+                      paths=text["paths"], view=view, skipped=skipped, file_stamps=stamps,
+                      dtypes={k: v.dtype for k, v in features.items()}, path_bytes=file["paths"].dtype.itemsize)
+    _check_rows(cache)
+    return cache
+
+
+def _check_rows(cache: Cache) -> None:
+    """Values no writer of this tool produces: labels outside the label names, views below 0, paths that leave the
+    data root, layers other than the recorded ones."""
+    path, bad = cache.path, []
+    outside = (cache.labels < -1) | (cache.labels >= len(cache.label_names))
+    if outside.any():
+        bad.append(f"labels {_ranges(np.flatnonzero(outside))} lie outside the {len(cache.label_names)} label names")
+    if (cache.view < 0).any():
+        bad.append(f"view is negative in rows {_ranges(np.flatnonzero(cache.view < 0))}")
+    escaping = [i for i, p in enumerate(cache.paths) if not is_relative_inside(p)]
+    if escaping:
+        bad.append(f"paths {_ranges(escaping)} are absolute or leave the data root (e.g. {cache.paths[escaping[0]]!r})")
+    if sorted(cache.shapes) != sorted(cache.attrs.layers):
+        bad.append(f"features holds {sorted(cache.shapes)}, the attribute layers says {cache.attrs.layers}")
+    if bad:
+        raise DamagedCache(f"{path} is damaged: {'; '.join(bad)}. {fix_hint(path)}")
+
+
+def is_relative_inside(name: str) -> bool:
+    """A `/`-separated relative path that stays below its root (no leading `/`, no `..` part, nothing empty)."""
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and ".." not in parts and "" not in parts
 
 
 @dataclass
@@ -534,20 +923,14 @@ class Verified:
 
 def verify(path: str | Path, block_bytes: int = COPY_BLOCK_BYTES) -> Verified:
     """Read every row of every per-row dataset, checking chunk checksums and (features) NaN/inf; refuses what
-    `open_cache` refuses, except damaged metadata, which is reported like damaged features."""
+    `open_cache` refuses (foreign, other schema, reading outside the file, wrong lengths or sizes), except damaged
+    rows, which are reported for every dataset."""
     path = Path(path)
-    if not path.exists():
-        open_cache(path)  # missing or partial: the usual one line
     damage, unchecked = [], []
-    try:
-        file = h5py.File(path, "r")
-    except OSError as err:
-        raise UsageError(f"{str(path)!r} is not a readable HDF5 feature cache ({err}).") from err
-    with file:
-        if "schema_version" not in file.attrs or "features" not in file:
-            open_cache(path)  # the usual refusal of a foreign file
+    with _open(path) as file:
+        attrs = _check_file(path, file)
+        _check_sizes(path, file, attrs.num_images)
         names = [f"features/{k}" for k in file["features"]] + [k for k in PER_ROW + ("label_names",) if k in file]
-        n = 0
         for name in names:
             dset = file[name]
             if not (dset.fletcher32 or dset.is_virtual):
@@ -563,9 +946,8 @@ def verify(path: str | Path, block_bytes: int = COPY_BLOCK_BYTES) -> Verified:
                     continue
                 if name.startswith("features/"):
                     found.nonfinite_rows += (lo + _nonfinite_rows(block)).tolist()
-            n = max(n, dset.shape[0])
             if found.checksum_rows or found.nonfinite_rows:
                 damage.append(found)
     if not damage:
-        open_cache(path)  # complete, this schema
-    return Verified(path, n, damage, unchecked)
+        open_cache(path)  # complete, and every value check
+    return Verified(path, attrs.num_images, damage, unchecked)

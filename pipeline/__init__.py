@@ -3,8 +3,15 @@
 `from pipeline import extract, classify, predict, audit` gives the keyword functions of pipeline/api.py. They are
 loaded on first use (PEP 562), so `import pipeline` stays light (no TensorFlow, no scikit-learn). The stage modules
 behind them are pipeline.extraction, pipeline.classification and pipeline.prediction.
+
+Importing the package also keeps TensorFlow's start-up log lines (CUDA stubs, cuInit, absl) off the screen when
+TensorFlow loads later: see pipeline/quiet.py; set TF_CPP_MIN_LOG_LEVEL=0 beforehand to see them.
 """
 import importlib
+
+from pipeline.quiet import silence_tensorflow
+
+silence_tensorflow()
 
 __version__ = "0.1.0"
 API = ("extract", "classify", "predict", "audit")

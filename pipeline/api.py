@@ -12,7 +12,7 @@ and `predict`. Example:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -47,16 +47,25 @@ class ClassifyResult:
     leaderboard: pd.DataFrame  # best first (see classifiers.stats.choose)
     best_model: Path  # the folder `predict(model=...)` takes
     report: Path  # report.html
+    datasets: list["ClassifyResult"] = field(default_factory=list)  # when several datasets were selected: one each
+
+
+def _result(run_dir: Path) -> ClassifyResult:
+    return ClassifyResult(run_dir, pd.read_csv(run_dir / "leaderboard.csv"), run_dir / "best", run_dir / "report.html")
 
 
 def classify(**flags) -> ClassifyResult:
     """Stage two, like `python -m pipeline classify`."""
     from pipeline.classification import ClassifyConfig
     from pipeline.classification import classify as run
+    from pipeline.classification import dataset_runs
 
     run_dir = run(_config(ClassifyConfig, flags, ("layer", "reduce")))
-    return ClassifyResult(run_dir, pd.read_csv(run_dir / "leaderboard.csv"), run_dir / "best",
-                          run_dir / "report.html")
+    runs = [_result(path) for path in dataset_runs(run_dir)]
+    if len(runs) == 1:
+        return runs[0]
+    # several datasets: each ranked on its own; the first is the one `leaderboard`, `best_model` and `report` show
+    return dataclasses.replace(runs[0], run_dir=run_dir, report=run_dir / "index.html", datasets=runs)
 
 
 @dataclass

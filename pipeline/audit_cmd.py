@@ -32,7 +32,6 @@ def run(args: argparse.Namespace) -> int:
     found = audit_cache(cache, args.layer, args.reduce, parse_bytes(args.memory_budget), args.seed, args.threshold)
     out = Path(args.out or Path("results") / f"audit-{cache.name}")
     save_audit(found, out)
-    root = Path(str(cache.attrs.get("data_root", "")))
-    page = html.write_page(out / "audit.html", f"Data audit of {cache.name}", audit_sections(found, root))
+    page = html.write_page(out / "audit.html", f"Data audit of {cache.name}", audit_sections(found, cache))
     print(f"{found.summary()}\nresults: {out}/ (duplicates.csv, label_issues.csv, outliers.csv)\nreport:  {page}")
     return 0

@@ -6,7 +6,7 @@ import argparse
 from classifiers.heads import HEADS, TRANSFORMS, list_heads
 from classifiers.reduce import get_reduce, list_reduces
 from classifiers.report import summary
-from pipeline.classification import ClassifyConfig, classify
+from pipeline.classification import ClassifyConfig, classify, dataset_runs
 
 _DEFAULTS = ClassifyConfig()
 
@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=_DEFAULTS.out, help="run directory (default: results/<UTC timestamp>/)")
     parser.add_argument("--memory-budget", default=_DEFAULTS.memory_budget,
                         help="peak memory for feature data, e.g. 512MiB (default: %(default)s)")
+    parser.add_argument("--metric", default=_DEFAULTS.metric,
+                        help="sort the leaderboard by accuracy (default) | balanced_accuracy | macro_f1 | log_loss "
+                             "(for imbalanced data)")
     parser.add_argument("--save-all", action="store_true", help="save every model, not only the best")
     parser.add_argument("--no-report", dest="report", action="store_false",
                         help="skip report.html (its learning curve and data audit)")
@@ -51,7 +54,11 @@ def run(args: argparse.Namespace) -> int:
         print(catalogue())
         return 0
     cfg = ClassifyConfig(features=args.features, layer=args.layer, heads=args.heads, reduce=args.reduce, cv=args.cv,
-                         seed=args.seed, out=args.out, memory_budget=args.memory_budget, save_all=args.save_all,
-                         report=args.report)
-    print(summary(classify(cfg)))
+                         seed=args.seed, out=args.out, memory_budget=args.memory_budget, metric=args.metric,
+                         save_all=args.save_all, report=args.report)
+    run_dir = classify(cfg)
+    runs = dataset_runs(run_dir)
+    print("\n\n".join(summary(run) if len(runs) == 1 else f"== dataset {run.name} ==\n{summary(run)}" for run in runs))
+    if len(runs) > 1:
+        print(f"\n{len(runs)} datasets, each ranked on its own; index: {run_dir / 'index.html'}")
     return 0

@@ -2,6 +2,9 @@
 
 Every failure ends in one line on stderr and a non-zero exit: 2 for a usage error (a bad flag, a missing or
 unusable path), 1 for anything else, never a traceback; `--debug` (before or after the command) shows it.
+Output into a pipe that closes early (`python -m pipeline backbones | head -3`) ends quietly with 141, the status
+of a command ended by SIGPIPE (what `set -o pipefail` reports for `yes | head`). TensorFlow's start-up log lines are
+kept off stderr (pipeline/quiet.py) unless `--debug` is given.
 
 Each command lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; the table below
 is the only place that knows them all.
@@ -11,9 +14,27 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import select
 import sys
 
 from features.errors import UsageError
+from pipeline import quiet
+
+# what `python -m pipeline --help` says above and below the command list (%(prog)s: what the user typed)
+DESCRIPTION = """\
+Two-stage transfer learning. Stage one (extract) pushes every image once through a frozen, possibly truncated
+pretrained network and caches the activations in HDF5; stage two (classify) trains and ranks many cheap heads on
+the cached features in seconds; predict applies the best to new images."""
+EPILOG = """\
+examples:
+  %(prog)s demo                                   both stages on the shipped ants-vs-bees photos, offline
+  %(prog)s extract --data path/to/images          stage one: a cache under cache/ ($FEATURE_CACHE_DIR)
+  %(prog)s classify                               stage two: every cache under cache/ -> results/<time>/
+  %(prog)s predict --model results/<run>/best --data path/to/new/images
+  %(prog)s COMMAND --help                         the flags of one command
+
+Every failure ends in one line on stderr and a non-zero exit; --debug shows the traceback and TensorFlow's log.
+The same commands run as make targets (make extract DATA=path/to/images ...): see README.md."""
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -43,9 +64,11 @@ def program_name(argv0: str) -> str:
 
 def build_parser(command: str | None = None, prog: str = "python -m pipeline") -> argparse.ArgumentParser:
     """All commands are listed; only the chosen one's module is imported (keeps `--help` and start-up fast)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of a failure and TensorFlow's own log lines")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         # SUPPRESS: an absent sub-command flag must not reset a --debug given before the command
@@ -58,21 +81,57 @@ def build_parser(command: str | None = None, prog: str = "python -m pipeline") -
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off the user's screen
     argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv  # decided before any command module (and so TensorFlow) is imported
+    if debug:
+        quiet.keep_tensorflow_logs()
+    else:
+        quiet.silence_tensorflow()
     command = next((a for a in argv if a in COMMANDS), None)
-    args = build_parser(command, program_name(sys.argv[0])).parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        parser = build_parser(command, program_name(sys.argv[0]))
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:  # --help (or a usage error) ends inside argparse
+            sys.stdout.flush()  # into a pipe that may have closed: handled below like any output
+            raise
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # a reader that went away shows here, not as a message at interpreter exit
+        return code
     except KeyboardInterrupt:
         print("interrupted: partial work is kept; rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001  (the one place that turns any failure into one line)
-        if args.debug:
+        if isinstance(err, BrokenPipeError) and stdout_reader_gone():
+            return end_quietly()
+        if debug:
             raise
         line, code = one_line(err)
         print(f"error: {line}", file=sys.stderr)
         return code
+
+
+SIGPIPE_STATUS = 141  # 128 + SIGPIPE: how a shell reports a command whose reader went away
+
+
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (`| head` has what it wanted). A BrokenPipeError from
+    anything else, such as a dead worker process's pipe, stays an error."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows) or no real stdout
+        return False
+
+
+def end_quietly() -> int:
+    """Nothing more to say to a closed pipe: what is still buffered goes to /dev/null (so the flush at exit cannot
+    fail again with a message), nothing goes to stderr, and the exit status is SIGPIPE's."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return SIGPIPE_STATUS
 
 
 def one_line(err: Exception) -> tuple[str, int]:
@@ -86,7 +145,27 @@ def one_line(err: Exception) -> tuple[str, int]:
             return text, 2
         where = f" '{err.filename}'" if err.filename else ""
         return f"{err.strerror}{where}. Check the path and its permissions.", 2
+    full = disk_full(err)
+    if full:
+        return full, 2
     return f"{type(err).__name__}: {text}. Rerun with --debug for the traceback.", 1
+
+
+def disk_full(err: Exception) -> str | None:
+    """The one line for a write that a full disk, a quota or a file-size limit stopped, wherever it was raised (the
+    stores word their own: `features.schema.WriteFailed`); HDF5's errors quote the errno and file in their message."""
+    import errno
+    import re
+
+    code = err.errno if isinstance(err, OSError) and err.errno else None
+    found = None if code else re.search(r"errno = (\d+)", str(err))
+    code = int(found.group(1)) if found else code
+    if code not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return None
+    name = getattr(err, "filename", None) or next(iter(re.findall(r"filename = '([^']*)'", str(err))), None)
+    where = f" while writing '{name}'" if name else ""
+    return (f"the disk is full or a file-size limit was reached ({os.strerror(code)}){where}: free space (or raise the "
+            "limit: ulimit -f) and rerun the same command.")
 
 
 # path problems a user causes and can fix by naming another path

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from classifiers import saved
 from features.errors import UsageError
+from features.images import MAX_PIXELS
+from features.tars import is_pattern, pattern_root
 from features.store import cache_dir
 
 
@@ -44,6 +46,7 @@ class ExtractConfig:
     augment: int = 0  # augmented views per training image, besides the clean view
     augment_policy: str = "standard"  # features/augment.py
     seed: int = 0  # of the augmented views
+    max_pixels: int = MAX_PIXELS  # images larger than this (read from the header) are skipped, never decoded
 
     def replace(self, **changes) -> "ExtractConfig":
         return dataclasses.replace(self, **changes)
@@ -76,7 +79,8 @@ def recorded_config(record: dict, model_dir: str | Path) -> ExtractConfig:
 
 def default_out(cfg: ExtractConfig, layers: list[str], shard: tuple[int, int] | None) -> Path:
     """cache/<data>__<backbone>__<layers>[__pool][__size][__dtype][.shardI-of-N].h5: readable, derived from the config."""
-    data = Path(cfg.data).resolve().name or "data"
+    pattern = is_pattern(cfg.data) and not Path(cfg.data).exists()  # tar shards named by a glob or brace pattern
+    data = (pattern_root(cfg.data) if pattern else Path(cfg.data)).resolve().name or "data"
     backbone = Path(cfg.backbone).stem if cfg.backbone.endswith(".keras") else cfg.backbone
     parts = [data, backbone, "+".join(layers)]
     if cfg.pool != "none":

@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Extraction flags; `slurm` reuses them, so a job script runs exactly what the user typed."""
     d = ExtractConfig()
     p.add_argument("--backbone", default=d.backbone, help="registry name (see 'backbones') or a .keras file")
-    p.add_argument("--data", default=d.data, help="folder of images: class sub-folders, split sub-folders, or flat + --labels")
+    p.add_argument("--data", default=d.data, help="folder of images (class or split sub-folders, or flat + --labels), or WebDataset tar shards: a folder of .tar files, a glob or a brace pattern")
     p.add_argument("--layer", type=_csv_list, default=d.layer, help="layer name(s), comma-separated; one forward pass")
     p.add_argument("--weights", default=d.weights, help="imagenet | none | path to a weights file")
     p.add_argument("--pool", default=d.pool, help="none | avg | max (global spatial pooling before storing)")
@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", default=d.devices,
                    help="all | GPU indices, e.g. 0,1: one worker process per GPU over shards, then a merge")
     p.add_argument("--workers", type=int, default=d.workers, help="decoder threads (0: one per core)")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                   help="skip images of more pixels (width x height, read from the header before decoding): a small "
+                        "file can decode to gigabytes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache of another configuration")
     p.add_argument("--augment", type=int, default=d.augment,
                    help="augmented views per training image, stored besides the clean view (evaluation splits: none)")

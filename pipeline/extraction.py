@@ -10,28 +10,32 @@ import functools
 import json
 import os
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from features.augment import get_policy
 from features.backbones import BackboneSpec, get_backbone, sha256_file
 from features.catalog import Catalog, discover
 from features.engines import (ENGINE_CHOICES, EngineOptions, Graph, build_forward, export_path, export_versions,
                               resolve_engine)
-from features.errors import UsageError
+from features.errors import UsageError, check_name_lengths
 from features.extract import Decoding, Timings, extract_rows
 from features.images import DECODER, INTERPOLATION, RESIZE_POLICIES
 from features.model import POOLS, build_base, cut, gpu_count, runtime_versions, weights_identity
-from features.store import (COMPRESSIONS, STORAGE_DTYPES, CacheWriter, Progress, discard_partial, existing_cache,
-                            identity_diff, open_cache, partial_path, read_attrs)
+from features.schema import UPDATABLE, CacheAttrs, ConfigMismatch, identity_diff, names
+from features.store import (COMPRESSIONS, STORAGE_DTYPES, CacheWriter, Progress, check_ours, discard_partial,
+                            existing_cache, open_cache, partial_path, progress_path, read_attrs)
 from features.update import assemble, reusable_rows, update_path
+from pipeline import quiet
 from pipeline.config import ExtractConfig, default_out, shard_out
 
-# identity attributes an update may change: the files, not how they are turned into features
-UPDATABLE = {"source_fingerprint", "num_candidates"}
 SHARD_ENV = [("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("JOB_COMPLETION_INDEX", "JOB_COMPLETION_COUNT")]
 
 
@@ -71,12 +75,15 @@ def parse_shard(value: str | None, env: dict | None = None) -> tuple[int, int] |
 
 
 def check_out_file(out: str | Path, flag: str = "--out") -> None:
-    """Refuse an output path that is a folder, or whose folder cannot be written, before any model is built.
+    """Refuse an output path that is a folder, whose folder cannot be written, or whose name (or a hidden name the
+    store derives from it) is too long for its filesystem, before any model is built.
 
     The nearest existing folder is probed with a real temporary file, the only test that also holds for root,
     read-only mounts and network filesystems.
     """
     path = Path(out)
+    # the longest derived name: the progress record of an update's scratch cache (.X.h5.update.partial.progress.json)
+    check_name_lengths(flag, out, [partial_path(path), progress_path(path), progress_path(update_path(path))])
     if path.is_dir():
         raise UsageError(f"{flag} '{out}' is a folder. Expected a file path such as {path / 'features.h5'}.")
     folder = path.parent
@@ -115,56 +122,85 @@ def validate(cfg: ExtractConfig) -> None:
         check_out_file(cfg.out)
     if cfg.image_size is not None and cfg.image_size < 8:
         raise UsageError(f"image-size {cfg.image_size} is not valid. Expected a side length in pixels (>= 8).")
+    if cfg.max_pixels < 1:
+        raise UsageError(f"max-pixels {cfg.max_pixels} is not valid. Expected the largest image to decode, in pixels "
+                         f"(width x height, >= 1); the default is {ExtractConfig.max_pixels}.")
 
 
 def plan_attrs(cfg: ExtractConfig, spec: BackboneSpec, catalog: Catalog, size: int, layers: list[str],
-               shard: tuple[int, int] | None, fingerprint: str) -> dict:
-    """`fingerprint` is the whole input set's, also in a shard, so that `merge` can tell shards of one extraction."""
+               shard: tuple[int, int] | None, fingerprint: str) -> CacheAttrs:
+    """`fingerprint` is the whole input set's, also in a shard, so that `merge` can tell shards of one extraction.
+    The engine is resolved afterwards (`engine_attrs`)."""
     from pipeline import __version__
 
-    return {
-        "backbone": cfg.backbone,
-        "backbone_file_sha256": sha256_file(spec.file) if spec.file else "",
-        "weights": weights_identity(spec, cfg.weights),
-        "weights_source": cfg.weights,
-        "image_size": size,
-        "resize": cfg.resize,
-        "interpolation": INTERPOLATION,
-        "decoder": DECODER,
-        "preprocessing": spec.preprocess.description,
-        "color": "RGB",
-        "pool": cfg.pool,
-        "dtype": cfg.dtype,
-        "compression": cfg.compression,
-        "precision": cfg.precision,
-        "batch_size": cfg.batch_size,
-        "layers": layers,
-        "augment": cfg.augment,
-        "augment_policy": cfg.augment_policy if cfg.augment else "",
-        "augment_seed": cfg.seed if cfg.augment else 0,
-        "data_root": str(catalog.root.resolve()),
-        "layout": catalog.layout,
-        "labels_csv": cfg.labels or "",
-        "source_fingerprint": fingerprint,
-        "shard": f"{shard[0]}/{shard[1]}" if shard else "",
-        "num_candidates": len(catalog),
-        "config_json": json.dumps(dataclasses.asdict(cfg)),
-        "tool_version": __version__,
+    return CacheAttrs(
+        backbone=cfg.backbone,
+        backbone_file_sha256=sha256_file(spec.file) if spec.file else "",
+        weights=weights_identity(spec, cfg.weights),
+        weights_source=cfg.weights,
+        image_size=size,
+        resize=cfg.resize,
+        interpolation=INTERPOLATION,
+        decoder=DECODER,
+        preprocessing=spec.preprocess.description,
+        color="RGB",
+        pool=cfg.pool,
+        dtype=cfg.dtype,
+        compression=cfg.compression,
+        precision=cfg.precision,
+        engine=cfg.engine,
+        batch_size=cfg.batch_size,
+        layers=list(layers),
+        augment=cfg.augment,
+        augment_policy=cfg.augment_policy if cfg.augment else "",
+        augment_seed=cfg.seed if cfg.augment else 0,
+        max_pixels=cfg.max_pixels,
+        data_root=str(catalog.root.resolve()),
+        layout=catalog.layout,
+        labels_csv=cfg.labels or "",
+        source_fingerprint=fingerprint,
+        shard=f"{shard[0]}/{shard[1]}" if shard else "",
+        num_candidates=len(catalog),
+        config_json=json.dumps(dataclasses.asdict(cfg)),
+        tool_version=__version__,
         **runtime_versions(),
-    }
+    )
 
 
-def engine_attrs(engine: str) -> dict:
-    """The engine a cache records (an identity attribute) and, for onnx, the converter and runtime versions."""
-    return {"engine": engine, **(export_versions() if engine == "onnx" else {})}
+@contextmanager
+def ticking(what: str, show: bool = True) -> Iterator[None]:
+    """One line `what: <elapsed>` that counts the seconds while a long step with no progress of its own runs (the
+    ONNX export takes ~20 s), so a wait is never silent; TensorFlow's log lines from that step are filtered as at its
+    import (pipeline/quiet.py), and the line is drawn on the terminal's stderr, past that filter."""
+    with ExitStack() as stack:
+        terminal = stack.enter_context(os.fdopen(os.dup(2), "w")) if show else None
+        stack.enter_context(quiet.filtered_stderr())
+        if show:
+            done = threading.Event()
+            bar = stack.enter_context(tqdm(desc=what, bar_format="{desc}: {elapsed}", total=None, file=terminal))
+            ticker = threading.Thread(target=lambda: [bar.refresh() for _ in iter(lambda: done.wait(0.5), True)],
+                                      daemon=True)
+            ticker.start()
+            stack.callback(ticker.join)
+            stack.callback(done.set)
+        yield
 
 
-def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
-    """Write (or resume, update, or confirm) the cache that `cfg` describes and return where it is."""
+def engine_attrs(attrs: CacheAttrs, engine: str) -> CacheAttrs:
+    """`attrs` with the engine that runs (an identity attribute) and, for onnx, the converter and runtime versions."""
+    versions = export_versions() if engine == "onnx" else dict.fromkeys(export_versions(), "")
+    return dataclasses.replace(attrs, engine=engine, **versions)
+
+
+def extract(cfg: ExtractConfig, verbose: bool = True, engines: Path | None = None) -> ExtractResult:
+    """Write (or resume, update, or confirm) the cache that `cfg` describes and return where it is. ONNX exports are
+    kept in `engines` (default: engines/ beside the cache), named by the graph, so one is never exported twice."""
     validate(cfg)
     shard = parse_shard(cfg.shard)
     full = discover(cfg.data, cfg.labels, cfg.path_column, cfg.label_column).with_views(cfg.augment)
     catalog = full.shard(*shard) if shard else full
+    for note in full.notes if verbose else ():
+        print(f"note: {note}")
     spec = get_backbone(cfg.backbone, cfg.preprocess)
     size = cfg.image_size or spec.input_size
     base = None  # built only when needed (see cut_model)
@@ -174,8 +210,8 @@ def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
         layers = [base.layers[-1].name]
     out = shard_out(Path(cfg.out), shard) if cfg.out else default_out(cfg, layers, shard)
     attrs = plan_attrs(cfg, spec, catalog, size, layers, shard, full.fingerprint())
-    export = export_path(out.parent / "engines", attrs)  # the ONNX graph, kept beside the caches
-    attrs["engine"] = resolve_engine(cfg.engine, cfg.precision, cfg.jit, gpu_count(), export)
+    export = export_path(engines or out.parent / "engines", attrs)  # the ONNX graph, kept beside the caches
+    attrs = dataclasses.replace(attrs, engine=resolve_engine(cfg.engine, cfg.precision, cfg.jit, gpu_count(), export))
 
     @functools.cache
     def cut_model():  # built on first use: never for a complete cache, nor to run a kept ONNX export
@@ -198,27 +234,29 @@ def extract(cfg: ExtractConfig, verbose: bool = True) -> ExtractResult:
     return result
 
 
-def _compute(cfg: ExtractConfig, out: Path, attrs: dict, catalog: Catalog, progress: Progress | None,
+def _compute(cfg: ExtractConfig, out: Path, attrs: CacheAttrs, catalog: Catalog, progress: Progress | None,
              graph: Graph, export: Path, verbose: bool) -> ExtractResult:
     """Push `catalog` through the model into `out`: a new cache, or the rest of an interrupted one (`progress`)."""
     if cfg.precision == "mixed" and verbose and not gpu_count():
         print("warning: --precision mixed without a GPU computes float16 in software (several times slower on CPU).")
-    if verbose and attrs["engine"] == "onnx" and not export.exists():
-        print(f"exporting the model to ONNX once (kept as {export})" if cfg.weights != "none" else
-              "exporting the model to ONNX (random weights: not kept)")
-    forward, engine = build_forward(cfg.engine, attrs["engine"], graph,
-                                    EngineOptions(cfg.jit, export, keep_export=cfg.weights != "none"),
-                                    note=print if verbose else lambda _: None)
-    attrs.update(engine_attrs(engine))  # the engine that runs: auto falls back to tf when the graph does not export
-    size = attrs["image_size"]
+    exporting = verbose and attrs.engine == "onnx" and not export.exists()
+    what = (f"exporting the model to ONNX once (kept as {export})" if cfg.weights != "none" else
+            "exporting the model to ONNX (random weights: not kept)")
+    with ticking(what, exporting):
+        forward, engine = build_forward(cfg.engine, attrs.engine, graph,
+                                        EngineOptions(cfg.jit, export, keep_export=cfg.weights != "none"),
+                                        note=tqdm.write if verbose else lambda _: None)
+    attrs = engine_attrs(attrs, engine)  # the engine that runs: auto falls back to tf when the graph does not export
+    size = attrs.image_size
     shapes = {n: tuple(o.shape[1:])
-              for n, o in zip(attrs["layers"], forward(np.zeros((cfg.batch_size, size, size, 3), "uint8")))}
+              for n, o in zip(attrs.layers, forward(np.zeros((cfg.batch_size, size, size, 3), "uint8")))}
     if progress is None:
         writer, status = CacheWriter.create(out, attrs, shapes, catalog.paths, catalog.label_names), "written"
         progress = Progress(skipped=[list(item) for item in catalog.ignored])
     else:
         writer, status = CacheWriter.reopen(out), "resumed"
-    decoding = Decoding(size, cfg.resize, cfg.augment_policy, cfg.seed, cfg.workers or len(os.sched_getaffinity(0)))
+    decoding = Decoding(size, cfg.resize, cfg.augment_policy, cfg.seed, cfg.workers or len(os.sched_getaffinity(0)),
+                        cfg.max_pixels)
     try:
         processed, timings = extract_rows(catalog, forward, writer, progress, cfg.batch_size, decoding, verbose)
     finally:
@@ -226,7 +264,7 @@ def _compute(cfg: ExtractConfig, out: Path, attrs: dict, catalog: Catalog, progr
     return ExtractResult(out, status, progress.rows_written, progress.skipped, shapes, timings, processed, engine)
 
 
-def _update(cfg: ExtractConfig, out: Path, attrs: dict, catalog: Catalog, graph: Graph, export: Path,
+def _update(cfg: ExtractConfig, out: Path, attrs: CacheAttrs, catalog: Catalog, graph: Graph, export: Path,
             verbose: bool) -> ExtractResult:
     """`out` is complete for an earlier state of the folder: keep its rows of unchanged files, compute the rest into
     a cache of their own (resumable), then assemble both into `out` in the new row order (features/update.py)."""
@@ -239,16 +277,16 @@ def _update(cfg: ExtractConfig, out: Path, attrs: dict, catalog: Catalog, graph:
         print(f"update: {out} was made for an earlier state of {cfg.data}; keeping {kept} rows of "
               f"unchanged files, computing {len(todo)} new or changed candidates.")
     delta_path = update_path(out)
-    computed = ExtractResult(delta_path, "up-to-date", engine=attrs["engine"])
+    computed = ExtractResult(delta_path, "up-to-date", engine=attrs.engine)
     delta, skipped = None, [list(item) for item in catalog.ignored]
     if len(todo):  # else nothing is computed, and a scratch cache left by an earlier update is stale
-        delta_attrs = {**attrs, "source_fingerprint": todo.fingerprint(), "num_candidates": len(todo)}
+        delta_attrs = dataclasses.replace(attrs, source_fingerprint=todo.fingerprint(), num_candidates=len(todo))
         state = _delta_state(delta_path, delta_attrs)
         if state != "complete":
             computed = _compute(cfg, delta_path, delta_attrs, todo, state, graph, export, verbose)
         delta = open_cache(delta_path) if delta_path.exists() else None  # absent when no new file could be used
         skipped = [list(s) for s in delta.skipped] if state == "complete" else computed.skipped
-    attrs.update(engine_attrs(computed.engine))
+    attrs = engine_attrs(attrs, computed.engine)
     writer = CacheWriter.create(out, attrs, old.shapes, catalog.paths, catalog.label_names)
     try:
         rows = assemble(writer, catalog, reuse, old, delta, skipped)
@@ -262,7 +300,7 @@ def _update(cfg: ExtractConfig, out: Path, attrs: dict, catalog: Catalog, graph:
                          computed.engine, reused=kept)
 
 
-def _delta_state(path: Path, attrs: dict) -> Progress | str | None:
+def _delta_state(path: Path, attrs: CacheAttrs) -> Progress | str | None:
     """An update's own cache of computed rows is this tool's scratch file: one made for another set of changes is
     discarded rather than refused."""
     try:
@@ -276,22 +314,21 @@ def _delta_state(path: Path, attrs: dict) -> Progress | str | None:
     return state
 
 
-def _existing(out: Path, attrs: dict, overwrite: bool) -> Progress | str | None:
+def _existing(out: Path, attrs: CacheAttrs, overwrite: bool) -> Progress | str | None:
     """'complete' (reuse), 'update' (complete for an earlier state of the folder), a Progress to resume the partial
     file from, or None (start it anew). Anything at `out` that is not a cache of this tool is refused, --overwrite
     included (overwrite replaces caches only)."""
-    found = existing_cache(out)
     if overwrite:
+        check_ours(out)
         return None
+    found = existing_cache(out)
     if found is not None:
-        diff = identity_diff(found, attrs)
-        if found.get("complete") and {d.split(":")[0] for d in diff} <= UPDATABLE:
-            return "update" if diff else "complete"
+        diff = identity_diff(found, attrs, ignore=names(UPDATABLE))
         if diff:
-            raise UsageError(f"{out} exists with a different configuration ({'; '.join(diff[:4])}). "
-                             "Pass --overwrite to replace it, or choose another --out.")
-        if found.get("complete"):
-            return "complete"
+            raise ConfigMismatch(f"{out} exists with a different configuration ({'; '.join(diff[:4])}). "
+                                 "Pass --overwrite to replace it, or choose another --out.")
+        if found.complete:
+            return "update" if identity_diff(found, attrs) else "complete"
     partial = partial_path(out)
     if not partial.exists():
         return None
@@ -301,12 +338,12 @@ def _existing(out: Path, attrs: dict, overwrite: bool) -> Progress | str | None:
         return None
     diff = identity_diff(started, attrs)
     if diff:
-        raise UsageError(f"an interrupted extraction into {out} ({partial.name}) has a different configuration "
+        raise ConfigMismatch(f"an interrupted extraction into {out} ({partial.name}) has a different configuration "
                          f"({'; '.join(diff[:4])}). Finish it with its own flags, or pass --overwrite to start anew.")
-    if started.get("batch_size") != attrs["batch_size"]:
-        raise UsageError(f"{out} is half written with batch size {started.get('batch_size')}; resume it with "
-                         f"--batch-size {started.get('batch_size')} (BATCH={started.get('batch_size')}), or pass "
-                         f"--overwrite to start anew with {attrs['batch_size']}.")
+    if started.batch_size != attrs.batch_size:
+        raise ConfigMismatch(f"{out} is half written with batch size {started.batch_size}; resume it with "
+                             f"--batch-size {started.batch_size} (BATCH={started.batch_size}), or pass "
+                             f"--overwrite to start anew with {attrs.batch_size}.")
     progress = Progress.load(out)
     if progress is None:
         print(f"warning: {partial} has no progress record; starting it again.")

@@ -1,11 +1,11 @@
 """Fine-tuning stage: the stage-two winner and its backbone as one Keras network, trained end to end in two phases.
 
-Why it starts from the saved head: the network is the same backbone (weights, cut layer, pooling) followed by the
-head converted exactly (classifiers/convert.py), so before any step it predicts what stage two predicted and the
-leaderboard shows what fine-tuning bought and what it cost. Phase 1 trains the head on augmented views with the
-base frozen; phase 2 unfreezes the top blocks (BatchNorm layers stay frozen and in inference mode) with a low,
-cosine-decayed learning rate. Both phases stop early and keep their best weights by loss on a monitor split
-carved from `train`, so the scored split never takes part in a choice. Example:
+Why it starts from the saved head: the network (classifiers/network.py) is the same backbone followed by the head
+converted exactly, so before any step it predicts what stage two predicted and the leaderboard shows what
+fine-tuning bought and what it cost. This module only orchestrates: it reads the saved model and its record, chooses
+the images (the scored split is the one stage two scored; the monitor split for early stopping is carved from
+`train`, so the scored split never takes part in a choice), runs phase 1 then phase 2, and writes the model, its
+record, the predictions and the leaderboard row. Example:
 
     >>> from pipeline.finetune import FinetuneConfig, finetune
     >>> out = finetune(FinetuneConfig(model="results/20240101-120000/best", unfreeze="2"))  # doctest: +SKIP
@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
-import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import chain
@@ -29,20 +26,19 @@ import numpy as np
 import pandas as pd
 
 from classifiers import saved
-from classifiers.convert import HEAD_PREFIX, NotConvertible, check_classes, to_keras
 from classifiers.evaluate import metrics
 from classifiers.holdout import holdout_mask
+from classifiers.network import (EpochViews, Images, TwoPhaseFit, build_network, clean, dataset, probabilities,
+                                 resolve_precision, set_seed)
 from classifiers.report import plot_confusion, plot_leaderboard, rank, write_leaderboard
-from features.augment import file_loader, get_policy
-from features.backbones import BackboneSpec, get_backbone
+from features.augment import get_policy
+from features.backbones import get_backbone
 from features.catalog import Catalog, discover
-from features.errors import UsageError, did_you_mean
-from features.images import decode_stream
-from features.model import build_base, cut
+from features.errors import UsageError
+from features.schema import MODEL, names
 from pipeline.config import ExtractConfig, recorded_config
 
 MODEL_FILE = saved.NETWORK_FILE
-PRECISIONS = ("auto", "float32", "mixed")
 SCORE_FRACTION = 0.2  # data without splits: share of labelled images held out for scoring
 
 
@@ -71,16 +67,6 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
-class Images:
-    """Images of one role (fit, monitor, score, predict): paths relative to `root`, and one integer each that travels
-    with the pixels (the model's class code, or the row for prediction)."""
-
-    root: Path
-    paths: list[str]
-    codes: np.ndarray
-
-
-@dataclass(frozen=True)
 class RowPlan:
     scheme: str  # 'test' | 'val' | 'holdout': which images are scored
     fit: np.ndarray
@@ -104,141 +90,6 @@ def plan_rows(codes: np.ndarray, splits: list[str], monitor_fraction: float, see
     return RowPlan(scheme, train[~monitor], train[monitor], score)
 
 
-def resolve_precision(precision: str) -> str:
-    import tensorflow as tf
-
-    if precision not in PRECISIONS:
-        raise UsageError(f"precision '{precision}' is not valid. Expected one of: {', '.join(PRECISIONS)}.")
-    if precision == "auto":
-        return "mixed" if tf.config.list_physical_devices("GPU") else "float32"
-    return precision
-
-
-# extraction-time pooling (cache attribute `pool`) -> the Keras layer that does the same
-POOL_LAYERS = {"avg": "GlobalAveragePooling2D", "max": "GlobalMaxPooling2D"}
-
-
-def build_network(spec: BackboneSpec, weights: str, size: int, layer: str, pool: str, head, n_classes: int,
-                  precision: str = "float32"):
-    """(model, trunk, how the head started): preprocessed pixels -> trunk (training=False: BatchNorm always uses its
-    moving statistics) -> extraction pooling -> converted head -> softmax. A head without an exact Keras form
-    (knn, rf, hgb) is replaced by a new Dense layer after the converted reduce step; phase 1 then trains it."""
-    import keras
-
-    trunk = cut(build_base(spec, weights, size, precision), [layer])
-    pixels = keras.Input((size, size, 3), name="pixels")
-    x = trunk(pixels, training=False)[0]
-    if pool in POOL_LAYERS and len(x.shape) > 2:
-        x = getattr(keras.layers, POOL_LAYERS[pool])(name="pool")(x)
-    try:
-        check_classes(head, n_classes)
-        logits, start = to_keras(head, x), "converted"
-    except NotConvertible as err:
-        print(f"note: {err} A new linear head is trained in phase 1.")
-        reduced = to_keras(head.named_steps["reduce"], x, f"{HEAD_PREFIX}reduce_")
-        logits, start = keras.layers.Dense(n_classes, name=f"{HEAD_PREFIX}new_logits", dtype="float32")(reduced), "new"
-    probabilities = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
-    return keras.Model(pixels, probabilities, name="finetuned"), trunk, start
-
-
-def block_of(layer_name: str) -> str:
-    """Keras applications name layers `<block>_<what>` (block6d_dwconv, conv5_block3_out, top_conv, block5_pool)."""
-    return layer_name.split("_")[0]
-
-
-def unfrozen_layers(trunk, unfreeze: str) -> list:
-    """Layers phase 2 trains: the last N blocks that hold weights (UNFREEZE=N) or every layer from the named one on;
-    BatchNorm layers excluded (fine-tuning on a small set would wreck their statistics and scale)."""
-    import keras
-
-    weighted = [layer for layer in trunk.layers if layer.weights]
-    names = [layer.name for layer in trunk.layers]
-    if unfreeze.isdigit():
-        blocks = list(dict.fromkeys(block_of(layer.name) for layer in reversed(weighted)))[:int(unfreeze)]
-        chosen = [layer for layer in weighted if block_of(layer.name) in blocks]
-    elif unfreeze in names:
-        chosen = weighted[next(i for i, layer in enumerate(weighted) if names.index(layer.name) >= names.index(unfreeze)):]
-    else:
-        top = list(dict.fromkeys(block_of(layer.name) for layer in reversed(weighted)))[:6]
-        raise UsageError(f"unfreeze '{unfreeze}' is not valid. Expected a number of top blocks (e.g. 2; the top blocks "
-                         f"are {', '.join(top)}) or a layer name of the cut backbone.{did_you_mean(unfreeze, names)}")
-    return [layer for layer in chosen if not isinstance(layer, keras.layers.BatchNormalization)]
-
-
-def set_phase(model, trunk, phase: int, unfreeze: str) -> list[str]:
-    """Phase 1: only the head's trainable layers; phase 2: also the unfrozen trunk layers. Returns the trunk layers
-    that train."""
-    trunk.trainable = phase == 2
-    train = unfrozen_layers(trunk, unfreeze) if phase == 2 else []
-    for layer in trunk.layers:
-        layer.trainable = layer in train
-    return [layer.name for layer in train]
-
-
-def image_batches(images: Images, size: int, load: Callable[[str, Path], np.ndarray], batch_size: int,
-                 order: np.ndarray, workers: int, failed: list[tuple[str, str]] | None = None
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(uint8 pixels, codes) batches in `order`, decoded by stage one's thread pool; unreadable files are dropped
-    (and listed in `failed` as (path, reason) when given)."""
-    root, paths = images.root, images.paths
-    todo = ((i, root / paths[i]) for i in order)
-    stream = decode_stream(todo, lambda path: load(path.relative_to(root).as_posix(), path),
-                           workers or os.cpu_count() or 1, lookahead=3 * batch_size)
-    pixels, codes = [], []
-    for item in stream:
-        if item.pixels is not None:
-            pixels.append(item.pixels)
-            codes.append(images.codes[item.index])
-        elif failed is not None:
-            failed.append((paths[item.index], item.reason))
-        if len(pixels) == batch_size:
-            yield np.stack(pixels), np.asarray(codes, np.int32)
-            pixels, codes = [], []
-    if pixels:
-        yield np.stack(pixels), np.asarray(codes, np.int32)
-
-
-class EpochViews:
-    """The training stream: epoch e shows augmented view e+1 of every image in a seeded order, so a resumed run
-    replays the same batches. `epoch` is set by a callback at the start of each epoch."""
-
-    def __init__(self, images: Images, size: int, resize: str, policy: str, seed: int, batch_size: int, workers: int):
-        self.images, self.size, self.resize, self.policy = images, size, resize, policy
-        self.seed, self.batch_size, self.workers, self.epoch = seed, batch_size, workers, 0
-
-    def __call__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.images.paths))
-        load = file_loader(self.size, self.resize, self.policy, self.seed, self.epoch + 1)
-        yield from image_batches(self.images, self.size, load, self.batch_size, order, self.workers)
-
-
-def dataset(generator: Callable[[], Iterator], size: int, preprocess: Callable):
-    """tf.data around a batch generator: preprocessing in the graph, one batch prefetched."""
-    import tensorflow as tf
-
-    signature = (tf.TensorSpec((None, size, size, 3), tf.uint8), tf.TensorSpec((None,), tf.int32))
-    return (tf.data.Dataset.from_generator(generator, output_signature=signature)
-            .map(lambda x, y: (preprocess(tf.cast(x, tf.float32)), y)).prefetch(2))
-
-
-def clean(images: Images, size: int, resize: str, batch_size: int, workers: int,
-          failed: list[tuple[str, str]] | None = None) -> Callable[[], Iterator]:
-    """Clean views (the stage-one resize) in file order: what is monitored, scored and predicted."""
-    load = file_loader(size, resize, "", 0, 0)
-    return lambda: image_batches(images, size, load, batch_size, np.arange(len(images.paths)), workers, failed)
-
-
-def probabilities(model, batches: Iterator, preprocess: Callable) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities, codes) of every decodable image."""
-    import tensorflow as tf
-
-    probs, codes = [], []
-    for pixels, code in batches:
-        probs.append(np.asarray(model(preprocess(tf.cast(pixels, tf.float32)), training=False)))
-        codes.append(code)
-    return np.concatenate(probs), np.concatenate(codes)
-
-
 def _subset(catalog_root: Path, paths: list[str], codes: np.ndarray, rows: np.ndarray) -> Images:
     return Images(catalog_root, [paths[i] for i in rows], codes[rows])
 
@@ -250,55 +101,9 @@ def _codes(catalog: Catalog, class_names: list[str]) -> np.ndarray:
     return mapping[np.asarray(catalog.labels)]
 
 
-def _train_phase(model, phase: int, train_ds, monitor_ds, epochs: int, out: Path, patience: int, views: EpochViews,
-                 start_loss: float) -> tuple[float, int]:
-    """One phase with resume (BackupAndRestore), early stopping, and the best weights by monitor loss kept on disk;
-    the phase's weights at the start count as a candidate, so a phase never ends worse on the monitor split."""
-    import keras
-
-    best = out / f"phase{phase}_best.weights.h5"
-    log = out / f"history_phase{phase}.csv"
-    if not best.exists():
-        model.save_weights(best)
-    seen = pd.read_csv(log)["val_loss"].min() if log.exists() and log.stat().st_size else np.inf
-    started = time.perf_counter()
-    callbacks = [
-        keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: setattr(views, "epoch", epoch)),
-        keras.callbacks.BackupAndRestore(str(out / "backup" / f"phase{phase}")),
-        keras.callbacks.ModelCheckpoint(str(best), monitor="val_loss", save_best_only=True, save_weights_only=True,
-                                        initial_value_threshold=float(min(start_loss, seen))),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience),
-        keras.callbacks.CSVLogger(str(log), append=True),
-    ]
-    with quiet_keras():
-        history = model.fit(train_ds, validation_data=monitor_ds, epochs=epochs, callbacks=callbacks, shuffle=False,
-                            verbose=1)
-        model.load_weights(best)
-    return time.perf_counter() - started, len(history.epoch)
-
-
-@contextmanager
-def quiet_keras():
-    """The image stream has no known length (unreadable files are dropped), so Keras warns when an epoch's data
-    ends; the best-weights file holds no optimizer state worth restoring. Neither warning is actionable."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Your input ran out of data")
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        yield
-
-
-def _compile(model, learning_rate):
-    import keras
-
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
-
-
 def finetune(cfg: FinetuneConfig, verbose: bool = True) -> Path:
     """Build, train (phase 1 then phase 2, each resumable) and score the network; returns the output directory
     holding model.keras and model.json (what `predict` needs); appends a row to the run's leaderboard."""
-    import keras
-
     model_dir = Path(cfg.model)
     record = saved.load_record(model_dir)
     if saved.is_network(record):
@@ -327,40 +132,35 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True) -> Path:
     fit, monitor, score = (_subset(catalog.root, catalog.paths, codes, rows)
                            for rows in (plan.fit, plan.monitor, plan.score))
     precision = resolve_precision(cfg.precision)
-    keras.utils.set_random_seed(cfg.seed)
-    model, trunk, start = build_network(spec, xcfg.weights, size, record["layer"], record["pool"], head,
-                                        len(class_names), precision)
-    preprocess = spec.preprocess.fn
+    set_seed(cfg.seed)
+    network = build_network(spec, xcfg.weights, size, record["layer"], record["pool"], head, len(class_names),
+                            precision)
+    model, preprocess = network.model, spec.preprocess.fn
     views = EpochViews(fit, size, xcfg.resize, cfg.augment_policy, cfg.seed, cfg.batch_size, cfg.workers)
     train_ds = dataset(views, size, preprocess)
     monitor_ds = dataset(clean(monitor, size, xcfg.resize, cfg.batch_size, cfg.workers), size, preprocess)
+    two_phases = TwoPhaseFit(network, views, train_ds, monitor_ds, cfg.unfreeze, out, cfg.patience)
     score_batches = clean(score, size, xcfg.resize, cfg.batch_size, cfg.workers)
 
     before = _score(model, score_batches, preprocess, len(class_names))
     if verbose:
-        print(f"start ({start} {record['head']} head, before any step): accuracy {before['accuracy']:.4f} on "
+        print(f"start ({network.start} {record['head']} head, before any step): accuracy {before['accuracy']:.4f} on "
               f"{len(score.paths)} '{plan.scheme}' images (stage two reported {record['metrics']['accuracy']:.4f})")
     phases = {}
     for phase, epochs, lr in [(1, cfg.head_epochs, cfg.head_lr), (2, cfg.epochs, cfg.lr)]:
-        trained = set_phase(model, trunk, phase, cfg.unfreeze)
-        steps = -(-len(fit.paths) // cfg.batch_size) * max(epochs, 1)
-        _compile(model, lr if phase == 1 else keras.optimizers.schedules.CosineDecay(lr, steps))
+        phases[phase] = result = two_phases.phase(phase, epochs, lr)
         if epochs == 0:
-            phases[phase] = {"seconds": 0.0, "epochs": 0, "trained_layers": trained}
             continue
-        with quiet_keras():
-            start_loss = float(model.evaluate(monitor_ds, verbose=0, return_dict=True)["loss"])
-        seconds, ran = _train_phase(model, phase, train_ds, monitor_ds, epochs, out, cfg.patience, views, start_loss)
-        phases[phase] = {"seconds": seconds, "epochs": ran, "trained_layers": trained,
-                         "accuracy": _score(model, score_batches, preprocess, len(class_names))["accuracy"]}
+        result["accuracy"] = _score(model, score_batches, preprocess, len(class_names))["accuracy"]
         if verbose:
-            print(f"phase {phase}: {ran} epoch(s) in {seconds:.0f} s; accuracy {phases[phase]['accuracy']:.4f}")
+            print(f"phase {phase}: {result['epochs']} epoch(s) in {result['seconds']:.0f} s; "
+                  f"accuracy {result['accuracy']:.4f}")
     t0 = time.perf_counter()
     probs, truth = probabilities(model, score_batches(), preprocess)
     predict_s = time.perf_counter() - t0
     scores = metrics(truth, probs.argmax(1), probs, True, len(class_names))
     rec = saved.save_network(out, model, _finetune_record(record, cfg, xcfg, size, plan, scores, before, phases,
-                                                           start, precision, len(fit.paths), len(score.paths)))
+                                                           network.start, precision, len(fit.paths), len(score.paths)))
     names = np.array(class_names)
     pd.DataFrame({"path": score.paths, "label": names[truth], "predicted": names[probs.argmax(1)],
                   **{f"p_{n}": probs[:, i] for i, n in enumerate(names)}}).to_csv(out / "eval_predictions.csv",
@@ -379,11 +179,10 @@ def _finetune_record(record: dict, cfg: FinetuneConfig, xcfg: ExtractConfig, siz
                      before: dict, phases: dict, start: str, precision: str, n_fit: int, n_eval: int) -> dict:
     """model.json of the fine-tuned model: what predict needs (backbone, preprocessing, size, resize, classes) and
     what it cost; the stage-two record it started from is kept under `stage_two`."""
-    keep = ("backbone", "backbone_file_sha256", "weights", "weights_source", "layer", "pool", "resize", "preprocessing",
-            "color", "class_names", "source_fingerprint", "data_root")
     return {
         "model_file": MODEL_FILE, "kind": "finetuned", "head": f"finetune:{record['head']}",
-        **{key: record.get(key) for key in keep},
+        **{key: record.get(key) for key in names(MODEL)},  # how the stage-two features were made (the cache schema's)
+        "layer": record["layer"], "class_names": record["class_names"],
         # where the .keras backbone was found; saved.save_network checks its hash and records it relocatably
         **({"backbone_abspath": str(Path(xcfg.backbone).resolve())} if record.get("backbone_file_sha256") else {}),
         "image_size": size, "reduce": record["reduce"], "scheme": plan.scheme, "n_fit": n_fit, "n_eval": n_eval,

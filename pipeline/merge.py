@@ -10,21 +10,21 @@ where they are); the small per-row datasets are always copied.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import re
+import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from features.errors import UsageError
-from features.store import (CacheWriter, Progress, copy_rows, existing_cache, identity_diff, open_cache, partial_path,
-                            read_attrs)
+from features.schema import PER_SHARD, ROLES, CacheAttrs, ConfigMismatch, IncompleteCache, identity_diff, names
+from features.store import CacheWriter, Progress, copy_rows, existing_cache, open_cache, partial_path, read_attrs
 from pipeline.config import ExtractConfig, default_out, shard_out
 
+OPEN_FILES_RESERVE = 64  # files a process keeps open besides a virtual merge's shards (libraries, the cache itself)
 SHARD_NAME = re.compile(r"^(?P<stem>.+)\.shard(?P<index>\d+)-of-(?P<count>\d+)(?P<suffix>\.[^.]+)$")
-# Attributes that legitimately differ between the shards of one extraction; all others must be equal.
-PER_SHARD_ATTRS = frozenset({"shard", "num_candidates", "num_images", "created", "completed", "complete",
-                             "config_json"})
 
 
 @dataclass
@@ -35,6 +35,7 @@ class MergeResult:
     images: int = 0
     skipped: list[list[str]] = field(default_factory=list)
     virtual: bool = False
+    note: str = ""  # e.g. why a virtual merge was written as a copy
     layer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
@@ -86,67 +87,80 @@ def find_shards(shards_of: Path) -> tuple[Path, list[Path]]:
     return merged, [shards[i] for i in range(count)]
 
 
-def check_shards(shards: list[Path]) -> list[dict]:
+def check_shards(shards: list[Path]) -> list[CacheAttrs]:
     """Root attributes of every shard, after checking that each is complete, is the shard its name says, and shares
     one configuration with shard 0. All incomplete shards are reported together, by index."""
     count = len(shards)
     attrs = [existing_cache(p) for p in shards]
     incomplete = []
     for i, (path, a) in enumerate(zip(shards, attrs)):
-        if a is None or not a.get("complete"):  # an unfinished shard is still under its partial name
-            started = a or read_attrs(partial_path(path)) or {}
+        if a is None or not a.complete:  # an unfinished shard is still under its partial name
+            started = a or read_attrs(partial_path(path))
             progress = Progress.load(path)
-            done = (f"{progress.files_done} of {started.get('num_candidates', '?')} files done" if progress
+            done = (f"{progress.files_done} of {started.num_candidates if started else '?'} files done" if progress
                     else "no progress record")
             incomplete.append(f"{i} ({path.name}: {done})")
     if incomplete:
-        raise UsageError(f"cannot merge: shard(s) {'; '.join(incomplete)} of {count} incomplete. Rerun or resubmit "
-                         "those shard tasks with the same flags (they resume where they stopped), then merge again.")
+        raise IncompleteCache(f"cannot merge: shard(s) {'; '.join(incomplete)} of {count} incomplete. Rerun or "
+                              "resubmit those shard tasks with the same flags (they resume where they stopped), then "
+                              "merge again.")
     for i, (path, a) in enumerate(zip(shards, attrs)):
-        if a.get("shard") != f"{i}/{count}":
-            raise UsageError(f"{path} holds shard '{a.get('shard')}', but its name says {i}/{count}. "
+        if a.shard != f"{i}/{count}":
+            raise UsageError(f"{path} holds shard '{a.shard}', but its name says {i}/{count}. "
                              "Rename it back or rerun that shard.")
-        differ = [f"{k}: {attrs[0].get(k)!r} vs {a.get(k)!r}" for k in sorted(set(a) | set(attrs[0]))
-                  if k not in PER_SHARD_ATTRS and a.get(k) != attrs[0].get(k)]
+        differ = identity_diff(attrs[0], a, ROLES, ignore=names(PER_SHARD))
         if differ:
-            raise UsageError(f"shard {i} ({path.name}) was made with a different configuration than shard 0 "
-                             f"({'; '.join(differ[:4])}). Shards of one extraction must share every flag but --shard; "
-                             f"rerun shard {i} with shard 0's flags (--overwrite), then merge again.")
+            raise ConfigMismatch(f"shard {i} ({path.name}) was made with a different configuration than shard 0 "
+                                 f"({'; '.join(differ[:4])}). Shards of one extraction must share every flag but "
+                                 f"--shard; rerun shard {i} with shard 0's flags (--overwrite), then merge again.")
     return attrs
 
 
-def merged_attrs(attrs: list[dict]) -> dict:
+def merged_attrs(attrs: list[CacheAttrs]) -> CacheAttrs:
     """Shard 0's attributes as a one-process run would have written them: no shard, all candidates."""
-    config = json.loads(attrs[0]["config_json"])
+    config = json.loads(attrs[0].config_json)
     config["shard"] = None
-    drop = {"complete", "created", "completed", "num_images", "schema_version"}
-    return {**{k: v for k, v in attrs[0].items() if k not in drop}, "shard": "",
-            "num_candidates": sum(a["num_candidates"] for a in attrs), "config_json": json.dumps(config)}
+    return dataclasses.replace(attrs[0], shard="", num_candidates=sum(a.num_candidates for a in attrs),
+                               config_json=json.dumps(config))
 
 
 def merge(shards_of: str | Path, out: str | Path | None = None, virtual: bool = False,
           overwrite: bool = False) -> MergeResult:
-    """Merge every shard of one extraction into `out` (default: the unsharded name) and return what was written."""
+    """Merge every shard of one extraction into `out` (default: the unsharded name; never one of the shards, which
+    `--overwrite` would replace) and return what was written."""
     merged, shards = find_shards(Path(shards_of))
     out = Path(out) if out else merged
+    for i, shard in enumerate(shards):  # resolved or same inode: another spelling or a link is the same file
+        if out.resolve() == shard.resolve() or (out.exists() and shard.exists() and out.samefile(shard)):
+            raise UsageError(f"--out '{out}' is shard {i} of {len(shards)} ('{shard}'), an input of this merge; "
+                             f"writing there would destroy it. Choose another --out, e.g. the default '{merged}'.")
     attrs = check_shards(shards)
     wanted = merged_attrs(attrs)
-    existing = existing_cache(out)
-    if existing is not None and not overwrite:
+    existing = None if overwrite else existing_cache(out)  # the writer refuses a foreign file at `out` in any case
+    if existing is not None:
         diff = identity_diff(existing, wanted)
         if diff:
-            raise UsageError(f"{out} exists with a different configuration ({'; '.join(diff[:4])}). "
-                             "Pass --overwrite to replace it, or choose another --out.")
-        if existing.get("complete"):
-            return MergeResult(out, "up-to-date", shards, int(existing["num_images"]), virtual=virtual)
-    return _write(out, shards, attrs, wanted, virtual)
+            raise ConfigMismatch(f"{out} exists with a different configuration ({'; '.join(diff[:4])}). "
+                                 "Pass --overwrite to replace it, or choose another --out.")
+        if existing.complete:
+            return MergeResult(out, "up-to-date", shards, existing.num_images, virtual=virtual)
+    note = ""
+    if virtual and len(shards) + OPEN_FILES_RESERVE > open_file_limit():
+        virtual, note = False, (f"copied instead of virtual: reading {len(shards)} shards at once needs more open files "
+                                f"than the limit of {open_file_limit()} here (ulimit -n)")
+    return dataclasses.replace(_write(out, shards, attrs, wanted, virtual), note=note)
 
 
-def _write(out: Path, shards: list[Path], attrs: list[dict], wanted: dict, virtual: bool) -> MergeResult:
+def open_file_limit() -> int:
+    """The soft limit on open files of this process (what a reader of a virtual merge needs for its shards)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _write(out: Path, shards: list[Path], attrs: list[CacheAttrs], wanted: CacheAttrs, virtual: bool) -> MergeResult:
     """Write the merged cache (under its partial name, published at `out` once complete: never half-written)."""
     sources = [open_cache(shard) for shard in shards]
     first = sources[0]
-    layers = [str(v) for v in wanted["layers"]]
+    layers = wanted.layers
     shapes = {layer: first.shapes[layer] for layer in layers}
     paths = [p for source in sources for p in source.paths.tolist()]
     skipped = [list(item) for source in sources for item in source.skipped]
@@ -156,13 +170,13 @@ def _write(out: Path, shards: list[Path], attrs: list[dict], wanted: dict, virtu
     writer = CacheWriter.create(out, wanted, {} if virtual else shapes, paths + [" " * width], first.label_names)
     try:
         if virtual:
-            writer.link_features([(s.path, len(s.paths)) for s in sources], shapes,
+            writer.link_features(sources, shapes,
                                  {layer: first.dtypes[layer] for layer in layers})
         start = 0
         for source in sources:
             start = copy_rows(source, writer, start)
-        writer.finalize(Progress(rows_written=len(paths), files_done=wanted["num_candidates"], skipped=skipped),
-                        created=min(a["created"] for a in attrs))
+        writer.finalize(Progress(rows_written=len(paths), files_done=wanted.num_candidates, skipped=skipped),
+                        created=min(a.created for a in attrs))
     finally:
         writer.close()
     return MergeResult(out, "written", shards, len(paths), skipped, virtual, shapes)

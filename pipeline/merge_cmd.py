@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def describe(r: MergeResult) -> str:
     if r.status == "up-to-date":
         return f"up to date: {r.path} is complete for these {len(r.shards)} shards; nothing to do (--overwrite rebuilds it)."
-    how = "virtual (features read from the shard files; keep them in place)" if r.virtual else "copied"
+    how = "virtual (features read from the shard files; keep them in place)" if r.virtual else r.note or "copied"
     return (f"{r.status}: {r.path} from {len(r.shards)} shards ({r.shards[0].name} ...), {how}\n"
             f"images: {r.images} rows, {len(r.skipped)} skipped")
 

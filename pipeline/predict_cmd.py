@@ -10,7 +10,7 @@ from pipeline.prediction import PredictConfig, predict, summary
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="saved model directory, e.g. results/<run>/best")
     parser.add_argument("--data", required=True, help="image folder, or a feature cache (.h5) made the same way")
-    parser.add_argument("--out", default=None, help="CSV path (default: <model>/predictions/<data name>.csv)")
+    parser.add_argument("--out", default=None, help="CSV path (default: predictions/<run>__<model>/<data name>.csv)")
     parser.add_argument("--batch-size", type=int, default=None, help="extraction batch size (default: as recorded)")
     parser.add_argument("--memory-budget", default=PredictConfig.memory_budget,
                         help="peak memory for feature data (default: %(default)s)")

@@ -25,15 +25,14 @@ from classifiers import saved
 from classifiers.data import READ_SHARE, Cache, block_rows_for, open_cache
 from classifiers.evaluate import class_scores
 from classifiers.memory import parse_bytes
-from features.errors import UsageError
-from features.store import read_attrs
+from features.errors import UsageError, check_name_lengths
+from features.schema import ConfigMismatch, recipe
+from features.store import cache_dir, check_ours
+from features.tars import is_pattern, pattern_root
 from pipeline.config import recorded_config
 
 ERROR = "error"  # CSV column: why a file got no prediction ('' when it got one)
 SHOWN_SKIPPED = 5  # unusable files listed on screen; the CSV has them all
-# attributes that must be equal between the training cache and the new one; 'backbone' is compared by name
-# for registry models, and by file content (backbone_file_sha256) for user .keras files
-IDENTITY = ("backbone_file_sha256", "weights", "image_size", "resize", "preprocessing", "color", "pool", "dtype")
 
 
 @dataclass
@@ -42,11 +41,18 @@ class PredictConfig:
 
     model: str  # a saved model directory, e.g. results/<run>/best (holds model.json)
     data: str  # an image folder, or an existing complete cache (.h5) made with the model's settings
-    out: str | None = None  # CSV path; None: <model>/predictions/<data name>.csv
+    out: str | None = None  # CSV path; None: predictions/<run>__<model>/<data name>.csv (never in the model folder)
     batch_size: int | None = None  # extraction batch size; None: as recorded
     memory_budget: str = "2GiB"
     overwrite: bool = False  # rebuild the extracted cache even if one exists at the derived path
     trust_pickle: bool = False  # load a legacy model.joblib (a pickle can run code: only for folders you trust)
+
+
+def default_out(model_dir: Path, data_name: str) -> Path:
+    """predictions/<run>__<model>/<data name>.csv in the working directory: a model folder may be read-only, and a
+    results folder holds only what its classify run wrote."""
+    model = model_dir.resolve()
+    return Path("predictions") / f"{model.parent.name}__{model.name}" / f"{data_name}.csv"
 
 
 def _extract(record: dict, cfg: PredictConfig, model_dir: Path, cache_path: Path) -> Path:
@@ -54,26 +60,28 @@ def _extract(record: dict, cfg: PredictConfig, model_dir: Path, cache_path: Path
     from pipeline.extraction import extract
 
     xcfg = recorded_config(record, model_dir)
+    trained_beside = Path(record.get("source_file") or "/nonexistent").parent / "engines"
+    engines = trained_beside if trained_beside.is_dir() else cache_dir() / "engines"  # where its graph was exported
     return extract(xcfg.replace(data=cfg.data, out=str(cache_path), layer=[record["layer"]], shard=None, labels=None,
                                 path_column=None, label_column=None, overwrite=cfg.overwrite,
-                                batch_size=cfg.batch_size or xcfg.batch_size)).path
+                                batch_size=cfg.batch_size or xcfg.batch_size), engines=engines).path
 
 
 def check_compatible(record: dict, cache: Cache) -> None:
-    """Refuse features made differently from the training features; the error lists every difference."""
-    wanted = {key: record.get(key) for key in IDENTITY}
-    if not record.get("backbone_file_sha256"):
-        wanted["backbone"] = record["backbone"]
-    found = {key: cache.attrs.get(key) for key in wanted}
-    diffs = [f"{key}: model {wanted[key]!r}, data {found[key]!r}" for key in wanted
-             if str(wanted[key]) != str(found[key])]
+    """Refuse features made differently from the training features (every `recipe` attribute of the schema; the
+    backbone by name for registry models, by file content for user .keras files); the error lists every difference.
+    A model.json of an older version that did not record an attribute cannot vouch for it: that counts as a
+    difference too."""
+    wanted, found = recipe(record), recipe(cache.attrs.to_h5())
+    diffs = [f"{key}: model {wanted.get(key)!r}, data {found.get(key)!r}" for key in dict.fromkeys([*wanted, *found])
+             if str(wanted.get(key)) != str(found.get(key))]
     layer = record["layer"]
     if layer not in cache.shapes:
         diffs.append(f"layer: model {layer!r}, data has {sorted(cache.shapes)}")
     elif list(cache.shapes[layer]) != list(record["row_shape"]):
         diffs.append(f"{layer} shape: model {tuple(record['row_shape'])}, data {cache.shapes[layer]}")
     if diffs:
-        raise UsageError(f"Features of {str(cache.path)!r} do not match the model's ({len(diffs)} difference(s): "
+        raise ConfigMismatch(f"Features of {str(cache.path)!r} do not match the model's ({len(diffs)} difference(s): "
                          f"{'; '.join(diffs)}). Predict with features extracted exactly as for training.")
 
 
@@ -84,15 +92,19 @@ def predict(cfg: PredictConfig) -> Path:
     record = saved.load_record(model_dir)
     budget = parse_bytes(cfg.memory_budget)
     data = Path(cfg.data)
-    if not data.exists():
-        raise FileNotFoundError(f"DATA {cfg.data!r} does not exist: give an image folder or a feature cache (.h5).")
+    pattern = is_pattern(cfg.data) and not data.exists()  # tar shards named by a glob or brace pattern
+    if not data.exists() and not pattern:
+        raise FileNotFoundError(f"DATA {cfg.data!r} does not exist: give an image folder, tar shards or a feature "
+                                "cache (.h5).")
+    cache_given = data.is_file() and data.suffix != ".tar"
     network = saved.is_network(record)  # a fine-tuned network (`make finetune`) reads images itself
-    if network and data.is_file():
+    if network and cache_given:
         raise UsageError(f"MODEL {cfg.model!r} is a fine-tuned network: it reads images, not feature caches. "
                          f"Received DATA={cfg.data!r}; pass an image folder.")
-    name = data.stem if data.is_file() else data.resolve().name
-    out = Path(cfg.out) if cfg.out else model_dir / "predictions" / f"{name}.csv"
-    derived = None if network or data.is_file() else out.with_suffix(".h5")
+    named = data.stem if cache_given or data.suffix == ".tar" else None
+    name = named or (pattern_root(cfg.data) if pattern else data).resolve().name
+    out = Path(cfg.out) if cfg.out else default_out(model_dir, name)
+    derived = None if network or cache_given else out.with_suffix(".h5")
     check_outputs(out, derived, record)
     if network:
         from pipeline.finetune import predict_images
@@ -103,7 +115,7 @@ def predict(cfg: PredictConfig) -> Path:
         cache = open_cache(data if derived is None else _extract(record, cfg, model_dir, derived))
         check_compatible(record, cache)
         table = _predict_cache(model, record, cache, budget)
-        root = Path(str(cache.attrs.get("data_root", "")))
+        root = Path(cache.attrs.data_root)
         skipped = [(str(root / path), reason) for path, reason in cache.skipped]
     unused = pd.DataFrame({"path": [p for p, _ in skipped], "predicted": "", ERROR: [r for _, r in skipped]})
     table = pd.concat([table.assign(**{ERROR: ""}), unused], ignore_index=True)
@@ -126,7 +138,7 @@ def _predict_cache(model, record: dict, cache: Cache, budget: int) -> pd.DataFra
             if is_proba:
                 probabilities = np.zeros((len(rows), len(names))) if probabilities is None else probabilities
                 probabilities[positions] = scores
-    root = Path(str(cache.attrs.get("data_root", "")))
+    root = Path(cache.attrs.data_root)
     table = pd.DataFrame({"path": [str(root / p) for p in cache.paths[rows]], "predicted": names[predicted]})
     if probabilities is not None:
         for i, name in enumerate(names):
@@ -148,16 +160,26 @@ def _is_earlier_output(path: Path, record: dict) -> bool:
     return header[:2] == ["path", "predicted"] and set(header) <= {"path", "predicted", "label", ERROR} | classes
 
 
+def _is_cache(path: Path) -> bool:
+    """True for nothing there or a cache of this tool."""
+    try:
+        check_ours(path)
+    except UsageError:
+        return False
+    return True
+
+
 def check_outputs(out: Path, derived_cache: Path | None, record: dict) -> None:
     """Before any work: the CSV may replace only this command's earlier output for the same classes, and the
-    derived cache only a feature cache; the folder must be writable."""
+    derived cache only a feature cache; the folder must be writable; no name may be too long for the filesystem."""
+    check_name_lengths("--out", out, [out.with_name(f".tmp{os.getpid()}.{out.name}")])
     if out.is_dir():
         raise UsageError(f"--out {str(out)!r} is a folder; expected a CSV file path, e.g. "
                          f"{str(out / 'predictions.csv')!r}.")
     if out.exists() and not _is_earlier_output(out, record):
         raise UsageError(f"--out {str(out)!r} exists and is not an earlier prediction CSV of this model; it is not "
                          f"replaced. Choose another --out, or move that file away.")
-    if derived_cache and derived_cache.exists() and "schema_version" not in (read_attrs(derived_cache) or {}):
+    if derived_cache and not _is_cache(derived_cache):
         raise UsageError(f"{str(derived_cache)!r}, where predict keeps the features of the new images (beside "
                          f"--out), exists and is not a feature cache; it is not replaced. Choose another --out, or "
                          f"move that file away.")

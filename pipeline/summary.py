@@ -18,7 +18,8 @@ def human_bytes(n: float) -> str:
 
 
 def print_extract_summary(r: ExtractResult) -> None:
-    dtype = str((read_attrs(r.path) or {}).get("dtype", "float32"))
+    attrs = read_attrs(r.path)
+    dtype = attrs.dtype if attrs else "float32"
     itemsize = np.dtype(dtype).itemsize
     t = r.timings
     rate = r.processed / t.wall_s if t.wall_s else 0.0

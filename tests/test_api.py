@@ -33,7 +33,8 @@ def test_readme_example_runs_on_a_tiny_subset(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "best model: results/api-demo/best" in done.stdout and "audit of 16 images" in done.stdout
     assert (tmp_path / "results" / "api-demo" / "report.html").exists()
-    assert (tmp_path / "results" / "api-demo" / "best" / "predictions" / "val.csv").exists()
+    assert (tmp_path / "predictions" / "api-demo__best" / "val.csv").exists()
+    assert not (tmp_path / "results" / "api-demo" / "best" / "predictions").exists()
 
 
 def test_import_pipeline_loads_neither_tensorflow_nor_sklearn():

@@ -123,6 +123,18 @@ def test_unrecognised_csv_columns_are_refused_naming_the_expected_ones(tmp_path)
     with pytest.raises(UsageError, match=r"no recognised path column \(its columns: a, b\). Expected one of: path, "
                                          r"filepath.*--path-column"):
         discover(tmp_path / "imgs", str(tmp_path / "l.csv"))
+    (tmp_path / "l3.csv").write_text("a,b,c\nimg_000,cat,1\nimg_001,dog,2\n")
     with pytest.raises(UsageError, match=r"no recognised label column .* Expected one of: label, class.*--label-column"):
-        discover(tmp_path / "imgs", str(tmp_path / "l.csv"), path_column="a")
+        discover(tmp_path / "imgs", str(tmp_path / "l3.csv"), path_column="a")  # two candidates: no guess
     assert discover(tmp_path / "imgs", str(tmp_path / "l.csv"), path_column="a", label_column="b").labels == [0, 1]
+
+
+def test_a_recognised_key_and_one_other_column_make_that_column_the_label(tmp_path):
+    """Kaggle's labels.csv (id,breed): the key is recognised and one column is left, so it is the label, said so."""
+    write_images(tmp_path / "imgs", 2, seed=0)
+    (tmp_path / "labels.csv").write_text("id,breed\nimg_000,beagle\nimg_001,boxer\n")
+    cat = discover(tmp_path / "imgs", str(tmp_path / "labels.csv"))
+    assert cat.label_names == ["beagle", "boxer"] and cat.labels == [0, 1]
+    assert cat.notes == (f"labels CSV '{tmp_path / 'labels.csv'}': using column 'breed' as the label (the only "
+                         "column besides 'id'); name another with --label-column",)
+    assert discover(tmp_path / "imgs", str(tmp_path / "labels.csv")).shard(0, 2).notes == cat.notes

@@ -16,7 +16,7 @@ from classifiers.holdout import holdout_mask
 from classifiers.report import augment_gains, rank
 from classifiers.testing import separable, with_views, write_cache
 from features.errors import UsageError
-from pipeline.classification import ClassifyConfig, classify
+from pipeline.classification import ClassifyConfig, classify, dataset_runs
 
 
 def _augmented(path, X, y, split=None, k=3, noise=0.05, **attrs):
@@ -67,11 +67,13 @@ def test_only_clean_views_are_scored(tmp_path):
     no_split = _augmented(tmp_path / "noisy_cv.h5", X, y, k=2, noise=40.0)
     run = classify(ClassifyConfig(features=f"{path},{no_split}", heads="knn", cv=3, out=str(tmp_path / "run"),
                                   save_all=True))
-    board = pd.read_csv(run / "leaderboard.csv").set_index("scheme")
+    runs = dataset_runs(run)  # two datasets (one with splits, one without): each ranked on its own
+    assert len(runs) == 2
+    board = pd.concat([pd.read_csv(r / "leaderboard.csv") for r in runs]).set_index("scheme")
     assert board.loc["val", "n_eval"] == 45 and board.loc["val", "n_fit"] == 45 * 3
     assert board.loc["val", "n_fit_images"] == 45 and board.loc["cv3", "n_eval"] == 90
     assert board["accuracy"].min() == 1.0
-    for model in (run / "models").iterdir():
+    for model in (m for r in runs for m in (r / "models").iterdir()):
         oof = pd.read_csv(model / "eval_predictions.csv")
         assert oof["path"].is_unique and len(oof) in (45, 90)
 

@@ -12,12 +12,13 @@ from sklearn.pipeline import Pipeline
 
 from classifiers.convert import NotConvertible, to_keras
 from classifiers.heads import get_head
+from classifiers.network import build_network, set_phase, unfrozen_layers
 from classifiers.reduce import get_reduce
 from conftest import LITE0, ROOT
 from features.backbones import get_backbone
 from features.errors import UsageError
 from pipeline.cli import main
-from pipeline.finetune import build_network, plan_rows, set_phase, unfrozen_layers
+from pipeline.finetune import plan_rows
 
 SIZE = 96  # small input: Lite0 runs at any size, and the tests stay quick on a 2-core CPU
 
@@ -138,7 +139,7 @@ def test_fine_tune_starts_exactly_at_the_stage_two_head(tuned):
 
 def test_converted_network_reproduces_stage_two_probabilities_before_any_step(tuned):
     from classifiers import saved
-    from pipeline.finetune import Images, clean, probabilities
+    from classifiers.network import Images, clean, probabilities
 
     _, run, _ = tuned
     record = saved.load_record(run / "best")

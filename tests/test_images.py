@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from features.augment import AUGMENT_POLICIES, augment_view, file_loader
-from features.images import NEEDED_SHORT, RESIZE_POLICIES, dct_scale, decode_rgb, decode_stream, jpeg_size, load_image
+from features.images import (MAX_PIXELS, NEEDED_SHORT, RESIZE_POLICIES, dct_scale, decode_rgb, decode_stream,
+                             image_size, jpeg_size, load_image)
 from tests.conftest import HYMENOPTERA, ODD_INPUTS
 
 ODD = ODD_INPUTS
@@ -206,3 +207,36 @@ def test_file_loader_views_match_views_of_the_full_decode(policy):
 
 def test_policy_min_short_leaves_the_smallest_crop_its_size():
     assert [AUGMENT_POLICIES[p].min_short(224) for p in ("standard", "light", "flip")] == [438, 334, 256]
+
+
+@pytest.mark.parametrize(("fmt", "mode", "options"), [
+    ("PNG", "RGB", {}), ("JPEG", "RGB", {}), ("GIF", "RGB", {}), ("BMP", "RGB", {}), ("TIFF", "RGB", {}),
+    ("TIFF", "RGB", {"compression": "tiff_lzw"}), ("TIFF", "RGB", {"big_tiff": True}), ("WEBP", "RGB", {"quality": 80}),
+    ("WEBP", "RGB", {"lossless": True}), ("WEBP", "RGBA", {"quality": 80})])  # RGBA WebP: the extended (VP8X) header
+def test_image_size_reads_the_header_of_every_format_we_decode(fmt, mode, options):
+    buf = io.BytesIO()
+    Image.fromarray(_rgb_gradient()[:, :77]).convert(mode).save(buf, fmt, **options)
+    data = np.frombuffer(buf.getvalue(), np.uint8)
+    assert image_size(data) == (60, 77)
+    assert image_size(data[:9]) is None  # a header cut short (a GIF's ends at byte 10)
+
+
+def test_image_size_of_the_odd_inputs_is_pillows_and_bad_files_have_none():
+    for path in sorted((ODD / "good").iterdir()):
+        with Image.open(path) as im:
+            assert image_size(np.fromfile(path, np.uint8)) == (im.height, im.width), path.name
+    assert all(image_size(np.fromfile(ODD / "bad" / name, np.uint8)) is None for name in BAD if name != "truncated.jpg")
+
+
+def test_max_pixels_refuses_larger_images_from_the_header(tmp_path):
+    assert MAX_PIXELS == Image.MAX_IMAGE_PIXELS  # the default: Pillow's limit
+    Image.fromarray(_rgb_gradient()).save(tmp_path / "g.png")  # 80 x 60 = 4800 pixels
+    assert decode_rgb(tmp_path / "g.png", max_pixels=4800).shape == (60, 80, 3)
+    with pytest.raises(ValueError, match=r"^80x60 is 4,800 pixels, more than --max-pixels 4799; not decoded"):
+        decode_rgb(tmp_path / "g.png", max_pixels=4799)
+    with pytest.raises(ValueError, match=r"--max-pixels 4799.*Raise MAX_PIXELS"):
+        file_loader(32, "crop", "standard", 0, 1, max_pixels=4799)("g.png", tmp_path / "g.png")
+    large = ODD / "good" / "large_4000x2328.jpg"  # a JPEG counts its stored pixels, also when decoded DCT-scaled
+    with pytest.raises(ValueError, match="4000x2328 is 9,312,000 pixels"):
+        load_image(large, 64, "crop", max_pixels=4000 * 2328 - 1)
+    assert load_image(large, 64, "crop", max_pixels=4000 * 2328).shape == (64, 64, 3)

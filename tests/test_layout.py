@@ -36,6 +36,6 @@ def test_no_import_cycles_between_modules(graph):
     assert not cycles, f"import cycles: {cycles}"
 
 
-def test_tensorflow_in_pipeline_only_for_finetune_and_device_queries(graph):
+def test_tensorflow_in_pipeline_only_for_device_queries(graph):
     importers = {m for m in graph.find_modules_that_directly_import("tensorflow") if m.startswith("pipeline")}
-    assert importers <= {"pipeline.finetune", "pipeline.devices"}, importers
+    assert importers <= {"pipeline.devices"}, importers

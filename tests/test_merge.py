@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 
+from classifiers.testing import separable, write_cache
 from features.backbones import get_backbone
 from features.errors import UsageError
 from features.model import build_base
@@ -23,9 +24,9 @@ from pipeline.config import ExtractConfig, shard_out
 from pipeline.devices import extract_on_devices, select_gpus
 from pipeline.extraction import extract
 from pipeline.merge import merge
-from tests.conftest import ROOT, write_images
+from tests.conftest import ROOT, fails_in_one_line, write_images
 
-VOLATILE_ATTRS = {"created", "completed", "config_json"}  # times, and the config's own --out
+VOLATILE_ATTRS = {"created", "completed", "config_json", "generation"}  # times, ids, and the config's own --out
 
 
 def read(path: Path) -> dict:
@@ -95,16 +96,19 @@ def test_merged_shards_equal_a_single_run_bit_for_bit(sharded, tmp_path):
 
 
 def test_virtual_merge_reads_the_shards_in_place(sharded, tmp_path, monkeypatch):
-    out = tmp_path / "virtual" / "v.h5"
-    out.parent.mkdir()
-    merge(sharded.shards / "x.shard2-of-3.h5", out=out, virtual=True)  # any one shard names the set
-    monkeypatch.chdir(tmp_path)  # sources are found relative to the virtual file, not the working directory
-    assert_identical(out, sharded.single)
-    with h5py.File(out) as f:
+    merged = copy_shards(sharded, tmp_path)
+    with pytest.raises(UsageError, match=r"a virtual merge links caches in its own folder only"):
+        merge(merged.parent / "x.shard2-of-3.h5", out=tmp_path / "elsewhere.h5", virtual=True)
+    merge(merged.parent / "x.shard2-of-3.h5", virtual=True)  # any one shard names the set
+    moved = tmp_path / "moved"
+    shutil.move(merged.parent, moved)  # the folder moves as a whole
+    monkeypatch.chdir(tmp_path)  # sources are found beside the virtual file, not in the working directory
+    assert_identical(moved / "x.h5", sharded.single)
+    with h5py.File(moved / "x.h5") as f:
         assert f["features/block2_pool"].is_virtual and not f["paths"].is_virtual
         sources = {s.file_name for s in f["features/block2_pool"].virtual_sources()}
-    assert sources == {os.path.relpath(sharded.shards / f"x.shard{i}-of-3.h5", out.parent) for i in range(3)}
-    assert out.stat().st_size < (sharded.shards / "x.shard0-of-3.h5").stat().st_size
+    assert sources == {f"x.shard{i}-of-3.h5" for i in range(3)}
+    assert (moved / "x.h5").stat().st_size < (moved / "x.shard0-of-3.h5").stat().st_size
 
 
 def test_missing_and_incomplete_shards_are_reported_by_index(sharded, tmp_path):
@@ -130,7 +134,7 @@ def test_shards_of_other_configurations_or_counts_are_refused(sharded, tmp_path)
     merged = copy_shards(sharded, tmp_path)
     extract(sharded.cfg.replace(out=str(merged), shard="1/3", dtype="float16", overwrite=True), verbose=False)
     with pytest.raises(UsageError, match=r"shard 1 \(x\.shard1-of-3\.h5\) was made with a different configuration "
-                                         r"than shard 0 \(dtype: 'float32' vs 'float16'\)"):
+                                         r"than shard 0 \(dtype: 'float32' -> 'float16'\)"):
         merge(merged)
     shutil.copy(sharded.shards / "x.shard1-of-3.h5", merged.parent)
     shutil.copy(sharded.shards / "x.shard0-of-3.h5", merged.parent / "x.shard0-of-2.h5")
@@ -141,8 +145,8 @@ def test_shards_of_other_configurations_or_counts_are_refused(sharded, tmp_path)
 
 
 def test_make_merge_virtual(sharded, tmp_path):
-    out = tmp_path / "m.h5"
-    done = subprocess.run(["make", "-s", "merge", "STAMP=", f"PY={sys.executable}", f"SHARDS_OF={sharded.merged}",
+    out = copy_shards(sharded, tmp_path).with_name("m.h5")
+    done = subprocess.run(["make", "-s", "merge", "STAMP=", f"PY={sys.executable}", f"SHARDS_OF={out.parent / 'x.h5'}",
                            f"OUT={out}", "VIRTUAL=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"written: {out} from 3 shards" in done.stdout and "virtual" in done.stdout
@@ -186,3 +190,21 @@ def test_bad_options_are_refused_in_the_parent_before_any_worker_starts(tmp_path
     with pytest.raises(UsageError, match="pool 'median' is not valid"):
         extract_on_devices(cfg, verbose=False, gpus=["0", "1"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_out_naming_one_of_the_shards_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    """Issue 23: `merge --out <a shard> --overwrite` replaced that shard with the merged cache. Any spelling of a
+    shard's path, or a link to it, is refused in one line and every file stays as it was."""
+    X, y = separable(4, 2, 8, seed=0)
+    shards = [write_cache(tmp_path / f"x.shard{i}-of-2.h5", {"vec": X[i::2]}, y[i::2], shard=f"{i}/2")
+              for i in range(2)]
+    (tmp_path / "link.h5").symlink_to(shards[1])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.chdir(tmp_path)
+    line = fails_in_one_line(capsys, ["merge", "--shards-of", str(shards[0]), "--out", "x.shard0-of-2.h5",
+                                      "--overwrite"])
+    assert line == (f"error: --out 'x.shard0-of-2.h5' is shard 0 of 2 ('{shards[0]}'), an input of this merge; "
+                    f"writing there would destroy it. Choose another --out, e.g. the default '{tmp_path / 'x.h5'}'.")
+    with pytest.raises(UsageError, match=r"--out '.*link\.h5' is shard 1 of 2 \('.*x\.shard1-of-2\.h5'\)"):
+        merge(shards[0], tmp_path / "link.h5", overwrite=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

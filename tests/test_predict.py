@@ -80,6 +80,10 @@ def test_an_augmented_cache_gets_one_prediction_per_image(trained, tmp_path):
     ({"backbone": "othernet"}, "backbone: model 'toynet', data 'othernet'"),
     ({"preprocessing": "caffe"}, "preprocessing: model 'none (synthetic features)', data 'caffe'"),
     ({"image_size": 64, "dtype": "float16"}, "2 difference(s)"),
+    ({"decoder": "opencv-0.1"}, "decoder: model 'toy', data 'opencv-0.1'"),
+    ({"interpolation": "linear"}, "interpolation: model 'area', data 'linear'"),
+    ({"precision": "mixed"}, "precision: model 'float32', data 'mixed'"),
+    ({"engine": "tf"}, "engine: model 'onnx', data 'tf'"),
 ])
 def test_features_made_differently_are_refused(trained, tmp_path, attrs, expected):
     _, run, _, maps, y = trained

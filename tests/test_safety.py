@@ -2,9 +2,13 @@
 `--debug` shows the traceback. Each case runs through `pipeline.cli.main` as a user's command line would."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from features.errors import UsageError
+from features.store import progress_path
+from features.update import update_path
 from pipeline import extraction as extract_stage
 from pipeline.cli import main
 from tests.conftest import fails_in_one_line
@@ -36,6 +40,19 @@ def test_out_in_a_folder_that_is_not_writable(capsys, class_folder, no_model):
     line = fails_in_one_line(capsys, ["extract", "--data", str(class_folder), "--out", "/sys/new/x.h5"])
     assert "--out '/sys/new/x.h5' cannot be written: the folder '/sys' is not writable" in line
     assert "Choose another --out" in line
+
+
+@pytest.mark.parametrize("length", [240, 300])
+def test_out_name_too_long_for_the_filesystem(capsys, class_folder, tmp_path, no_model, length):
+    """Issue 23: a 240-character name fits, but not the hidden names the store derives from it (its partial file,
+    progress record, an update's scratch cache): 'File name too long' came only after the model export."""
+    out = tmp_path / ("x" * (length - 3) + ".h5")
+    limit, longest = os.pathconf(tmp_path, "PC_NAME_MAX"), progress_path(update_path(out)).name
+    line = fails_in_one_line(capsys, ["extract", "--data", str(class_folder), "--out", str(out)])
+    assert (f"--out '{out}' is too long for the filesystem at '{tmp_path}': it needs the name "
+            f"'{longest[:20]}…{longest[-25:]}' ({len(longest)} bytes), over the limit of {limit} bytes per name. "
+            f"Choose a --out whose name is at least {len(longest) - limit} bytes shorter.") in line
+    assert list(tmp_path.iterdir()) == [class_folder]
 
 
 @pytest.mark.parametrize("sidecar,message", [

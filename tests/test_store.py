@@ -13,6 +13,7 @@ import pytest
 from classifiers.testing import separable, write_cache
 from features.errors import UsageError
 from features.lock import holder_path
+from features.schema import CacheAttrs
 from features.store import (CacheWriter, Progress, copy_rows, open_cache, partial_path, progress_path, read_attrs,
                             verify)
 from pipeline.cli import main
@@ -58,8 +59,7 @@ def test_reader_reads_selected_rows_and_copies_them_into_a_new_cache(tmp_path):
     rows = np.array([17, 3, 88, 4])
     assert np.array_equal(source.read("vec", rows), X[rows])
     assert np.array_equal(source.read("map", rows, block_rows=2), X[rows].reshape(4, 2, 4))
-    attrs = {k: v for k, v in source.attrs.items() if k not in ("complete", "num_images")}
-    writer = CacheWriter.create(tmp_path / "b.h5", attrs, source.shapes, source.paths[rows].tolist(), source.label_names)
+    writer = CacheWriter.create(tmp_path / "b.h5", source.attrs, source.shapes, source.paths[rows].tolist(), source.label_names)
     end = copy_rows(source, writer, 0, rows)  # the one call that moves rows between caches
     writer.finalize(Progress(rows_written=end, files_done=end))
     copy = open_cache(tmp_path / "b.h5")
@@ -73,8 +73,7 @@ def test_batch_writes_rewrite_chunks_in_place_and_never_the_metadata(tmp_path):
     """The crash-safety design with checksums: every chunk keeps its size (data + 4 bytes) and address, so a batch
     write changes chunk bytes only; a killed writer leaves metadata that opens."""
     X, _ = _maps(12)
-    writer = CacheWriter.create(tmp_path / "c.h5", {"dtype": "float32", "compression": "none", "layers": ["map"]},
-                                {"map": MAP}, [f"x/{i}.jpg" for i in range(12)], ["x"])
+    writer = CacheWriter.create(tmp_path / "c.h5", CacheAttrs.example(layers=["map"]), {"map": MAP}, [f"x/{i}.jpg" for i in range(12)], ["x"])
 
     def chunks() -> list[tuple[int, int]]:
         spans = []
@@ -96,7 +95,7 @@ def test_batch_writes_rewrite_chunks_in_place_and_never_the_metadata(tmp_path):
     assert chunks() == before and outside(before) == meta
     writer.close()
     assert not (tmp_path / "c.h5").exists()  # unpublished until finalize
-    assert read_attrs(partial_path(tmp_path / "c.h5"))["complete"] is False
+    assert read_attrs(partial_path(tmp_path / "c.h5")).complete is False
 
 
 def test_extract_refuses_a_file_that_is_not_its_cache_even_with_overwrite(class_folder, tmp_path):
