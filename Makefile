@@ -12,8 +12,8 @@ EXTRACT_FLAGS = $(call flag,BACKBONE,backbone) $(call flag,LAYER,layer) $(call f
   $(call flag,WEIGHTS,weights) $(call flag,POOL,pool) $(call flag,DTYPE,dtype) $(call flag,BATCH,batch-size) \
   $(call flag,SIZE,image-size) $(call flag,RESIZE,resize) $(call flag,PREPROCESS,preprocess) $(call flag,OUT,out) \
   $(call flag,LABELS,labels) $(call flag,PATH_COLUMN,path-column) $(call flag,LABEL_COLUMN,label-column) \
-  $(call flag,COMPRESSION,compression) $(call flag,SHARD,shard) $(call flag,WORKERS,workers) \
-  $(call flag,PRECISION,precision) $(call flag,ENGINE,engine) $(call flag,DEVICES,devices) \
+  $(call flag,COMPRESSION,compression) $(call flag,SHARD,shard) $(call flag,MANIFEST,manifest) \
+  $(call flag,WORKERS,workers) $(call flag,PRECISION,precision) $(call flag,ENGINE,engine) $(call flag,DEVICES,devices) \
   $(call flag,AUGMENT,augment) $(call flag,AUGMENT_POLICY,augment-policy) $(call flag,SEED,seed) \
   $(call flag,MAX_PIXELS,max-pixels) $(if $(JIT),--jit) $(if $(OVERWRITE),--overwrite)
 CLASSIFY_FLAGS = $(call flag,FEATURES,features) $(call flag,LAYER,layer) $(call flag,HEADS,heads) \
@@ -53,6 +53,11 @@ test-all: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# Mutation testing (mutmut) of the core modules, each against its own tests; prints killed/total per module. Slow
+# (minutes per module), never part of `make test`. One module: make mutate MODULES=classifiers/stats.py (docs/testing.md)
+mutate: $(STAMP)
+	nice -n 10 $(PY) tests/mutate.py $(MODULES) $(if $(JOBS),--jobs $(JOBS)) $(foreach t,$(DESELECT),--deselect '$(t)')
+
 extract: $(STAMP)
 	$(PIPELINE) extract $(EXTRACT_FLAGS)
 
@@ -89,7 +94,8 @@ verify: $(STAMP)
 slurm-extract: $(STAMP)
 	$(PIPELINE) slurm $(EXTRACT_FLAGS) $(call flag,SHARDS,shards) $(call flag,TASKS,tasks) \
 	  $(call flag,PARTITION,partition) $(call flag,GPUS_PER_TASK,gpus-per-task) $(call flag,CPUS_PER_TASK,cpus-per-task) \
-	  $(call flag,TIME,time) $(call flag,ACCOUNT,account) $(call flag,LOG_DIR,log-dir) $(if $(DRY_RUN),--dry-run)
+	  $(call flag,TIME,time) $(call flag,ACCOUNT,account) $(call flag,LOG_DIR,log-dir) \
+	  $(call flag,MAX_RUNNING,max-running) $(if $(DRY_RUN),--dry-run)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(call flag,SECTIONS,sections)

@@ -143,6 +143,9 @@ def section_input_pipeline(sizes: Sizes, sources: Sources, work: Path, log) -> S
     sec.extra_tables.append(("Profile: where an image's time goes (ms per image; decode and resize on one core, "
                              "model from the model-only run of the engine used, write and stage seconds from the "
                              "end-to-end run)", profile_cols, sec.rows))
+    from benchmarks.resize import resize_table
+
+    sec.extra_tables.append(resize_table(sizes.full_size_images and sources.real, log))  # `python -m benchmarks.resize`
     if sizes.jit_probe:
         sec.extra_tables.append(("TensorFlow with XLA (`--jit`), model-only on 1 batch, beside TensorFlow without it "
                                  "and the engine `auto` chose", xla_cols, sec.rows))

@@ -30,11 +30,17 @@ READ_SHARE = 8
 STREAM_SHARE = 32
 # Heads that hold the matrix (scaling copies, CV splits, float64 solvers) need about this many times its size.
 IN_MEMORY_FACTOR = 8
-# A shuffled pass over a RowStream reads runs of contiguous rows in random order and mixes a block's worth of them:
-# at least RUNS_PER_BLOCK runs per block and MIN_RUNS runs per stream, so that even a class-sorted cache (extraction
-# writes class folders in path order) gives batches drawn from across the whole file, as an in-memory shuffle does.
-RUNS_PER_BLOCK = 32
+# A shuffled pass over a RowStream reads runs of contiguous rows in random order and mixes SHUFFLE_BLOCKS blocks' worth
+# of them at a time: at least RUNS_PER_BUFFER runs per buffer and MIN_RUNS runs per stream, so that even a class-sorted
+# cache (extraction writes class folders in path order) gives batches drawn from across the whole file, as an
+# in-memory shuffle does. The buffer is the only block-sized copy of a pass: batches are at most a block and each is
+# copied on its own, so four blocks (and the previous buffer, until it is let go) stay within STREAM_SHARE's margin.
+SHUFFLE_BLOCKS = 4
+RUNS_PER_BUFFER = 128
 MIN_RUNS = 256
+# A run shorter than an HDF5 chunk still reads (and checksums) the whole chunk: runs are kept long enough that a
+# shuffled pass reads at most this many times the chunks of an ordered one, unless the stream is under MIN_RUNS chunks.
+MAX_READ_FACTOR = 4
 
 
 def open_cache(path: str | Path) -> Cache:
@@ -125,6 +131,7 @@ class RowStream:
     dim: int
     block_rows: int
     generation: str | None = None  # the version of the file planned with: a replaced file is refused, never mixed
+    chunk_rows: int = 1  # rows per HDF5 chunk of the layer (what one read costs at least), for the shuffled runs
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -134,18 +141,28 @@ class RowStream:
         return dataclasses.replace(self, rows=self.rows[positions])
 
     @property
+    def buffer_rows(self) -> int:
+        """Rows a shuffled pass mixes at a time."""
+        return SHUFFLE_BLOCKS * self.block_rows
+
+    @property
     def run_rows(self) -> int:
-        """Rows per read of a shuffled pass: small enough for RUNS_PER_BLOCK runs per block and MIN_RUNS per stream."""
-        return max(1, min(self.block_rows // RUNS_PER_BLOCK, -(-len(self.rows) // MIN_RUNS)))
+        """Rows per read of a shuffled pass: short enough for RUNS_PER_BUFFER runs per buffer and MIN_RUNS per
+        stream, long enough that the chunks read stay under MAX_READ_FACTOR times an ordered pass's; whole chunks or
+        equal parts of one, so that no run straddles two chunks."""
+        chunk, most = self.chunk_rows, -(-len(self.rows) // MIN_RUNS)
+        run = max(1, min(self.buffer_rows // RUNS_PER_BUFFER, most), min(most, -(-chunk // MAX_READ_FACTOR)))
+        return run // chunk * chunk if run >= chunk else chunk // (chunk // run)
 
     def blocks(self, rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(positions into `rows`, reduced float32 rows) in blocks of about `block_rows` rows: in file order, or, with
-        `rng`, each block gathered from runs of `run_rows` contiguous rows drawn in random order across the whole file.
+        """(positions into `rows`, reduced float32 rows): in file order, in blocks of `block_rows`; or, with `rng`,
+        in buffers of about `buffer_rows` rows, each gathered from runs of `run_rows` contiguous rows drawn in random
+        order across the whole file, for the caller to mix (`iter_batches`).
 
         Why runs and not single rows: a read costs a whole HDF5 chunk, so random single rows would read the file
-        hundreds of times over per pass; whole blocks in random order (the old way) left each block one class of a
-        class-sorted cache, and SGD then scored 0.72 where the same head in memory scored 0.88. A stream that fits one
-        block is read in file order and mixed whole by the caller, exactly like an in-memory array.
+        hundreds of times over per pass. Why not whole blocks in random order (the old way): each block was one class
+        of a class-sorted cache, and SGD then scored 0.72 where the same head in memory scored 0.88. A stream that fits
+        one block is read in file order and mixed whole by the caller, exactly like an in-memory array.
         """
         whole = rng is None or len(self.rows) <= self.block_rows
         read = store.read_blocks(self.path, self.layer, self.rows, self.block_rows if whole else self.run_rows,
@@ -154,17 +171,17 @@ class RowStream:
             for positions, raw in read:
                 yield positions, self.reducer.transform(raw).astype(np.float32, copy=False)
             return
-        size = self.block_rows + self.run_rows  # a block ends at the first run that fills it
-        positions, block, filled = np.empty(size, np.int64), np.empty((size, self.dim), np.float32), 0
+        size = min(len(self.rows), self.buffer_rows + self.run_rows)  # a buffer ends at the first run that fills it
+        positions, buffer, filled = np.empty(size, np.int64), np.empty((size, self.dim), np.float32), 0
         for where, raw in read:
             positions[filled:filled + len(where)] = where
-            block[filled:filled + len(where)] = self.reducer.transform(raw)
+            buffer[filled:filled + len(where)] = self.reducer.transform(raw)
             filled += len(where)
-            if filled >= self.block_rows:
-                yield positions[:filled], block[:filled]
-                positions, block, filled = np.empty(size, np.int64), np.empty((size, self.dim), np.float32), 0
+            if filled >= self.buffer_rows:
+                yield positions[:filled], buffer[:filled]
+                positions, buffer, filled = np.empty(size, np.int64), np.empty((size, self.dim), np.float32), 0
         if filled:
-            yield positions[:filled], block[:filled]
+            yield positions[:filled], buffer[:filled]
 
 
 @functools.singledispatch
@@ -181,8 +198,10 @@ def _(X: RowStream, positions: np.ndarray) -> RowStream:
 def iter_batches(X, batch_size: int, rng: np.random.Generator | None = None
                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(positions, float32 rows) batches of an array or a RowStream; shuffled when `rng` is given. Every batch but
-    the last has `batch_size` rows: a stream's blocks need not be multiples of it."""
+    the last has `batch_size` rows (for a stream at most `block_rows`, which the memory budget sized): a stream's
+    blocks need not be multiples of it."""
     if isinstance(X, RowStream):
+        batch_size = min(batch_size, X.block_rows)
         carry_positions, carry = np.empty(0, np.int64), np.empty((0, X.dim), np.float32)  # a part batch, not yet out
         for positions, block in X.blocks(rng):
             order = rng.permutation(len(positions)) if rng is not None else np.arange(len(positions))
@@ -239,7 +258,7 @@ def load_reduced(cache: Cache, layer: str, spec: ReduceSpec, rows: np.ndarray, f
     dim = spec.dim(shape)
     if len(rows) * dim * 4 * IN_MEMORY_FACTOR > budget:
         stream = RowStream(cache.path, layer, rows, reducer, dim, min(block, block_rows_for(shape, budget, STREAM_SHARE)),
-                           cache.attrs.generation)
+                           cache.attrs.generation, min(len(cache.labels), store.rows_per_chunk(shape, cache.dtypes[layer])))
         return Loaded(stream, reducer, rows, time.perf_counter() - start, streamed=True)
     X = np.empty((len(rows), dim), dtype=np.float32)
     with tqdm(total=len(rows), desc=f"reduce {desc}", unit="img", leave=False, disable=len(rows) * row_values < 5e7) as bar:

@@ -1,8 +1,11 @@
-"""Backbones by name: every keras.applications family registered in one table, plus users' own `.keras` files.
+"""Backbones by name: every keras.applications family registered in one table, plus users' own `.keras` and `.onnx`
+files.
 
 Like a timm `default_cfg`, each entry carries what it needs to be used correctly: the constructor, the family's own
-`preprocess_input`, the native input size. A `.keras` file declares the same things in a sidecar JSON
-(`model.json` beside `model.keras`) or through `--preprocess`.
+`preprocess_input`, the native input size, how it was evaluated (crop fraction, interpolation): its data config
+(`BackboneSpec.data`, a `features.preprocess.DataConfig`). A `.keras` or `.onnx` file declares the same things in a
+sidecar JSON (`model.json` beside `model.keras`) or through `--preprocess`; an `.onnx` file runs on ONNX Runtime
+without TensorFlow (features/onnx_backbone.py).
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from features.errors import UsageError, did_you_mean
-from features.preprocess import Preprocess, resolve_preprocess
+from features.images import CROP_FRACTION
+from features.preprocess import INTERPOLATIONS, LAYOUTS, DataConfig, Preprocess, resolve_preprocess
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,20 @@ class BackboneSpec:
     preprocess: Preprocess
     input_size: int
     default_layer: str | None = None  # None: the model's output
-    file: Path | None = None  # set for user .keras models
+    file: Path | None = None  # set for user .keras and .onnx models
+    crop_fraction: float = CROP_FRACTION  # how the model was evaluated: the centre crop's share of the shorter side
+    interpolation: str = "bilinear"  # ... and the resize filter
+    layout: str = "NHWC"  # the model input's axis order; NCHW only for .onnx files
+
+    @property
+    def data(self) -> DataConfig:
+        """The data config: one record for every kind of backbone (what `make backbones` prints)."""
+        return DataConfig(self.input_size, self.preprocess.mode, self.crop_fraction, self.interpolation, self.layout)
+
+    @property
+    def onnx(self) -> bool:
+        """A user's .onnx file: run by ONNX Runtime (features/onnx_backbone.py), never built as a Keras model."""
+        return self.file is not None and self.file.suffix == ".onnx"
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -60,6 +77,19 @@ _APPLICATIONS = [
       for v in ["Tiny", "Small", "Base", "Large", "XLarge"]],
 ]
 
+# How a family's weights were evaluated, where its reference says so (preprocess module -> size -> (crop fraction,
+# interpolation)); timm's pretrained_cfg of the same weights agrees. EfficientNet's TF reference crops
+# size / (size + 32) of the shorter side and resizes bicubic (0.875 at 224, 0.949 at 600); ConvNeXt resizes bicubic.
+# Every other family: the ImageNet convention, 0.875 and bilinear (CROP_FRACTION).
+_EVALUATION: dict[str, Callable[[int], tuple[float, str]]] = {
+    "efficientnet": lambda size: (round(size / (size + 32), 4), "bicubic"),
+    "convnext": lambda size: (CROP_FRACTION, "bicubic"),
+}
+
+
+def _evaluation(module: str, size: int) -> tuple[float, str]:
+    return _EVALUATION.get(module, lambda _: (CROP_FRACTION, "bilinear"))(size)
+
 
 def register(spec: BackboneSpec) -> BackboneSpec:
     _REGISTRY[spec.name] = spec
@@ -83,11 +113,13 @@ def _family_preprocess(module: str, mode: str) -> Preprocess:
         return getattr(keras.applications, module).preprocess_input(x)
 
     what = "the model normalises internally" if mode == "none" else resolve_preprocess(mode).description
-    return Preprocess(fn, f"keras.applications.{module}.preprocess_input ({what})")
+    return Preprocess(fn, f"keras.applications.{module}.preprocess_input ({what})", mode)
 
 
 for _name, _ctor, _module, _size, _mode in _APPLICATIONS:
-    register(BackboneSpec(_name, _application(_ctor, _module), _family_preprocess(_module, _mode), _size))
+    _crop, _interpolation = _evaluation(_module, _size)
+    register(BackboneSpec(_name, _application(_ctor, _module), _family_preprocess(_module, _mode), _size,
+                          crop_fraction=_crop, interpolation=_interpolation))
 
 
 def list_backbones(pattern: str = "*") -> list[str]:
@@ -149,30 +181,56 @@ def read_sidecar(model_file: Path) -> dict:
             raise UsageError(f"sidecar '{sidecar}': {key} {meta[key]!r} is not valid. Expected a string"
                              + (" such as \"tf\" or \"mean=127,std=128\"." if key == "preprocess" else
                                 ": a layer name."))
+    crop = meta.get("crop_fraction")
+    if crop is not None and (isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1):
+        raise UsageError(f"sidecar '{sidecar}': crop_fraction {crop!r} is not valid. Expected the share of the "
+                         "shorter side that the model's centre crop keeps, a number in (0, 1] such as 0.875.")
+    for key, valid in (("interpolation", INTERPOLATIONS), ("layout", LAYOUTS)):
+        if meta.get(key) is not None and meta[key] not in valid:
+            raise UsageError(f"sidecar '{sidecar}': {key} {meta[key]!r} is not valid. Expected one of: "
+                             f"{', '.join(valid)}.")
     return {**meta, "input_size": size}
 
 
-def _user_model(path: Path, preprocess: str | None) -> BackboneSpec:
-    meta = read_sidecar(path)
+def declared_preprocess(path: Path, preprocess: str | None, meta: dict) -> str:
+    """The preprocessing a user file declares (--preprocess over its sidecar); none declared is refused."""
     spec = preprocess or meta.get("preprocess")
     if not spec:
         raise UsageError(f"backbone '{path}' does not declare its preprocessing. Pass --preprocess "
                          f"(caffe|tf|torch|none|mean=M,std=S) or write it into {sidecar_path(path)} as "
                          '{"preprocess": "mean=127,std=128", "input_size": 224}. A silent /255 is never assumed.')
+    return spec
+
+
+def declared_evaluation(meta: dict) -> dict:
+    """The data-config fields a sidecar may add to the BackboneSpec (each defaults as for a registry entry)."""
+    return {key: meta[key] for key in ("crop_fraction", "interpolation") if meta.get(key) is not None}
+
+
+def _user_model(path: Path, preprocess: str | None) -> BackboneSpec:
+    meta = read_sidecar(path)
+    spec = declared_preprocess(path, preprocess, meta)
+    if meta.get("layout") not in (None, "NHWC"):
+        raise UsageError(f"sidecar '{sidecar_path(path)}': layout {meta['layout']!r} is for .onnx backbones; a .keras "
+                         "model takes NHWC (channels last). Remove \"layout\" or set it to \"NHWC\".")
 
     def build(weights, input_shape):
         return load_keras(path, "backbone")
 
     return BackboneSpec(str(path), build, resolve_preprocess(spec), meta["input_size"],
-                        meta.get("default_layer"), file=path)
+                        meta.get("default_layer"), file=path, **declared_evaluation(meta))
 
 
 def get_backbone(name: str, preprocess: str | None = None) -> BackboneSpec:
-    """A registry name (`vgg19`) or the path of a `.keras` file."""
-    if name.endswith(".keras"):
+    """A registry name (`vgg19`) or the path of a `.keras` or `.onnx` file."""
+    if name.endswith((".keras", ".onnx")):
         path = Path(name)
         if not path.is_file():
             raise UsageError(f"backbone file '{name}' does not exist.")
+        if name.endswith(".onnx"):
+            from features.onnx_backbone import onnx_backbone  # imports onnx: only for an .onnx file
+
+            return onnx_backbone(path, preprocess)
         return _user_model(path, preprocess)
     if name not in _REGISTRY:
         raise UsageError(f"unknown backbone '{name}'. Expected a .keras file or one of the registered names "

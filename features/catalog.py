@@ -9,13 +9,18 @@ In (a) and (b) the label is the folder an image lies in *as seen from DATA* (its
 component); links are walked so that this can never relabel an image (see `_walk_files`). Nothing is guessed: a
 CSV's columns are recognised by name (or given), and an image listed twice with different labels is refused.
 Entries that cannot be used (links to nowhere, named pipes and other special files, folders that cannot be read,
-names that are not UTF-8) are listed with the reason, without being opened, so none can stop or block a run.
+names that are not UTF-8) are listed with the reason, without being opened, so none can stop or block a run. Files of
+other types (a caption `.txt` beside each image) are no candidates: a note counts them by extension, no list holds
+them. `write_manifest` lists the candidates once into a file a job array's tasks read slices of (`read_manifest`).
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import hashlib
+import itertools
+import json
 import os
 import stat
 from dataclasses import dataclass, field
@@ -50,6 +55,8 @@ class Catalog:
     # (d) only: row path -> where its image lies in a tar shard (shard, offset, size); the whole set's, shared by
     # every shard, subset and view of this catalog (dataclasses.replace carries it)
     members: dict[str, tars.Member] = field(default_factory=dict, repr=False)
+    # per row: (size, mtime_ns) as read when the folder was listed (or from a manifest); empty: stat'ed on first use
+    file_stamps: list[tuple[int, int]] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -57,7 +64,11 @@ class Catalog:
     @functools.cached_property
     def stamps(self) -> list[tuple[int, int]]:
         """(size, mtime_ns) of each candidate's file: how an update tells an unchanged file from a changed one. A
-        sample of a tar shard has its shard's, as read when the shard was indexed."""
+        sample of a tar shard has its shard's, as read when the shard was indexed. Discovery reads them with the one
+        stat that checks each file is a regular file, so listing a folder stats each image once."""
+        if self.file_stamps:
+            return self.file_stamps
+
         def stamp(rel: str) -> tuple[int, int]:
             if rel in self.members:
                 return self.members[rel].shard.stamp
@@ -75,11 +86,11 @@ class Catalog:
 
     def fingerprint(self) -> str:
         """Identity of the input set: names, sizes, modification times and labels of every candidate."""
-        h = hashlib.sha256()
-        for i, (rel, label, split) in enumerate(zip(self.paths, self.labels, self.splits)):
-            size, mtime = self.stamps[i]
-            view = f"\0{self.views[i]}" if self.views and self.views[i] else ""
-            h.update(f"{rel}\0{size}\0{mtime}\0{label}\0{split}{view}\n".encode())
+        h = hashlib.sha256()  # one update of the joined lines: the digest of the lines fed one by one, ~3x faster
+        views = self.views or [0] * len(self)
+        h.update("".join(f"{rel}\0{size}\0{mtime}\0{label}\0{split}{f'{chr(0)}{view}' if view else ''}\n"
+                         for rel, (size, mtime), label, split, view
+                         in zip(self.paths, self.stamps, self.labels, self.splits, views)).encode())
         h.update("\0".join(self.label_names).encode())
         return h.hexdigest()
 
@@ -87,24 +98,36 @@ class Catalog:
         """The candidates at `indices` (in that order), as a catalog of their own: what an update still computes."""
         return dataclasses.replace(
             self, paths=[self.paths[i] for i in indices], labels=[self.labels[i] for i in indices],
-            splits=[self.splits[i] for i in indices], views=[self.views[i] for i in indices], offset=0)
+            splits=[self.splits[i] for i in indices], views=[self.views[i] for i in indices], offset=0,
+            file_stamps=[self.file_stamps[i] for i in indices] if self.file_stamps else [])
 
     def shard(self, index: int, count: int) -> "Catalog":
         """Contiguous block `index` of `count`, balanced by count; concatenating the blocks restores the order."""
         lo, hi = len(self) * index // count, len(self) * (index + 1) // count
         return dataclasses.replace(
             self, paths=self.paths[lo:hi], labels=self.labels[lo:hi], splits=self.splits[lo:hi],
-            views=self.views[lo:hi], ignored=self.ignored if index == 0 else [], offset=self.offset + lo)
+            views=self.views[lo:hi], ignored=self.ignored if index == 0 else [], offset=self.offset + lo,
+            file_stamps=self.file_stamps[lo:hi])
 
-    def with_views(self, k: int) -> "Catalog":
+    def view_counts(self, k: int, has_splits: bool | None = None) -> list[int]:
+        """Rows per candidate with k augmented views: k + 1 for a training image, 1 for the others (evaluation splits,
+        unlabelled images). Without splits (`has_splits`, default: any candidate has one) every labelled image is a
+        training image."""
+        has_splits = any(self.splits) if has_splits is None else has_splits
+        return [k + 1 if label >= 0 and (split == "train" or not has_splits) else 1
+                for label, split in zip(self.labels, self.splits)]
+
+    def with_views(self, k: int, has_splits: bool | None = None) -> "Catalog":
         """Rows of the cache: each training image followed by its k augmented views; evaluation splits and
-        unlabelled images keep their clean view only. Without splits every labelled image is a training image."""
-        has_splits = any(self.splits)
-        rows = [(i, v) for i in range(len(self))
-                for v in range(k + 1 if self.labels[i] >= 0 and (self.splits[i] == "train" or not has_splits) else 1)]
+        unlabelled images keep their clean view only (see `view_counts`; `has_splits` is the whole set's when this
+        catalog is a part of it)."""
+        if k == 0:
+            return dataclasses.replace(self, views=[0] * len(self))
+        rows = [(i, v) for i, n in enumerate(self.view_counts(k, has_splits)) for v in range(n)]
         return dataclasses.replace(
             self, paths=[self.paths[i] for i, _ in rows], labels=[self.labels[i] for i, _ in rows],
-            splits=[self.splits[i] for i, _ in rows], views=[v for _, v in rows])
+            splits=[self.splits[i] for i, _ in rows], views=[v for _, v in rows],
+            file_stamps=[self.file_stamps[i] for i, _ in rows] if self.file_stamps else [])
 
 
 NOT_UTF8 = ("its name is not valid UTF-8 (listed with the bytes escaped), and the cache stores names as UTF-8; "
@@ -141,17 +164,41 @@ def _file_problem(path: Path, suffixes: frozenset[str] = IMAGE_EXTENSIONS) -> st
     return ""
 
 
-def _walk_files(root: Path, suffixes: frozenset[str] = IMAGE_EXTENSIONS) -> tuple[list[str], list[tuple[str, str]]]:
-    """Image files (relative, sorted) and the visible entries not used, with the reason, recursively; hidden files
-    and folders are ignored.
+@dataclass
+class Listing:
+    """What a walk of DATA found: candidate files (relative, sorted) with their (size, mtime_ns), the visible entries
+    left out with the reason, and how many other files were not candidates, by extension (never listed one by one:
+    a caption `.txt` beside each image would double every list)."""
+
+    files: list[str]
+    others: list[tuple[str, str]]
+    stamps: dict[str, tuple[int, int]]
+    not_candidates: dict[str, int]
+
+
+def _suffix(name: str) -> str:
+    """`Path(name).suffix`, lower-cased, without building a Path (a walk calls this once per file)."""
+    i = name.rfind(".")
+    return name[i:].lower() if 0 < i < len(name) - 1 else ""
+
+
+def _walk_files(root: Path, suffixes: frozenset[str] = IMAGE_EXTENSIONS) -> Listing:
+    """Files of `suffixes` under `root`, recursively, each stat'ed once (following links: a regular file is a
+    candidate, and its size and time are its stamp); hidden files and folders are ignored, and so are files of other
+    types (counted by extension, not listed).
 
     Directory links are followed once each, so a loop (`ants/up -> ..`) cannot multiply the images: every real
     folder is walked at most once (a seen-set of (device, inode)), and a link that leads back inside DATA is
     skipped because its target is catalogued at its own place, under its own label. Skipped links are reported,
-    as are folders that cannot be read and entries `_file_problem` refuses (links to nowhere, named pipes, names
-    that are not UTF-8), so that nothing is left out silently and no odd entry stops or blocks the run.
+    as are folders that cannot be read and entries that look like candidates but cannot be used (links to nowhere,
+    named pipes and other special files, names that are not UTF-8, compressed tars), so that nothing that looks like
+    an image is left out silently and no odd entry stops or blocks the run. Folders are walked depth first in name
+    order (as `os.walk` does top-down), with `os.scandir`: no Path object and no second stat per file.
     """
-    images, others = [], []
+    files: list[str] = []
+    others: list[tuple[str, str]] = []
+    stamps: dict[str, tuple[int, int]] = {}
+    not_candidates: dict[str, int] = {}
     real_root = root.resolve()
     start = root.stat()
     seen = {(start.st_dev, start.st_ino)}
@@ -165,37 +212,73 @@ def _walk_files(root: Path, suffixes: frozenset[str] = IMAGE_EXTENSIONS) -> tupl
                        f"a folder that cannot be read ({err.strerror}); its files are left out. Fix its permissions "
                        "(e.g. chmod a+rx) to include them."))
 
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
-        keep = []
-        for name in sorted(d for d in dirnames if not d.startswith(".")):
-            sub = Path(dirpath, name)
-            rel = _shown(sub.relative_to(root).as_posix())
-            if _shown(name) != name:
-                others.append((rel + "/", NOT_UTF8))
-                continue
-            st = sub.stat()
-            target = sub.resolve()
-            if (st.st_dev, st.st_ino) in seen:
-                others.append((rel + "/", f"a link to the folder '{_shown(str(target))}', which is already catalogued;"
-                                          " skipped"))
-            elif sub.is_symlink() and (target == real_root or real_root in target.parents):
-                inside = _shown(target.relative_to(real_root).as_posix()) or "."
-                others.append((rel + "/", f"a link back into DATA ('{inside}'), catalogued at its own place; skipped"))
-            else:
-                seen.add((st.st_dev, st.st_ino))
-                keep.append(name)
-        dirnames[:] = keep
-        for name in filenames:
+    stack = [(str(root), "")]  # (folder, its path relative to root with a trailing '/', or '' for root)
+    while stack:
+        folder, prefix = stack.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as err:
+            unreadable(err)
+            continue
+        subfolders = []
+        for entry in entries:
+            name = entry.name
             if name.startswith("."):
                 continue
-            path = Path(dirpath, name)
-            rel = path.relative_to(root).as_posix()
-            problem = _file_problem(path, suffixes)
-            if problem:
-                others.append((_shown(rel), problem))
-            else:
-                images.append(rel)
-    return sorted(images), sorted(others)
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            rel = prefix + name
+            plain = name.isascii() or _shown(name) == name
+            if is_dir:
+                shown = _shown(rel)
+                if not plain:
+                    others.append((shown + "/", NOT_UTF8))
+                    continue
+                st = entry.stat()
+                if (st.st_dev, st.st_ino) in seen:
+                    others.append((shown + "/", f"a link to the folder '{_shown(str(Path(entry.path).resolve()))}', "
+                                                "which is already catalogued; skipped"))
+                    continue
+                if entry.is_symlink():
+                    target = Path(entry.path).resolve()
+                    if target == real_root or real_root in target.parents:
+                        inside = _shown(target.relative_to(real_root).as_posix()) or "."
+                        others.append((shown + "/", f"a link back into DATA ('{inside}'), catalogued at its own "
+                                                    "place; skipped"))
+                        continue
+                seen.add((st.st_dev, st.st_ino))
+                subfolders.append((entry.path, rel + "/"))
+                continue
+            if not plain:
+                others.append((_shown(rel), NOT_UTF8))
+                continue
+            suffix = _suffix(name)
+            if suffix not in suffixes:
+                if tars.is_compressed(name):
+                    others.append((rel, tars.COMPRESSED))
+                else:
+                    not_candidates[suffix] = not_candidates.get(suffix, 0) + 1
+                continue
+            try:
+                st = entry.stat()
+            except OSError as err:  # a link to nowhere, a loop of links, a file removed meanwhile
+                if isinstance(err, FileNotFoundError) and entry.is_symlink():
+                    others.append((rel, f"a link to '{_shown(os.readlink(entry.path))}', which does not exist; "
+                                        "skipped. Fix or remove the link."))
+                else:
+                    others.append((rel, f"cannot be read ({err.strerror}); skipped"))
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                others.append((rel, f"{NOT_REGULAR.get(stat.S_IFMT(st.st_mode), 'a special file')}, not a regular "
+                                    "file; skipped without opening it"))
+                continue
+            files.append(rel)
+            stamps[rel] = (st.st_size, st.st_mtime_ns)
+        stack.extend(reversed(subfolders))  # depth first, in name order
+    return Listing(sorted(files), sorted(others), stamps, not_candidates)
 
 
 def _split_of(top: str) -> str:
@@ -221,9 +304,13 @@ def discover(
     if not root.is_dir():
         raise UsageError(f"DATA '{data}' is a file, expected a folder of images (or of .tar shards, or one .tar).")
     _check_root(root)
-    images, others = _walk_files(root, IMAGE_EXTENSIONS | {tars.SHARD_SUFFIX})
+    listing = _walk_files(root, IMAGE_EXTENSIONS | {tars.SHARD_SUFFIX})
+    images, others, not_candidates = listing.files, listing.others, dict(listing.not_candidates)
     if labels_csv:
         others = [o for o in others if (root / o[0]).resolve() != Path(labels_csv).resolve()]
+        csv = Path(labels_csv).resolve()
+        if csv.is_file() and csv.is_relative_to(root.resolve()) and not_candidates.get(_suffix(csv.name)):
+            not_candidates[_suffix(csv.name)] -= 1  # the labels CSV kept beside the images is no stray file
     shards = [p for p in images if p.lower().endswith(tars.SHARD_SUFFIX)]
     images = [p for p in images if not p.lower().endswith(tars.SHARD_SUFFIX)]
     if shards and not images:
@@ -233,11 +320,26 @@ def discover(
                               for s in shards])
     if not images:
         skipped = f" Skipped {len(others)} other entries, e.g. {others[0][0]}: {others[0][1]}" if others else ""
+        found = f" It holds {_counted(not_candidates)}." if sum(not_candidates.values()) else ""
         raise UsageError(f"DATA folder '{data}' holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
-                         f"recursively).{skipped}")
+                         f"recursively).{found}{skipped}")
     if labels_csv:
-        return _from_csv(root, images, others, labels_csv, path_column, label_column)
-    return _from_folders(root, images, others)
+        found = _from_csv(root, images, others, labels_csv, path_column, label_column)
+    else:
+        found = _from_folders(root, images, others)
+    notes = found.notes
+    if sum(not_candidates.values()):
+        notes += (f"left out {_counted(not_candidates)} under DATA: not image files, so no candidates (not listed "
+                  "as skipped)",)
+    return dataclasses.replace(found, notes=notes, file_stamps=[listing.stamps[p] for p in found.paths])
+
+
+def _counted(by_suffix: dict[str, int]) -> str:
+    """{'.txt': 3, '': 1} -> '4 other files (3 .txt, 1 without extension)'; the five commonest types are named."""
+    total = sum(by_suffix.values())
+    common = sorted(((n, s) for s, n in by_suffix.items() if n), key=lambda t: (-t[0], t[1]))
+    named = ", ".join(f"{n} {s or 'without extension'}" for n, s in common[:5]) + (", ..." if len(common) > 5 else "")
+    return f"{total} other file{'s' if total != 1 else ''} ({named})"
 
 
 def _check_root(root: Path) -> None:
@@ -427,3 +529,189 @@ def _image_keys(images: list[str]) -> dict[str, str]:
     keys = {k: v for k, v in short.items() if k not in ambiguous}
     keys.update(full)  # a relative path always wins over a bare name
     return keys
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+MANIFEST_FORMAT = "feature-cache manifest"
+MANIFEST_VERSION = 1
+
+
+def manifest_path(out: Path) -> Path:
+    """Where `python -m pipeline slurm` lists DATA for the cache `out` (the merged name): hidden, beside it."""
+    return out.with_name(f".{out.name}.manifest.jsonl")
+
+
+def manifest_source(data: str, labels: str | None, path_column: str | None, label_column: str | None,
+                    augment: int) -> dict[str, object]:
+    """The flags a listing depends on, as given: a task reading a manifest must have been given the same."""
+    return {"data": str(data), "labels": labels, "path_column": path_column, "label_column": label_column,
+            "augment": augment}
+
+
+def write_manifest(path: Path, catalog: Catalog, source: dict[str, object]) -> str:
+    """List `catalog` (as `discover` returns it, one entry per file) into the manifest `path`; returns the fingerprint
+    of its rows (`catalog.with_views(augment)`), which the manifest records for every task.
+
+    The file is line-oriented, written to a temporary name and renamed, so a task reading the previous one is never
+    cut short: line 1 is a JSON header (the flags it was listed for, the data root, layout, label names, notes, counts,
+    fingerprint); then one fixed-width index line per file plus one, `<byte offset of its entry> <its first row>`
+    zero-padded to `index_width` digits, so a task finds its rows with a binary search of a few seeks; then one JSON
+    array per file `[path, size, mtime_ns, label, split]` (tar samples add `shard, offset, size` of the image), sorted
+    as the rows of the cache; then the entries left out, `[path, reason]`, which only shard 0 reads."""
+    augment = int(source["augment"])
+    has_splits = any(catalog.splits)
+    counts = catalog.view_counts(augment, has_splits)
+    lines = []
+    for rel, label, split, (size, mtime) in zip(catalog.paths, catalog.labels, catalog.splits, catalog.stamps):
+        entry = [rel, size, mtime, label, split]
+        member = catalog.members.get(rel)
+        if member is not None:
+            entry += [member.shard.name, member.offset, member.size]
+        lines.append(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+    offsets = [0, *itertools.accumulate(len(line) for line in lines)]
+    firsts = [0, *itertools.accumulate(counts)]
+    width = max(len(str(offsets[-1])), len(str(firsts[-1])))
+    fingerprint = catalog.with_views(augment).fingerprint()
+    header = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "source": source, "root": str(catalog.root),
+              "layout": catalog.layout, "label_names": catalog.label_names, "notes": list(catalog.notes),
+              "has_splits": has_splits, "files": len(catalog), "rows": firsts[-1], "fingerprint": fingerprint,
+              "ignored": len(catalog.ignored), "index_width": width}
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(header, separators=(",", ":")).encode() + b"\n")
+            f.write(b"".join(f"{o:0{width}d} {r:0{width}d}\n".encode() for o, r in zip(offsets, firsts)))
+            f.writelines(lines)
+            f.write(b"".join(json.dumps(list(item)).encode() + b"\n" for item in catalog.ignored))
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"the manifest '{path}' cannot be written ({err.strerror or err}). Expected a writable "
+                         "folder beside the cache; free space or choose another --out.") from None
+    return fingerprint
+
+
+class _Index:
+    """The fixed-width index lines of an open manifest, as a sequence of (entry offset, first row), read on access:
+    `bisect` reads O(log files) of them."""
+
+    def __init__(self, file, at: int, width: int, count: int):
+        self.file, self.at, self.width, self.count = file, at, width, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, f: int) -> tuple[int, int]:
+        step = 2 * self.width + 2
+        self.file.seek(self.at + f * step)
+        line = self.file.read(step)
+        return int(line[: self.width]), int(line[self.width + 1 : 2 * self.width + 1])
+
+
+def read_manifest(path: str | Path, shard: tuple[int, int] | None, source: dict[str, object]) -> tuple[Catalog, str]:
+    """Shard `shard` (None: all) of the rows listed in the manifest `path`, as `discover(...).with_views(augment)`
+    then `.shard(*shard)` would give them, and the whole set's fingerprint; reads the header, a few index lines and
+    the shard's own entries (shard 0 also the entries left out), and stats only the shard's own files.
+
+    A file whose size or modification time differs from the listing, or that is gone, stops the task in one line:
+    every task of one job must extract the same listing (the shards' fingerprint says which), so a task cannot
+    update on its own; a new submission lists DATA again, and shards already written are then updated."""
+    path = Path(path)
+    again = ("Leave out --manifest to list DATA here, or submit again (`python -m pipeline slurm`), which lists it "
+             "anew.")
+    try:
+        file = open(path, "rb")
+    except OSError as err:
+        raise UsageError(f"manifest '{path}' cannot be read ({err.strerror}). Expected the listing of DATA that "
+                         f"`python -m pipeline slurm` writes beside the cache. {again}") from None
+    with file:
+        try:
+            head = file.readline()
+            header = json.loads(head)
+            if header.get("format") != MANIFEST_FORMAT or header.get("version") != MANIFEST_VERSION:
+                raise ValueError
+            width, files, rows = int(header["index_width"]), int(header["files"]), int(header["rows"])
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise UsageError(f"'{path}' is not a manifest of this version (expected a header line with format "
+                             f"'{MANIFEST_FORMAT}', version {MANIFEST_VERSION}). {again}") from None
+        for key, given in source.items():
+            listed = header["source"].get(key)
+            if listed != given:
+                raise UsageError(f"manifest '{path}' lists DATA for --{key.replace('_', '-')} {listed!r}, not "
+                                 f"{given!r}: it was written for another extraction. Pass the flags it was written "
+                                 "for, or leave out --manifest to list DATA here.")
+        index = _Index(file, len(head), width, files + 1)
+        records_at = len(head) + (files + 1) * (2 * width + 2)
+        lo, hi = (rows * shard[0] // shard[1], rows * (shard[0] + 1) // shard[1]) if shard else (0, rows)
+        first_file = bisect.bisect_right(index, lo, 0, files, key=lambda e: e[1]) - 1
+        last_file = bisect.bisect_left(index, hi, first_file, files, key=lambda e: e[1])
+        (start, first_row), (stop, _) = index[first_file], index[last_file]
+        file.seek(records_at + start)
+        entries = [json.loads(line) for line in file.read(stop - start).splitlines()]
+        ignored = []
+        if not shard or shard[0] == 0:
+            file.seek(records_at + index[files][0])
+            ignored = [tuple(item) for item in map(json.loads, file.read().splitlines())]
+    root = Path(header["root"])
+    stamps = [(int(e[1]), int(e[2])) for e in entries]
+    members = _manifest_members(path, root, entries)
+    _check_listed(path, root, entries, members)
+    catalog = Catalog(root, [e[0] for e in entries], [int(e[3]) for e in entries], [e[4] for e in entries],
+                      header["label_names"], header["layout"], ignored, notes=tuple(header["notes"]),
+                      members=members, file_stamps=stamps)
+    catalog = catalog.with_views(int(header["source"]["augment"]), bool(header["has_splits"]))
+    a = lo - first_row
+    catalog = dataclasses.replace(
+        catalog, paths=catalog.paths[a : a + hi - lo], labels=catalog.labels[a : a + hi - lo],
+        splits=catalog.splits[a : a + hi - lo], views=catalog.views[a : a + hi - lo],
+        file_stamps=catalog.file_stamps[a : a + hi - lo], offset=lo)
+    return catalog, header["fingerprint"]
+
+
+def _manifest_members(path: Path, root: Path, entries: list[list]) -> dict[str, tars.Member]:
+    """Where the listed tar samples lie: each shard stat'ed once (the descriptor a loader opens is checked against
+    it), its stamp compared with the listing's."""
+    shards: dict[str, tars.Shard] = {}
+    members = {}
+    for e in entries:
+        if len(e) < 8:
+            continue
+        shard = shards.get(e[5])
+        if shard is None:
+            try:
+                st = os.stat(root / e[5])
+            except OSError as err:
+                raise _changed(path, e[5], f"cannot be read ({err.strerror})") from None
+            if (st.st_size, st.st_mtime_ns) != (int(e[1]), int(e[2])):
+                raise _changed(path, e[5], "has another size or modification time")
+            shard = shards[e[5]] = tars.Shard((root / e[5]).absolute(), e[5], st)
+        members[e[0]] = tars.Member(shard, int(e[6]), int(e[7]))
+    return members
+
+
+def _check_listed(path: Path, root: Path, entries: list[list], members: dict[str, tars.Member]) -> None:
+    """Each listed file of this shard (tar samples: their shard, checked when indexed) is as the listing says."""
+    changed = []
+    for e in entries:
+        if e[0] in members:
+            continue
+        try:
+            st = os.stat(root / e[0])
+        except OSError as err:
+            changed.append((e[0], "is gone" if isinstance(err, FileNotFoundError) else
+                            f"cannot be read ({err.strerror})"))
+            continue
+        if (st.st_size, st.st_mtime_ns) != (int(e[1]), int(e[2])):
+            changed.append((e[0], "has another size or modification time"))
+    if changed:
+        more = f" (and {len(changed) - 1} more of this shard's files)" if len(changed) > 1 else ""
+        raise _changed(path, changed[0][0], changed[0][1] + more)
+
+
+def _changed(path: Path, rel: str, what: str) -> UsageError:
+    return UsageError(f"DATA changed since the manifest '{path}' was written: '{rel}' {what}. Every task of one job "
+                      "extracts the same listing, so this one stops; submit the job again (`python -m pipeline slurm` "
+                      "with the same flags), which lists DATA anew: shards already written are then updated, "
+                      "recomputing only new or changed files.")

@@ -6,6 +6,11 @@ engine. `tf` runs it as a compiled TensorFlow function (the only engine for mixe
 on a GPU); `onnx` exports it once to ONNX and runs it with ONNX Runtime, 1.5-3.8x faster on CPU (docs/engines.md).
 The export is kept under the hash of what determines it, beside the caches, so only the first run pays for it.
 ONNX Runtime computes a batch in sub-batches whose largest activation fits ACTIVATION_BUDGET (`onnx_batch`).
+
+`auto` decides by rule where one engine is the only one that implements an option or runs on a GPU (`engine_rule`);
+on a CPU it times both engines on a few batches the first time a graph runs on a kind of machine and keeps the choice
+beside the export (`measured_forward`), so later runs decide at once and every cache of that graph agrees. With
+`--precision int8` the onnx engine runs the export quantized by ONNX Runtime (`features.quantize`), kept beside it.
 """
 from __future__ import annotations
 
@@ -13,17 +18,25 @@ import dataclasses
 import hashlib
 import json
 import os
+import platform
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+from filelock import FileLock
 
 from features.errors import UsageError
 from features.model import installed_version, pool_features
 from features.schema import GRAPH, CacheAttrs
+
+if TYPE_CHECKING:
+    from features.quantize import Calibration
 
 # uint8 pixels (batch, size, size, 3) -> one array per cut layer, (batch, *row_shape), in the storage dtype
 Forward = Callable[[np.ndarray], list[np.ndarray]]
@@ -46,6 +59,7 @@ class Graph:
     size: int
     pool: str = "none"
     dtype: str = "float32"
+    int8: Calibration | None = None  # --precision int8: the onnx engine runs the export quantized on these images
 
     @property
     def model(self):
@@ -78,6 +92,10 @@ class EngineOptions:
 def tf_forward(graph: Graph, options: EngineOptions) -> Forward:
     """One compiled TensorFlow call per batch (XLA with options.jit)."""
     import tensorflow as tf
+
+    if graph.int8 is not None:
+        raise UsageError("engine 'tf' does not implement --precision int8 (ONNX Runtime's quantization). "
+                         "Use --engine onnx.")
 
     compiled = tf.function(graph, jit_compile=options.jit, autograph=False, input_signature=[graph.input_spec()])
 
@@ -113,7 +131,8 @@ def onnx_forward(graph: Graph, options: EngineOptions) -> Forward:
     import onnxruntime as ort
 
     keep = options.keep_export and options.export is not None
-    path = (options.export if keep and options.export.exists() else
+    path = (int8_graph(graph, options, keep) if graph.int8 is not None else
+            options.export if keep and options.export.exists() else
             export_onnx(dataclasses.replace(graph, batch_size=onnx_batch(graph)), options.export if keep else None))
     so = ort.SessionOptions()
     so.intra_op_num_threads = options.threads or len(os.sched_getaffinity(0))
@@ -140,9 +159,42 @@ def onnx_forward(graph: Graph, options: EngineOptions) -> Forward:
     return forward
 
 
+def int8_graph(graph: Graph, options: EngineOptions, keep: bool) -> Path:
+    """The export quantized on graph.int8's images: kept beside the float export under its own hash
+    (`features.quantize.quantized_path`), made now from the float export (kept, or exported now) when absent."""
+    from features.quantize import quantize, quantized_path
+
+    target = quantized_path(options.export, graph.int8.identity) if options.export is not None else None
+    if keep and target.exists():
+        return target
+    floating = (options.export if keep and options.export.exists() else
+                export_onnx(dataclasses.replace(graph, batch_size=onnx_batch(graph), int8=None),
+                            options.export if keep else None))
+    try:
+        return quantize(floating, target if keep else None, graph.int8)
+    finally:
+        if not keep:
+            floating.unlink(missing_ok=True)
+
+
 ENGINES: dict[str, Callable[[Graph, EngineOptions], Forward]] = {"tf": tf_forward, "onnx": onnx_forward}
-ENGINE_CHOICES = ("auto", *ENGINES)
+AUTO = "auto"  # `engine_rule`'s answer where only a measurement can decide (CPU, no option that one engine owns)
+ENGINE_CHOICES = (AUTO, *ENGINES)
+PRECISIONS = ("float32", "mixed", "int8")
 TF_ONLY = {"precision": "mixed", "jit": True}  # options that only the tf engine implements
+ONNX_ONLY = {"precision": "int8"}  # options that only the onnx engine implements (ONNX Runtime's quantization)
+
+# auto on a CPU: both engines are timed once per graph and kind of machine, on synthetic batches of the run's shape
+# (one untimed call each, then rounds of one call each in alternating order, the fastest call counting), only for runs
+# of at least MEASURE_MIN_BATCHES batches: the timing costs about 5 batches' compute, once; a shorter run follows the
+# rule (onnx) and keeps nothing. Shards never time (one extraction's shards must agree): they follow a kept choice or
+# the rule.
+MEASURE_MIN_BATCHES = 32
+MEASURE_ROUNDS = (2, 5)  # at least, at most
+MEASURE_BUDGET_S = 3.0  # timed seconds after which no round past the minimum starts
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+             "amx_int8")  # /proc/cpuinfo flags that change which engine's kernels are fastest
+clock = time.perf_counter  # what `measure` times with (tests replace it)
 
 
 class ExportError(RuntimeError):
@@ -203,34 +255,178 @@ def unsupported_marker(path: Path) -> Path:
     return path.with_suffix(".unsupported")
 
 
-def resolve_engine(name: str, precision: str, jit: bool, gpus: int, export: Path | None) -> str:
-    """auto: TensorFlow on a GPU or for its own options (mixed precision, XLA), else ONNX Runtime unless this graph
-    is known not to export. Explicit names are checked against the options only one engine implements."""
+def _given(options: dict, precision: str, jit: bool) -> list[str]:
+    """Which of `options` (TF_ONLY, ONNX_ONLY) the run asks for, as flags."""
+    return [f"--{k} {v}" if v is not True else f"--{k}" for k, v in options.items()
+            if {"precision": precision, "jit": jit}[k] == v]
+
+
+def check_engine(name: str, precision: str, jit: bool) -> None:
+    """Refuse, in one line, an engine name that is not one, and options no single engine implements."""
     if name not in ENGINE_CHOICES:
         raise UsageError(f"engine '{name}' is not valid. Expected one of: {', '.join(ENGINE_CHOICES)}.")
-    tf_only = [f"--{k} {v}" if v is not True else f"--{k}" for k, v in TF_ONLY.items()
-               if {"precision": precision, "jit": jit}[k] == v]
-    if name == "auto":
-        known_bad = export is not None and unsupported_marker(export).exists()
-        return "tf" if gpus or tf_only or known_bad else "onnx"
-    if name != "tf" and tf_only:
+    tf_only, onnx_only = _given(TF_ONLY, precision, jit), _given(ONNX_ONLY, precision, jit)
+    if tf_only and onnx_only:
+        raise UsageError(f"{' and '.join(onnx_only)} runs on ONNX Runtime, {' and '.join(tf_only)} on TensorFlow: no "
+                         f"engine implements both. Drop {' and '.join(tf_only)}.")
+    if name == "onnx" and tf_only:
         raise UsageError(f"engine '{name}' does not implement {' and '.join(tf_only)}. Use --engine tf, or drop "
                          f"{' and '.join(tf_only)}.")
-    return name
+    if name == "tf" and onnx_only:
+        raise UsageError(f"engine 'tf' does not implement {' and '.join(onnx_only)} (ONNX Runtime's static "
+                         f"quantization). Use --engine onnx or auto, or drop {' and '.join(onnx_only)}.")
+
+
+def engine_rule(name: str, precision: str, jit: bool, gpus: int, export: Path | None) -> tuple[str, str]:
+    """(engine, why) decided without running anything: an explicit name; for auto, the engine that alone implements
+    an option, TensorFlow on a GPU or for a graph known not to export; else AUTO (a measurement decides, see
+    `measured_forward`) with no reason yet."""
+    check_engine(name, precision, jit)
+    if name != AUTO:
+        return name, f"requested: --engine {name}"
+    tf_only, onnx_only = _given(TF_ONLY, precision, jit), _given(ONNX_ONLY, precision, jit)
+    if onnx_only:
+        return "onnx", f"rule: {' and '.join(onnx_only)} runs on ONNX Runtime"
+    if tf_only:
+        return "tf", f"rule: {' and '.join(tf_only)} {'runs' if len(tf_only) == 1 else 'run'} on TensorFlow"
+    if gpus:
+        return "tf", "rule: a GPU is present (TensorFlow)"
+    if export is not None and unsupported_marker(export).exists():
+        return "tf", f"rule: this graph does not export to ONNX ({unsupported_marker(export).name})"
+    return AUTO, ""
+
+
+def resolve_engine(name: str, precision: str, jit: bool, gpus: int, export: Path | None) -> str:
+    """`engine_rule`'s engine, onnx where only a measurement could decide (what auto picks without timing)."""
+    engine = engine_rule(name, precision, jit, gpus, export)[0]
+    return "onnx" if engine == AUTO else engine
+
+
+def engine_fits(engine: str, precision: str, jit: bool) -> bool:
+    """Whether `engine` implements the options (a cache's recorded engine is kept only where it does)."""
+    return engine in ENGINES and not (_given(TF_ONLY, precision, jit) and engine != "tf") and \
+        not (_given(ONNX_ONLY, precision, jit) and engine != "onnx")
+
+
+def cpu_facts() -> dict[str, object]:
+    """What an engine choice is kept for: the CPU model, the cores this process may use, the instruction sets that
+    change which kernels are fastest, and the runtime versions (the graph's own hash covers the converters)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not flags:
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "isa": [f for f in ISA_FLAGS if f in flags],
+            "onnxruntime": installed_version("onnxruntime"), "tensorflow": installed_version("tensorflow")}
+
+
+def cpu_words(facts: dict[str, object]) -> str:
+    return f"{facts['cpu']} ({facts['cores']} cores{', ' if facts['isa'] else ''}{' '.join(facts['isa'])})"
+
+
+def choice_path(export: Path) -> Path:
+    """<export stem>.cpu-<hash of cpu_facts>.choice.json: one kept choice per graph and kind of machine, so machines
+    sharing a cache folder do not overwrite each other's."""
+    key = hashlib.sha256(json.dumps(cpu_facts(), sort_keys=True).encode()).hexdigest()[:12]
+    return export.with_name(f"{export.stem}.cpu-{key}.choice.json")
+
+
+def kept_choice(export: Path | None) -> tuple[str, str] | None:
+    """(engine, why) kept by an earlier measurement of this graph on this kind of machine, or None."""
+    if export is None:
+        return None
+    try:
+        record = json.loads(choice_path(export).read_text())
+        engine, reason = record["engine"], record["reason"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (engine, reason) if engine in ENGINES and isinstance(reason, str) else None
+
+
+def worth_timing(images: int, batch_size: int) -> bool:
+    """Whether a run of `images` is long enough to time both engines (about 5 batches' compute) for auto."""
+    return images >= MEASURE_MIN_BATCHES * batch_size
+
+
+def measure(forwards: dict[str, Forward], pixels: np.ndarray) -> dict[str, float]:
+    """Images per second of each forward pass on `pixels`: one untimed call each (TensorFlow compiles, ONNX Runtime
+    allocates), then rounds of one call each, the order alternating, MEASURE_ROUNDS[0] of them and more while the
+    timed calls took under MEASURE_BUDGET_S (at most MEASURE_ROUNDS[1]); the fastest call of each counts."""
+    for forward in forwards.values():
+        forward(pixels)
+    names, best, spent, rounds = list(forwards), dict.fromkeys(forwards, float("inf")), 0.0, 0
+    while rounds < MEASURE_ROUNDS[0] or (rounds < MEASURE_ROUNDS[1] and spent < MEASURE_BUDGET_S):
+        for name in names if rounds % 2 == 0 else names[::-1]:
+            start = clock()
+            forwards[name](pixels)
+            took = clock() - start
+            best[name], spent = min(best[name], took), spent + took
+        rounds += 1
+    return {name: len(pixels) / max(seconds, 1e-9) for name, seconds in best.items()}
+
+
+def measured_forward(graph: Graph, options: EngineOptions, note: Callable[[str], None]) -> tuple[Forward, str, str]:
+    """auto on a CPU: the forward pass of the faster engine on this graph and machine, the engine and why. Timed once
+    and kept as `choice_path(options.export)` (under a lock, so concurrent runs time once and agree); a kept choice is
+    used at once."""
+    path = choice_path(options.export) if options.export is not None else None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.with_name(f".{path.name}.lock"))) if path is not None else nullcontext():
+        kept = kept_choice(options.export)
+        if kept is not None:
+            forward, engine, fallback = build_forward(AUTO, kept[0], graph, options, note)
+            return forward, engine, fallback or kept[1]
+        try:
+            forwards = {"onnx": ENGINES["onnx"](graph, options)}
+        except ExportError as err:
+            return _fall_back(err, AUTO, graph, options, note)
+        forwards["tf"] = ENGINES["tf"](graph, options)
+        pixels = np.random.default_rng(0).integers(0, 256, (graph.batch_size, graph.size, graph.size, 3), np.uint8)
+        rates = measure(forwards, pixels)
+        engine = max(rates, key=rates.get)
+        facts = cpu_facts()
+        reason = ("measured: " + ", ".join(f"{name} {rates[name]:.1f} img/s" for name in sorted(rates, key=rates.get,
+                                                                                               reverse=True))
+                  + f" on {cpu_words(facts)}")
+        if path is not None:
+            record = {"engine": engine, "reason": reason, "img_s": rates, "batch_size": graph.batch_size,
+                      "graph": options.export.name, **facts}
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+            os.replace(tmp, path)
+        note(f"auto: {reason}; running {engine}" + (f" (kept in {path})" if path is not None else ""))
+    return forwards[engine], engine, reason
+
+
+def _fall_back(err: ExportError, requested: str, graph: Graph, options: EngineOptions,
+               note: Callable[[str], None]) -> tuple[Forward, str, str]:
+    """The graph does not export to ONNX: mark it, so auto chooses tf at once next time; an explicit --engine onnx
+    (or --precision int8, which needs the export) is a one-line error, auto falls back to tf."""
+    if options.export is not None:
+        options.export.parent.mkdir(parents=True, exist_ok=True)
+        unsupported_marker(options.export).write_text(f"{err}\n")
+    if requested != AUTO or graph.int8 is not None:
+        raise UsageError(f"engine 'onnx': this model does not export to ONNX ({err}). "
+                         + ("Use --engine tf." if graph.int8 is None else "Drop --precision int8 and use --engine tf."))
+    note(f"note: this model does not export to ONNX ({err}); running it with TensorFlow (--engine tf).")
+    return ENGINES["tf"](graph, options), "tf", f"fallback: this graph does not export to ONNX ({err})"
 
 
 def build_forward(requested: str, engine: str, graph: Graph, options: EngineOptions,
-                  note: Callable[[str], None] = print) -> tuple[Forward, str]:
-    """The forward pass of `engine` (`requested` resolved by `resolve_engine`) and the engine that runs it: when the
-    graph does not export to ONNX, an explicit --engine onnx is a one-line error and auto falls back to tf."""
+                  note: Callable[[str], None] = print) -> tuple[Forward, str, str | None]:
+    """The forward pass of `engine` (`requested` resolved by `engine_rule`; AUTO: measured here), the engine that runs
+    it, and why where that was decided here (a measurement, a fallback; else None): when the graph does not export to
+    ONNX, an explicit --engine onnx is a one-line error and auto falls back to tf."""
+    if engine == AUTO:
+        return measured_forward(graph, options, note)
     try:
-        return ENGINES[engine](graph, options), engine
+        return ENGINES[engine](graph, options), engine, None
     except ExportError as err:
-        if options.export is not None:
-            options.export.parent.mkdir(parents=True, exist_ok=True)
-            unsupported_marker(options.export).write_text(f"{err}\n")
-        if requested != "auto":
-            raise UsageError(f"engine '{engine}': this model does not export to ONNX ({err}). "
-                             "Use --engine tf.") from None
-        note(f"note: this model does not export to ONNX ({err}); running it with TensorFlow (--engine tf).")
-        return ENGINES["tf"](graph, options), "tf"
+        return _fall_back(err, requested, graph, options, note)

@@ -46,7 +46,8 @@ class Decoding:
 def extract_rows(catalog: Catalog, forward: Forward, writer: CacheWriter, progress: Progress, batch_size: int,
                  decoding: Decoding, verbose: bool = True) -> tuple[int, Timings]:
     """Push candidates progress.files_done.. through `forward` into `writer`, saving `progress` after every flushed
-    batch; then finalize the file. Returns the images pushed through the model in this call, and where time went."""
+    batch (its counters; the files skipped in the batch are appended to its log, see `Progress`); then finalize the
+    file. Returns the images pushed through the model in this call, and where time went."""
     t = Timings()
     start = time.perf_counter()
     size = decoding.size
@@ -60,7 +61,7 @@ def extract_rows(catalog: Catalog, forward: Forward, writer: CacheWriter, progre
     stream = decode_stream(todo, load, decoding.workers, lookahead=3 * batch_size)
     batch_rows: list[int] = []
     batch = np.zeros((batch_size, size, size, 3), "uint8")
-    pending_skips: list[list[str]] = []
+    pending_skips: list[tuple[int, str, str]] = []  # (candidate index, path, reason) since the last flush
     processed = 0
     bar = tqdm(total=len(catalog), initial=progress.files_done, unit="img", desc="extract", disable=not verbose,
                dynamic_ncols=True)
@@ -70,15 +71,18 @@ def extract_rows(catalog: Catalog, forward: Forward, writer: CacheWriter, progre
         one-process run does: outputs depend on the place (on CPU the last one differs by ~1e-6), merges stay exact."""
         return (catalog.offset + i) % batch_size
 
-    def commit(row: int, feats: list[np.ndarray], rows: list[int], done: Progress) -> None:
+    def commit(row: int, feats: list[np.ndarray], rows: list[int], done: Progress,
+               skips: list[tuple[int, str, str]]) -> None:
         t0 = time.perf_counter()
         if rows:
             writer.write(row, feats, [catalog.paths[i] for i in rows], [catalog.labels[i] for i in rows],
                          [catalog.splits[i] for i in rows], [catalog.views[i] for i in rows],
                          [catalog.stamps[i] for i in rows])
+        Progress.append_log(writer.path, skips)  # entries past the saved files_done are dropped on resume
         done.save(writer.path)  # only after the rows it counts are flushed to disk
         t.write_s += time.perf_counter() - t0
 
+    progress.start_log(writer.path)  # exactly the skipped files counted so far: O(skipped), once per run
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as write_pool, bar:
         in_flight: Future | None = None
 
@@ -96,9 +100,9 @@ def extract_rows(catalog: Catalog, forward: Forward, writer: CacheWriter, progre
             row = progress.rows_written
             progress.rows_written += n
             progress.files_done = files_done
-            progress.skipped.extend(pending_skips)
-            snapshot = Progress(progress.rows_written, files_done, list(progress.skipped))
-            in_flight = write_pool.submit(commit, row, feats, list(batch_rows), snapshot)
+            progress.skipped.extend([path, reason] for _, path, reason in pending_skips)
+            snapshot = Progress(progress.rows_written, files_done)  # counters only: O(1) per batch
+            in_flight = write_pool.submit(commit, row, feats, list(batch_rows), snapshot, list(pending_skips))
             processed += n
             batch_rows.clear()
             pending_skips.clear()
@@ -112,7 +116,7 @@ def extract_rows(catalog: Catalog, forward: Forward, writer: CacheWriter, progre
             t.decode_cpu_s += item.seconds
             if item.pixels is None:
                 if catalog.views[item.index] == 0:  # a file's augmented views fail with it: record it once
-                    pending_skips.append([catalog.paths[item.index], item.reason])
+                    pending_skips.append((item.index, catalog.paths[item.index], item.reason))
             else:
                 batch[slot(item.index)] = item.pixels
                 batch_rows.append(item.index)
@@ -123,5 +127,6 @@ def extract_rows(catalog: Catalog, forward: Forward, writer: CacheWriter, progre
         flush(len(catalog))
         in_flight.result()
     writer.finalize(progress)
+    Progress.log_path(writer.path).unlink(missing_ok=True)  # published (or discarded): the log is done with
     t.wall_s = time.perf_counter() - start
     return processed, t

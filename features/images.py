@@ -8,10 +8,10 @@ Why JPEGs are decoded small: libjpeg-turbo can scale by 1/2, 1/4 or 1/8 inside t
 fraction of a full decode plus a resize (a 12-MP photo: ~9x faster) and averages each block like area resampling.
 `decode_rgb(path, min_short)` picks the smallest such scale that keeps at least `min_short` pixels across the short
 side (read from the JPEG's frame header, so before decoding); the short side does not depend on EXIF orientation,
-which OpenCV applies to scaled decodes too. What remains is a shrink by less than 2x, done by area averaging as
-before DCT scaling: bilinear would be 1.6x cheaper there on web-size photos, but it changed the pixels of every such
-image and moved a linear probe's val accuracy on hymenoptera by one image, while area kept all 153 predictions
-(docs/batch.md, "Input pipeline").
+which OpenCV applies to scaled decodes too. What remains is a shrink by less than 2x. `--resize crop` cuts the centre
+square first and shrinks only it, bilinearly (area averaging from 2x): on web-size photos that costs 0.09x the decode
+on one core, where area averaging of the whole image cost 0.8x, at the same 5 x 4-fold CV accuracy of a linear probe
+on Lite0 features (docs/batch.md, "Input pipeline").
 
 Why the size is read before decoding: a small file can declare a huge image (a 2.6 MB PNG of 30000x30000 zeros
 decodes to 2.7 GB of pixels, 5-7 GB peak). `image_size` reads width and height from the header of every format we
@@ -41,9 +41,11 @@ UNDECODABLE = "not a decodable image (corrupt, truncated or another file type)"
 CROP_FRACTION = 0.875  # ImageNet evaluation convention: resize the shorter side to size / 0.875, then centre-crop
 DCT_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
              8: cv2.IMREAD_REDUCED_COLOR_8}
-INTERPOLATION = "area when shrinking, linear when enlarging (OpenCV)"
+INTERPOLATION = ("crop: the centre square cut first, then linear (area where it shrinks 2x or more); stretch and "
+                 "augmented crops: area when shrinking, linear when enlarging (OpenCV)")
 DECODER = (f"opencv-{cv2.__version__} JPEG at the smallest DCT scale (1/2, 1/4, 1/8) that keeps the needed short "
-           "side; other formats full size")
+           "side; other formats full size; crop cuts the source before resizing")
+LINEAR_BELOW = 2.0  # crop: bilinear below this shrink (every source pixel lies within one of a sample), area from it
 
 
 def _interpolation(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> int:
@@ -55,14 +57,26 @@ def _resize_stretch(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=_interpolation(img.shape[:2], (size, size)))
 
 
+def crop_window(h: int, w: int, size: int) -> tuple[int, int, int]:
+    """(top, left, side) of the centred square of an h x w image that the centre crop keeps: what resizing the
+    shorter side to size / CROP_FRACTION and cutting size x size would keep, i.e. CROP_FRACTION of the shorter side,
+    rounded to whole source pixels (so it lies up to half a source pixel off the exact region)."""
+    side = max(1, round(min(h, w) * size / round(size / CROP_FRACTION)))
+    return (h - side) // 2, (w - side) // 2, side
+
+
 def _resize_crop(img: np.ndarray, size: int) -> np.ndarray:
-    h, w = img.shape[:2]
-    short = round(size / CROP_FRACTION)
-    scale = short / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    img = cv2.resize(img, (nw, nh), interpolation=_interpolation((h, w), (nh, nw)))
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return img[top : top + size, left : left + size]
+    """Cut the centre square, then resize only it. Resizing the whole image and cutting afterwards reads 1.7x as
+    many source pixels (4:3) and, area-averaged, cost as much as the decode (docs/batch.md, "Input pipeline").
+
+    Bilinear below a 2x shrink: its samples lie under 2 source pixels apart, so every source pixel still counts, and
+    DCT-scaled decoding leaves every JPEG with a short side under 16x the needed one within 2x of the target. Area
+    averaging from 2x (full-size PNGs, larger JPEGs), where bilinear would skip pixels and alias; bilinear when
+    enlarging."""
+    top, left, side = crop_window(*img.shape[:2], size)
+    square = img[top : top + side, left : left + side]
+    return cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA if side >= LINEAR_BELOW * size
+                      else cv2.INTER_LINEAR)
 
 
 RESIZE_POLICIES: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {

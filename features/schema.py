@@ -73,7 +73,8 @@ class CacheAttrs:
     image_size: int = _attr("side of the square model input, pixels", RECIPE, GRAPH, MODEL, example=32)
     resize: str = _attr("`crop` (shorter side to `image_size/0.875`, centre crop) or `stretch` (straight to "
                         "`image_size`², as Keras does)", RECIPE, MODEL, example="crop")
-    interpolation: str = _attr("resize filter: `area` when shrinking, `linear` when enlarging (OpenCV)",
+    interpolation: str = _attr("resize filter, as `features.images.INTERPOLATION` words it (for `crop`: the centre "
+                               "square cut first, then linear, area where it shrinks 2x or more)",
                                RECIPE, MODEL, example="area")
     decoder: str = _attr("how files became pixels: OpenCV version; JPEGs decoded at the smallest DCT scale (1/2, 1/4, "
                          "1/8) that keeps the needed short side, other formats at full size",
@@ -87,9 +88,19 @@ class CacheAttrs:
                       RECIPE, GRAPH, MODEL, example="none")
     dtype: str = _attr("storage dtype of `features/*`: `float16` or `float32`", RECIPE, GRAPH, MODEL,
                        example="float32")
-    precision: str = _attr("compute precision: `float32` or `mixed`", RECIPE, MODEL, example="float32")
+    precision: str = _attr("compute precision: `float32`, `mixed` (float16, TensorFlow) or `int8` (ONNX Runtime's "
+                           "static quantization; reduced-precision features, see `calibration`)", RECIPE, MODEL,
+                           example="float32")
+    calibration: str = _attr("`precision` `int8` only: the images the int8 graph was calibrated on, "
+                             "`sha256:<hex>:K=<k>` (sha256 of the decoded pixels of k clean training views evenly "
+                             "spaced over the sorted candidates); `\"\"` otherwise", RECIPE, MODEL, example="",
+                             default="")
     engine: str = _attr("what ran the model: `onnx` (ONNX Runtime) or `tf` (TensorFlow), the engine `--engine auto` "
                         "resolved to ([engines.md](engines.md))", RECIPE, MODEL, example="onnx")
+    engine_reason: str = _attr("why that engine ran: `requested: --engine onnx`, `rule: a GPU is present "
+                               "(TensorFlow)`, `measured: onnx 41.2 img/s, tf 33.0 img/s on <cpu>`, `fallback: ...`; "
+                               "a resume or update keeps the reason of the cache it continues", PROVENANCE, PER_SHARD,
+                               example="", default="")
     layers: list[str] = _attr("the cut layers, in the order given", CUT, GRAPH, example=["x"])
     compression: str = _attr("`none` or `lzf`", STORAGE, example="none")
     source_fingerprint: str = _attr("sha256 over the sorted candidate list (relative path, size, mtime) and labels: "

@@ -72,9 +72,10 @@ def progress_path(path: Path) -> Path:
 
 
 def discard_partial(path: Path) -> None:
-    """Forget an interrupted write of `path`: its partial file and progress record."""
+    """Forget an interrupted write of `path`: its partial file, progress record and log of skipped files."""
     partial_path(path).unlink(missing_ok=True)
     progress_path(path).unlink(missing_ok=True)
+    Progress.log_path(path).unlink(missing_ok=True)
 
 
 def fix_hint(path: Path) -> str:
@@ -84,16 +85,29 @@ def fix_hint(path: Path) -> str:
 
 @dataclass
 class Progress:
+    """How far the partial file of cache `path` is. The record (`progress_path`, replaced after every flushed batch)
+    holds the two counters only. Files skipped on the way go to a log beside it (`log_path`), appended per batch, one
+    `[candidate index, path, reason]` a line (discovery's entries, which precede every candidate, with index -1), so
+    saving a batch costs the same however many files were skipped before it. `skipped` holds them in memory, in
+    candidate order: what `CacheWriter.finalize` records. `load` reads back only the logged entries before
+    `files_done`: a run killed after appending a batch's entries but before saving its record leaves them past
+    `files_done`, and they are dropped, never counted twice (`start_log` rewrites the log without them)."""
+
     rows_written: int = 0
     files_done: int = 0
     skipped: list[list[str]] = field(default_factory=list)
+
+    @staticmethod
+    def log_path(path: Path) -> Path:
+        """The log of files skipped while cache `path` is written (beside its partial file and progress record)."""
+        return path.with_name(f".{path.name}.partial.skipped.jsonl")
 
     def save(self, path: Path) -> None:
         """Replace the record of cache `path` atomically (write + rename). When that fails (a full disk), the previous
         record stays as it was, no temporary file is left, and the error is one line naming the record."""
         tmp = progress_path(path).with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps(self.__dict__))
+            tmp.write_text(json.dumps({"rows_written": self.rows_written, "files_done": self.files_done}))
             os.replace(tmp, progress_path(path))
         except OSError as err:
             try:
@@ -102,12 +116,63 @@ class Progress:
                 pass
             raise _write_failed(err, f"the progress record {progress_path(path)}", path) from None
 
+    def start_log(self, path: Path) -> None:
+        """Write the log of cache `path` anew (write + rename) holding exactly `skipped`, when a run starts or resumes:
+        O(skipped) once per run, never per batch. Their candidate indices are all before `files_done`, so they are
+        logged as -1, which every later `load` keeps."""
+        log = self.log_path(path)
+        tmp = log.with_suffix(".tmp")
+        try:
+            tmp.write_text("".join(json.dumps([-1, *item]) + "\n" for item in self.skipped))
+            os.replace(tmp, log)
+        except OSError as err:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise _write_failed(err, f"the log of skipped files {log}", path) from None
+
+    @classmethod
+    def append_log(cls, path: Path, entries: list[tuple[int, str, str]]) -> None:
+        """Append (candidate index, path, reason) entries to the log of cache `path`; one line for a failed write."""
+        if not entries:
+            return
+        log = cls.log_path(path)
+        try:
+            with open(log, "a", encoding="utf-8") as file:
+                file.write("".join(json.dumps([int(i), p, r]) + "\n" for i, p, r in entries))
+        except OSError as err:
+            raise _write_failed(err, f"the log of skipped files {log}", path) from None
+
     @classmethod
     def load(cls, path: Path) -> "Progress | None":
+        """The record of cache `path` with the logged skipped files it counts, or None when there is no readable
+        record. An older record that holds its `skipped` list itself is read as it is."""
         try:
-            return cls(**json.loads(progress_path(path).read_text()))
+            progress = cls(**json.loads(progress_path(path).read_text()))
+            progress.skipped = [list(item) for item in progress.skipped] + cls._logged(path, progress.files_done)
         except (OSError, ValueError, TypeError):
             return None
+        return progress
+
+    @classmethod
+    def _logged(cls, path: Path, files_done: int) -> list[list[str]]:
+        """[path, reason] of the logged entries before candidate `files_done`; reading stops at the first entry past
+        it or at a line cut short by a kill (both only ever at the end: the log is appended in candidate order)."""
+        try:
+            lines = cls.log_path(path).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        found = []
+        for line in lines:
+            try:
+                index, name, reason = json.loads(line)
+            except (ValueError, TypeError):
+                break
+            if index >= files_done:
+                break
+            found.append([name, reason])
+        return found
 
 
 def _fixed_utf8(values: list[str], length: int | None = None) -> np.ndarray:

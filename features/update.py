@@ -11,12 +11,13 @@ from a fresh one by ~1e-6, as an image's output there depends on its batch slot.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 
 from features.catalog import Catalog
-from features.store import Cache, CacheWriter, Progress
+from features.store import COPY_BLOCK_BYTES, Cache, CacheWriter, Progress
 
 
 def update_path(out: Path) -> Path:
@@ -29,50 +30,68 @@ def _keys(paths: np.ndarray | list[str], views: np.ndarray | list[int]) -> dict[
     return {(str(p), int(v)): row for row, (p, v) in enumerate(zip(paths, views))}
 
 
+def _label_map(old_names: list[str], new_names: list[str]) -> np.ndarray:
+    """Old label index -> new label index (-2 for a class the new list lacks); index -1 (unlabelled) -> -1."""
+    index = {name: i for i, name in enumerate(new_names)}
+    return np.array([index.get(name, -2) for name in old_names] + [-1], np.int64)
+
+
 def reusable_rows(old: Cache, catalog: Catalog) -> np.ndarray:
-    """Per candidate of `catalog`: the row of `old` that holds exactly its features, or -1 when it must be computed."""
-    rows = _keys(old.paths, old.view)
-    reuse = np.full(len(catalog), -1, np.int64)
-    for i, key in enumerate(zip(catalog.paths, catalog.views)):
-        row = rows.get(key, -1)
-        if row < 0 or tuple(old.file_stamps[row]) != catalog.stamps[i] or old.split[row] != catalog.splits[i]:
-            continue
-        old_label = old.label_names[old.labels[row]] if old.labels[row] >= 0 else None
-        new_label = catalog.label_names[catalog.labels[i]] if catalog.labels[i] >= 0 else None
-        if old_label == new_label:
-            reuse[i] = row
+    """Per candidate of `catalog`: the row of `old` that holds exactly its features, or -1 when it must be computed.
+    One dict lookup per candidate, then whole-array compares of stamps, splits and label names: no Python work per
+    row beyond the lookup."""
+    rows = dict(zip(zip(old.paths.tolist(), old.view.tolist()), range(len(old.paths))))
+    views = catalog.views or [0] * len(catalog)
+    reuse = np.fromiter((rows.get(key, -1) for key in zip(catalog.paths, views)), np.int64, len(catalog))
+    found = np.flatnonzero(reuse >= 0)
+    if not len(found):
+        return reuse
+    at = reuse[found]
+    stamps = np.array(catalog.stamps, np.int64).reshape(-1, 2)[found]
+    splits = np.array(catalog.splits, dtype=str)[found]
+    labels = np.asarray(catalog.labels, np.int64)[found]
+    same = ((old.file_stamps[at] == stamps).all(axis=1) & (old.split[at] == splits)
+            & (_label_map(old.label_names, catalog.label_names)[old.labels[at]] == labels))
+    reuse[found[~same]] = -1
     return reuse
-
-
-def _runs(sources: list[tuple[int, int]]) -> list[tuple[int, list[int]]]:
-    """[(source, row), ...] -> [(source, rows), ...]: consecutive rows of one source copied in one call."""
-    runs: list[tuple[int, list[int]]] = []
-    for source, row in sources:
-        if runs and runs[-1][0] == source:
-            runs[-1][1].append(row)
-        else:
-            runs.append((source, [row]))
-    return runs
 
 
 def assemble(writer: CacheWriter, catalog: Catalog, reuse: np.ndarray, old: Cache, delta: Cache | None,
              skipped: list[list[str]]) -> int:
     """Write every row of the updated cache, in `catalog` order, from `old` (kept rows) and `delta` (computed rows),
-    then publish it; returns the number of rows. Labels of kept rows are renumbered for the new class list."""
-    computed = _keys(delta.paths, delta.view) if delta is not None else {}
-    sources = []
-    for i, key in enumerate(zip(catalog.paths, catalog.views)):
-        if reuse[i] >= 0:
-            sources.append((0, int(reuse[i])))
-        elif key in computed:
-            sources.append((1, computed[key]))  # else: the file could not be used; it is in `skipped`
-    relabel = np.array([catalog.label_names.index(n) if n in catalog.label_names else -1 for n in old.label_names]
-                       + [-1], np.int64)  # index -1 (unlabelled) maps to the appended -1
-    start = 0
-    for source, rows in _runs(sources):
-        for block in (old if source == 0 else delta).records(np.asarray(rows), writer.layers):
-            labels = relabel[np.asarray(block.labels)].tolist() if source == 0 else block.labels
-            writer.write(start, *block._replace(labels=labels))
-            start += len(block.paths)
-    writer.finalize(Progress(rows_written=start, files_done=len(catalog), skipped=skipped))
-    return start
+    then publish it; returns the number of rows.
+
+    The output is written in blocks of about COPY_BLOCK_BYTES, each a whole number of feature chunks, with one write
+    per dataset: a block's kept rows are one contiguous read of `old` (rows keep their order; removed files only leave
+    gaps), its computed rows one read of `delta`. Per-row metadata comes from `catalog`, where a kept row's path,
+    view, stamp, split and label name equal the old row's by `reusable_rows` (labels are thereby renumbered for the
+    new class list), and a computed row's are the ones it was computed with. So the cost is a sequential copy of the
+    features, not a read and a write per run of kept rows between two new files."""
+    n = len(catalog)
+    computed = np.full(n, -1, np.int64)
+    if delta is not None:
+        delta_rows = _keys(delta.paths, delta.view)  # O(change)
+        views = catalog.views or [0] * n
+        for i in np.flatnonzero(reuse < 0).tolist():
+            computed[i] = delta_rows.get((catalog.paths[i], views[i]), -1)  # absent: it could not be used (skipped)
+    out = np.flatnonzero((reuse >= 0) | (computed >= 0))
+    row_bytes = sum(math.prod(old.shapes[layer]) * old.dtypes[layer].itemsize for layer in writer.layers)
+    chunk = max(writer.file[f"features/{layer}"].chunks[0] for layer in writer.layers) if writer.layers else 1
+    block = max(1, COPY_BLOCK_BYTES // max(1, row_bytes) // chunk) * chunk
+    views = catalog.views or [0] * n
+    for lo in range(0, len(out), block):
+        idx = out[lo:lo + block]
+        kept = reuse[idx] >= 0
+        features = []
+        for layer in writer.layers:
+            rows = np.empty((len(idx), *old.shapes[layer]), old.dtypes[layer])
+            if kept.any():
+                rows[kept] = old.read(layer, reuse[idx[kept]], block_rows=2 * block)
+            if not kept.all():
+                rows[~kept] = delta.read(layer, computed[idx[~kept]], block_rows=2 * block)
+            features.append(rows)
+        at = idx.tolist()
+        writer.write(lo, features, [catalog.paths[i] for i in at], [catalog.labels[i] for i in at],
+                     [catalog.splits[i] for i in at], [views[i] for i in at], [catalog.stamps[i] for i in at])
+    writer.finalize(Progress(rows_written=len(out), files_done=n, skipped=skipped))
+    return len(out)

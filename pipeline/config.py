@@ -37,7 +37,10 @@ class ExtractConfig:
     label_column: str | None = None
     compression: str = "none"  # none | lzf
     shard: str | None = None  # "I/N"; None: SLURM_ARRAY_TASK_* or the whole set
-    precision: str = "float32"  # float32 | mixed (tf engine only)
+    manifest: str | None = None  # a listing of DATA written by `slurm` (features/catalog.py); None: list DATA here
+    precision: str = "float32"  # float32 | mixed (tf engine only) | int8 (onnx engine only, features/quantize.py)
+    calibration_images: int = 64  # int8: images of DATA the quantized graph is calibrated on
+    calibration: str = ""  # int8: a recorded calibration ("sha256:<hex>:K=<k>") to reuse; "": calibrate on DATA
     engine: str = "auto"  # auto | tf | onnx (features/engines.py; auto: onnx on CPU, tf on a GPU)
     jit: bool = False
     devices: str = "all"  # all | comma-separated GPU indices: one extraction worker per GPU

@@ -7,7 +7,7 @@ import signal
 
 from pipeline.config import ExtractConfig
 from pipeline.devices import extract_on_devices
-from pipeline.extraction import ExtractResult
+from pipeline.extraction import ExtractResult, shard_range
 from pipeline.summary import print_extract_summary
 
 
@@ -33,11 +33,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--path-column", default=d.path_column)
     p.add_argument("--label-column", default=d.label_column)
     p.add_argument("--compression", default=d.compression, help="none | lzf")
-    p.add_argument("--shard", default=d.shard, help="I/N: process block I of N (default: from SLURM_ARRAY_TASK_ID/COUNT)")
-    p.add_argument("--precision", default=d.precision, help="float32 | mixed (float16 compute, for GPUs)")
+    p.add_argument("--shard", default=d.shard,
+                   help="I/N: process block I of N (default: from SLURM_ARRAY_TASK_ID/COUNT); A-B/N: blocks A..B of N, "
+                        "one after the other")
+    p.add_argument("--manifest", default=d.manifest,
+                   help="read the candidates from this listing of DATA (written by `slurm` at submit time) instead of "
+                        "listing DATA: a shard reads and stats only its own files")
+    p.add_argument("--precision", default=d.precision,
+                   help="float32 | mixed (float16 compute, for GPUs) | int8 (ONNX Runtime static quantization, "
+                        "calibrated on DATA: reduced-precision features; see docs/engines.md)")
+    p.add_argument("--calibration-images", type=int, default=d.calibration_images,
+                   help="int8: clean training images of DATA, evenly spaced over the sorted list, the quantized graph "
+                        "is calibrated on (part of the cache's identity)")
+    p.add_argument("--calibration", default=d.calibration,
+                   help="int8: reuse the graph calibrated as this `calibration` attribute (sha256:<hex>:K=<k>) of an "
+                        "earlier cache, kept in engines/ (what predict does); default: calibrate on DATA")
     p.add_argument("--jit", action="store_true", help="compile the forward pass with XLA (tf engine)")
     p.add_argument("--engine", default=d.engine,
-                   help="auto (ONNX Runtime on CPU, TensorFlow on a GPU) | tf | onnx; see docs/engines.md")
+                   help="auto (on a CPU the faster engine, timed once per graph and machine; TensorFlow on a GPU) | "
+                        "tf | onnx; see docs/engines.md")
     p.add_argument("--devices", default=d.devices,
                    help="all | GPU indices, e.g. 0,1: one worker process per GPU over shards, then a merge")
     p.add_argument("--workers", type=int, default=d.workers, help="decoder threads (0: one per core)")
@@ -61,7 +75,9 @@ def _stop_on_sigterm(signum, frame):
 
 def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    result: ExtractResult = extract_on_devices(config_from_args(args))
-    if result.status != "up-to-date":
-        print_extract_summary(result)
+    cfg = config_from_args(args)
+    for shard in shard_range(cfg.shard):  # a job array task may run several shards (pipeline/slurm.py)
+        result: ExtractResult = extract_on_devices(cfg.replace(shard=shard))
+        if result.status != "up-to-date":
+            print_extract_summary(result)
     return 0

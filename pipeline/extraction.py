@@ -9,10 +9,11 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +21,18 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from features import onnx_backbone
 from features.augment import get_policy
 from features.backbones import BackboneSpec, get_backbone, sha256_file
-from features.catalog import Catalog, discover
-from features.engines import (ENGINE_CHOICES, EngineOptions, Graph, build_forward, export_path, export_versions,
-                              resolve_engine)
+from features.catalog import Catalog, discover, manifest_source, read_manifest
+from features.engines import (AUTO, ENGINE_CHOICES, MEASURE_MIN_BATCHES, PRECISIONS, EngineOptions, Graph,
+                              build_forward, check_engine, engine_fits, engine_rule, export_path, export_versions,
+                              kept_choice, worth_timing)
 from features.errors import UsageError, check_name_lengths
 from features.extract import Decoding, Timings, extract_rows
 from features.images import DECODER, INTERPOLATION, RESIZE_POLICIES
 from features.model import POOLS, build_base, cut, gpu_count, runtime_versions, weights_identity
+from features.quantize import Calibration, calibration, check_identity, quantized_path
 from features.schema import UPDATABLE, CacheAttrs, ConfigMismatch, identity_diff, names
 from features.store import (COMPRESSIONS, STORAGE_DTYPES, CacheWriter, Progress, check_ours, discard_partial,
                             existing_cache, open_cache, partial_path, progress_path, read_attrs)
@@ -74,6 +78,20 @@ def parse_shard(value: str | None, env: dict | None = None) -> tuple[int, int] |
     return index, count
 
 
+def shard_range(value: str | None) -> list[str | None]:
+    """The shards one command runs, one after the other: `A-B/N` (a job array task that runs several, see
+    pipeline/slurm.py) is A/N .. B/N, its end cut at the last shard N-1; any other value is itself (parse_shard checks
+    it)."""
+    found = re.fullmatch(r"(\d+)-(\d+)/(\d+)", value or "")
+    if not found:
+        return [value]
+    first, last, count = (int(v) for v in found.groups())
+    if not first <= last or not first < count:
+        raise UsageError(f"shard '{value}' is not valid. Expected 'A-B/N' with A <= B and A < N (shards A to B of N), "
+                         "or 'I/N'.")
+    return [f"{i}/{count}" for i in range(first, min(last, count - 1) + 1)]
+
+
 def check_out_file(out: str | Path, flag: str = "--out") -> None:
     """Refuse an output path that is a folder, whose folder cannot be written, or whose name (or a hidden name the
     store derives from it) is too long for its filesystem, before any model is built.
@@ -104,10 +122,15 @@ def validate(cfg: ExtractConfig) -> None:
     for name, value, valid in [("pool", cfg.pool, POOLS), ("dtype", cfg.dtype, STORAGE_DTYPES),
                                ("resize", cfg.resize, tuple(RESIZE_POLICIES)),
                                ("compression", cfg.compression, COMPRESSIONS),
-                               ("precision", cfg.precision, ("float32", "mixed")),
+                               ("precision", cfg.precision, PRECISIONS),
                                ("engine", cfg.engine, ENGINE_CHOICES)]:
         if value not in valid:
             raise UsageError(f"{name} '{value}' is not valid. Expected one of: {', '.join(valid)}.")
+    check_engine(cfg.engine, cfg.precision, cfg.jit)  # e.g. --engine tf --precision int8
+    if cfg.calibration_images < 1:
+        raise UsageError(f"calibration-images {cfg.calibration_images} is not valid. Expected the number of images "
+                         "of DATA an int8 graph is calibrated on (>= 1).")
+    check_identity(cfg.calibration)
     if cfg.batch_size < 1:
         raise UsageError(f"batch-size {cfg.batch_size} is not valid. Expected a positive integer.")
     if cfg.augment < 0:
@@ -161,7 +184,7 @@ def plan_attrs(cfg: ExtractConfig, spec: BackboneSpec, catalog: Catalog, size: i
         source_fingerprint=fingerprint,
         shard=f"{shard[0]}/{shard[1]}" if shard else "",
         num_candidates=len(catalog),
-        config_json=json.dumps(dataclasses.asdict(cfg)),
+        config_json=json.dumps(dataclasses.asdict(cfg.replace(manifest=None))),  # the listing, not the data
         tool_version=__version__,
         **runtime_versions(),
     )
@@ -186,10 +209,54 @@ def ticking(what: str, show: bool = True) -> Iterator[None]:
         yield
 
 
-def engine_attrs(attrs: CacheAttrs, engine: str) -> CacheAttrs:
-    """`attrs` with the engine that runs (an identity attribute) and, for onnx, the converter and runtime versions."""
+def engine_attrs(attrs: CacheAttrs, engine: str, reason: str | None = None) -> CacheAttrs:
+    """`attrs` with the engine that runs (an identity attribute), why where `reason` is given (else as resolved) and,
+    for onnx, the converter and runtime versions."""
     versions = export_versions() if engine == "onnx" else dict.fromkeys(export_versions(), "")
-    return dataclasses.replace(attrs, engine=engine, **versions)
+    return dataclasses.replace(attrs, engine=engine, **versions, **({"engine_reason": reason} if reason else {}))
+
+
+def recorded_attrs(out: Path) -> CacheAttrs | None:
+    """The attributes of the cache at `out`, else of its partial file (None when neither is there or readable): the
+    engine and calibration that a confirmation, an update or a resume of it keeps."""
+    try:
+        found = existing_cache(out)
+    except UsageError:  # refused with its own message by `_existing`
+        found = None
+    if found is None and partial_path(out).exists():
+        found = read_attrs(partial_path(out))
+    return found
+
+
+def resolve_run(cfg: ExtractConfig, attrs: CacheAttrs, export: Path, recorded: CacheAttrs | None, sharded: bool,
+                candidates: int, whole: Callable[[], Catalog]) -> tuple[CacheAttrs, Calibration | None]:
+    """`attrs` with the engine and why, and the int8 calibration (None for other precisions).
+
+    The engine: `engine_rule`'s; under auto, the engine of a cache being continued (`recorded`) with its reason, else
+    a choice kept by an earlier measurement of this graph on this kind of machine, else the rule (onnx) for a shard or
+    a run of fewer than MEASURE_MIN_BATCHES batches, else AUTO: timed when the forward pass is built (`_compute`).
+    The calibration: the given one, else the continued cache's (same K), else K images of the whole set (`whole()`).
+    """
+    engine, reason = engine_rule(cfg.engine, cfg.precision, cfg.jit, gpu_count(), export)
+    if cfg.engine == AUTO and recorded is not None and engine_fits(recorded.engine, cfg.precision, cfg.jit):
+        engine = recorded.engine
+        reason = recorded.engine_reason or f"recorded: the cache was written with {engine} before reasons were kept"
+    elif engine == AUTO:
+        untimed = sharded or not worth_timing(candidates, cfg.batch_size)  # one reason: a merge equals a whole run
+        engine, reason = kept_choice(export) or (
+            ("onnx", f"rule: ONNX Runtime on a CPU (untimed: shards, whose engines must agree, and runs under "
+                     f"{MEASURE_MIN_BATCHES} batches do not time the engines)") if untimed else (AUTO, ""))
+    calib = None
+    if cfg.precision == "int8":
+        identity = cfg.calibration
+        if not identity and recorded is not None and recorded.precision == "int8" and \
+                recorded.calibration.endswith(f":K={cfg.calibration_images}"):
+            identity = recorded.calibration  # an update keeps the graph its rows were computed with
+        calib = calibration(whole, cfg.calibration_images, attrs.image_size, cfg.resize,
+                            cfg.workers or len(os.sched_getaffinity(0)), cfg.max_pixels, identity)
+        settings = {**json.loads(attrs.config_json), "calibration": calib.identity}  # predict reuses this graph
+        attrs = dataclasses.replace(attrs, calibration=calib.identity, config_json=json.dumps(settings))
+    return dataclasses.replace(attrs, engine=engine, engine_reason=reason), calib
 
 
 def extract(cfg: ExtractConfig, verbose: bool = True, engines: Path | None = None) -> ExtractResult:
@@ -197,27 +264,46 @@ def extract(cfg: ExtractConfig, verbose: bool = True, engines: Path | None = Non
     kept in `engines` (default: engines/ beside the cache), named by the graph, so one is never exported twice."""
     validate(cfg)
     shard = parse_shard(cfg.shard)
-    full = discover(cfg.data, cfg.labels, cfg.path_column, cfg.label_column).with_views(cfg.augment)
-    catalog = full.shard(*shard) if shard else full
-    for note in full.notes if verbose else ():
+    if cfg.manifest:  # listed once at submit time: read this shard's rows, stat only its files (no walk of DATA)
+        catalog, fingerprint = read_manifest(cfg.manifest, shard, manifest_source(
+            cfg.data, cfg.labels, cfg.path_column, cfg.label_column, cfg.augment))
+    else:
+        full = discover(cfg.data, cfg.labels, cfg.path_column, cfg.label_column).with_views(cfg.augment)
+        catalog, fingerprint = full.shard(*shard) if shard else full, full.fingerprint()
+    for note in catalog.notes if verbose else ():
         print(f"note: {note}")
     spec = get_backbone(cfg.backbone, cfg.preprocess)
+    if spec.onnx:  # a user's ONNX graph: ONNX Runtime only, cut at its tensors (features/onnx_backbone.py)
+        onnx_backbone.check_options(spec, cfg.engine, cfg.precision, cfg.jit, cfg.weights)
+        cfg = cfg.replace(engine="onnx")
     size = cfg.image_size or spec.input_size
     base = None  # built only when needed (see cut_model)
     layers = cfg.layer or ([spec.default_layer] if spec.default_layer else [])
+    if spec.onnx:
+        layers = onnx_backbone.resolve_layers(spec, layers, size)
+    compute = "mixed" if cfg.precision == "mixed" else "float32"  # int8 quantizes the float32 graph
     if not layers:
-        base = build_base(spec, cfg.weights, size, cfg.precision)
+        base = build_base(spec, cfg.weights, size, compute)
         layers = [base.layers[-1].name]
     out = shard_out(Path(cfg.out), shard) if cfg.out else default_out(cfg, layers, shard)
-    attrs = plan_attrs(cfg, spec, catalog, size, layers, shard, full.fingerprint())
+    attrs = plan_attrs(cfg, spec, catalog, size, layers, shard, fingerprint)
     export = export_path(engines or out.parent / "engines", attrs)  # the ONNX graph, kept beside the caches
-    attrs = dataclasses.replace(attrs, engine=resolve_engine(cfg.engine, cfg.precision, cfg.jit, gpu_count(), export))
+
+    def whole() -> Catalog:  # every shard's candidates: where int8 calibration images are chosen
+        if shard is None:
+            return catalog
+        return read_manifest(cfg.manifest, None, manifest_source(cfg.data, cfg.labels, cfg.path_column,
+                                                                 cfg.label_column, cfg.augment))[0] \
+            if cfg.manifest else full
+
+    attrs, calib = resolve_run(cfg, attrs, export, None if cfg.overwrite else recorded_attrs(out), shard is not None,
+                               len(catalog), whole)
 
     @functools.cache
     def cut_model():  # built on first use: never for a complete cache, nor to run a kept ONNX export
-        return cut(base or build_base(spec, cfg.weights, size, cfg.precision), layers)
+        return cut(base or build_base(spec, cfg.weights, size, compute), layers)
 
-    graph = Graph(cut_model, spec.preprocess.fn, cfg.batch_size, size, cfg.pool, cfg.dtype)
+    graph = Graph(cut_model, spec.preprocess.fn, cfg.batch_size, size, cfg.pool, cfg.dtype, calib)
 
     state = _existing(out, attrs, cfg.overwrite)
     if state == "complete":
@@ -225,6 +311,8 @@ def extract(cfg: ExtractConfig, verbose: bool = True, engines: Path | None = Non
             print(f"up to date: {out} is complete for this configuration and these {len(catalog)} files; nothing to do "
                   "(--overwrite rebuilds it).")
         return ExtractResult(out, "up-to-date")
+    if spec.onnx:  # the graph that runs, kept as `export`: onnx_forward runs it as a kept export of a Keras model
+        onnx_backbone.prepare(spec, layers, size, cfg.batch_size, cfg.pool, cfg.dtype, export)
     if state == "update":
         return _update(cfg, out, attrs, catalog, graph, export, verbose)
     result = _compute(cfg, out, attrs, catalog, state, graph, export, verbose)
@@ -239,14 +327,17 @@ def _compute(cfg: ExtractConfig, out: Path, attrs: CacheAttrs, catalog: Catalog,
     """Push `catalog` through the model into `out`: a new cache, or the rest of an interrupted one (`progress`)."""
     if cfg.precision == "mixed" and verbose and not gpu_count():
         print("warning: --precision mixed without a GPU computes float16 in software (several times slower on CPU).")
-    exporting = verbose and attrs.engine == "onnx" and not export.exists()
-    what = (f"exporting the model to ONNX once (kept as {export})" if cfg.weights != "none" else
-            "exporting the model to ONNX (random weights: not kept)")
-    with ticking(what, exporting):
-        forward, engine = build_forward(cfg.engine, attrs.engine, graph,
-                                        EngineOptions(cfg.jit, export, keep_export=cfg.weights != "none"),
-                                        note=tqdm.write if verbose else lambda _: None)
-    attrs = engine_attrs(attrs, engine)  # the engine that runs: auto falls back to tf when the graph does not export
+    quantized = graph.int8 is not None and quantized_path(export, graph.int8.identity).exists()
+    steps = [f"exporting the model to ONNX once (kept as {export})" if cfg.weights != "none" else
+             "exporting the model to ONNX (random weights: not kept)"] \
+        if attrs.engine in ("onnx", AUTO) and not export.exists() and not quantized else []
+    steps += [f"quantizing it to int8 on {cfg.calibration_images} images"] if graph.int8 and not quantized else []
+    steps += ["timing ONNX Runtime and TensorFlow (once per graph and CPU)"] if attrs.engine == AUTO else []
+    with ticking("; ".join(steps), verbose and bool(steps)):
+        forward, engine, reason = build_forward(cfg.engine, attrs.engine, graph,
+                                                EngineOptions(cfg.jit, export, keep_export=cfg.weights != "none"),
+                                                note=tqdm.write if verbose else lambda _: None)
+    attrs = engine_attrs(attrs, engine, reason)  # auto: measured now, or fallen back to tf (the graph does not export)
     size = attrs.image_size
     shapes = {n: tuple(o.shape[1:])
               for n, o in zip(attrs.layers, forward(np.zeros((cfg.batch_size, size, size, 3), "uint8")))}

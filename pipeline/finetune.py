@@ -113,6 +113,10 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True) -> Path:
     get_policy(cfg.augment_policy)
     xcfg = recorded_config(record, model_dir)
     spec = get_backbone(xcfg.backbone, xcfg.preprocess)
+    if spec.onnx:
+        raise UsageError(f"MODEL {cfg.model!r} was trained on features of the ONNX graph {spec.name!r}, which runs on "
+                         "ONNX Runtime in extraction only; fine-tuning needs a Keras model (a registered backbone or a "
+                         ".keras file). Extract and classify with one to fine-tune.")
     size = cfg.image_size or int(record["image_size"])
     out = Path(cfg.out) if cfg.out else model_dir / "finetune"
     if (out / MODEL_FILE).exists() and not cfg.overwrite:

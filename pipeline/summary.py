@@ -17,6 +17,17 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def reduced_precision(precision: str, calibration: str) -> str:
+    """What a cache's `precision` means for its features, in a few words (float32: nothing to say)."""
+    if precision == "int8":
+        return (f"int8: REDUCED-PRECISION features (ONNX Runtime static quantization, calibrated on "
+                f"{calibration.rsplit(':K=', 1)[-1]} images, {calibration[:15]}…); they differ from float32 features "
+                "by about 1-20% relative (docs/engines.md)")
+    if precision == "mixed":
+        return "mixed: REDUCED-PRECISION features (float16 compute)"
+    return precision
+
+
 def print_extract_summary(r: ExtractResult) -> None:
     attrs = read_attrs(r.path)
     dtype = attrs.dtype if attrs else "float32"
@@ -37,6 +48,10 @@ def print_extract_summary(r: ExtractResult) -> None:
     lines.append(f"time: model ({r.engine}) {t.model_s:.1f} s, waiting for decoder {t.wait_input_s:.1f} s, "
                  f"write {t.write_s:.1f} s; "
                  f"decode {t.decode_cpu_s:.1f} cpu-s across threads")
+    if attrs and attrs.engine_reason:
+        lines.append(f"engine: {attrs.engine} ({attrs.engine_reason})")
+    if attrs and attrs.precision != "float32":
+        lines.append(f"precision: {reduced_precision(attrs.precision, attrs.calibration)}")
     if r.skipped:
         reasons = Counter(reason for _, reason in r.skipped)
         lines.append("skipped: " + "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common()))

@@ -109,6 +109,10 @@ class Result:
         return sorted(n for n, s in self.status.items() if s not in ("killed", "timeout") and n not in self.equivalent)
 
     @property
+    def timeouts(self) -> int:
+        return sum(s == "timeout" for s in self.status.values())
+
+    @property
     def score(self) -> float:
         return score(self.killed, len(self.status), len(self.equivalent))
 
@@ -116,17 +120,18 @@ class Result:
         if self.error:
             return f"{self.module}: {self.error}"
         verdict = "ok" if self.score >= TARGET else f"below {TARGET:.0%}"
-        return (f"{self.module}: {self.killed}/{len(self.status)} killed, {len(self.equivalent)} equivalent, "
+        return (f"{self.module}: {self.killed}/{len(self.status)} killed ({self.timeouts} by timeout), "
+                f"{len(self.equivalent)} equivalent, "
                 f"{len(self.survivors)} survived -> {self.score:.1%} ({verdict}), {self.seconds:.0f} s")
 
 
-def config_toml(module: str, tests: list[str]) -> str:
+def config_toml(module: str, tests: list[str], pytest_args: list[str]) -> str:
     """The [tool.mutmut] section of one module's run (appended to a copy of pyproject.toml)."""
     def strings(items):
         return "[" + ", ".join(json.dumps(i) for i in items) + "]"
 
     return (f"\n[tool.mutmut]\nsource_paths = {strings(SOURCES)}\nonly_mutate = {strings([module])}\n"
-            f"also_copy = {strings(ALSO_COPY)}\npytest_add_cli_args = {strings(PYTEST_ARGS)}\n"
+            f"also_copy = {strings(ALSO_COPY)}\npytest_add_cli_args = {strings(pytest_args)}\n"
             f"pytest_add_cli_args_test_selection = {strings(tests)}\nuse_git_change_detection = false\n"
             # a fresh worker per mutant forked from a server that has imported, never run, TensorFlow: a child
             # forked after TensorFlow ran ops can spin in its thread pools until the CPU limit kills it
@@ -137,7 +142,7 @@ def config_toml(module: str, tests: list[str]) -> str:
             "timeout_constant = 10.0\ntimeout_multiplier = 10.0\n")
 
 
-def prepare(module: str, tests: list[str]) -> Path:
+def prepare(module: str, tests: list[str], pytest_args: list[str]) -> Path:
     """A fresh mutants/<module>/: links to the sources and a pyproject.toml with this module's mutmut config."""
     work = ROOT / "mutants" / slug(module)
     shutil.rmtree(work, ignore_errors=True)
@@ -147,18 +152,25 @@ def prepare(module: str, tests: list[str]) -> Path:
     pyproject = (ROOT / "pyproject.toml").read_text()
     if re.search(r"^\[tool\.mutmut\]", pyproject, re.M):
         raise SystemExit("pyproject.toml has a [tool.mutmut] section; tests/mutate.py writes one per module")
-    (work / "pyproject.toml").write_text(pyproject + config_toml(module, tests))
+    (work / "pyproject.toml").write_text(pyproject + config_toml(module, tests, pytest_args))
     return work
 
 
-def mutmut(work: Path, *args: str, log: Path | None = None) -> subprocess.CompletedProcess:
+def mutmut(work: Path, *args: str, log: Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("mutmut")
     command = [str(exe) if exe.exists() else "mutmut", *args]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONDONTWRITEBYTECODE": "1"}
-    if log is None:
-        return subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
     with open(log, "w") as out:
         return subprocess.run(command, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def why_unrunnable(tests: list[str], pytest_args: list[str]) -> str:
+    """mutmut stops when the selected tests fail without any mutant (and hides their output): show that run."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", *pytest_args, *tests], cwd=ROOT,
+                          capture_output=True, text=True)
+    if done.returncode == 0:
+        return ""
+    return f"the selected tests fail without any mutant; fix them first:\n{(done.stdout + done.stderr)[-2500:]}"
 
 
 def statuses(work: Path, module: str) -> dict[str, str]:
@@ -189,7 +201,7 @@ def mutated_lines(work: Path, module: str) -> dict[str, list[str]]:
     return found
 
 
-def run_module(module: str, jobs: int) -> Result:
+def run_module(module: str, jobs: int, deselect: list[str]) -> Result:
     result = Result(module)
     if not (ROOT / module).exists():
         result.error = "not present yet, skipped"
@@ -198,13 +210,15 @@ def run_module(module: str, jobs: int) -> Result:
     missing = sorted(set(MODULES[module]) - set(tests))
     if missing:
         print(f"  {module}: no {', '.join(missing)} (yet); running the others", flush=True)
-    work = prepare(module, tests)
+    pytest_args = PYTEST_ARGS + [arg for test in deselect for arg in ("--deselect", test)]
+    work = prepare(module, tests, pytest_args)
     start = time.monotonic()
     done = mutmut(work, "run", "--max-children", str(jobs), log=work / "run.log")
     result.seconds = time.monotonic() - start
     if done.returncode:
-        tail = (work / "run.log").read_text(errors="replace")[-3000:]
-        result.error = f"mutmut failed ({done.returncode}); see {work / 'run.log'}:\n{tail}"
+        tail = (work / "run.log").read_text(errors="replace")[-1500:]
+        result.error = (f"mutmut failed ({done.returncode}); see {work / 'run.log'}:\n{tail}\n"
+                        f"{why_unrunnable(tests, pytest_args)}")
         return result
     result.status = statuses(work, module)
     wanted = {(func, text.strip()): why for func, text, why in EQUIVALENT.get(module, [])}
@@ -235,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("modules", nargs="*", help=f"modules to mutate (default: all of {', '.join(MODULES)})")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("MUTATE_JOBS", "2")),
                         help="mutants tested at once (MUTATE_JOBS; default 2)")
+    parser.add_argument("--deselect", action="append", default=[], metavar="NODEID",
+                        help="leave out a test that fails for an unrelated reason (pytest's --deselect); say so "
+                             "beside any number taken that way")
     args = parser.parse_args(argv)
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
@@ -243,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for module in args.modules or list(MODULES):
         print(f"mutating {module} ...", flush=True)
-        result = run_module(module, args.jobs)
+        result = run_module(module, args.jobs, args.deselect)
         report(result, ROOT / "mutants" / slug(module))
         results.append(result)
     print("\nmodule | mutants | killed | equivalent | score | time")

@@ -172,6 +172,8 @@ def test_a_graph_that_does_not_export_falls_back_under_auto_and_fails_under_onnx
     monkeypatch.setattr(engines, "export_onnx", unsupported)
     res = extract(vgg_cfg, verbose=True)
     assert res.engine == "tf" and read(res.path)[1]["engine"] == "tf"
+    assert read(res.path)[1]["engine_reason"] == ("fallback: this graph does not export to ONNX (ValueError: tf2onnx "
+                                                  "has no conversion for op 'Foo')")
     assert "note: this model does not export to ONNX (ValueError: tf2onnx has no conversion" in capsys.readouterr().out
     assert extract(vgg_cfg, verbose=False).status == "up-to-date"  # the marker makes auto choose tf from the start
     with pytest.raises(UsageError, match="engine 'onnx': this model does not export to ONNX .*op 'Foo'.*--engine tf"):

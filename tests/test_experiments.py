@@ -116,3 +116,29 @@ def test_the_console_ends_with_the_first_screens_warnings_then_the_report(tmp_pa
     leaks = next(c["count"] for c in counts if c["section"] == "duplicates")
     assert leaks >= 1 and lines[-1] == f"report:  {run / 'report.html'}"
     assert lines[-2].startswith("check:   ") and "cross-split near-duplicate" in lines[-2]
+
+
+def test_each_datasets_report_fits_the_window_and_says_what_to_use_first(crowded, tmp_path, monkeypatch):
+    """The issue's scenario end to end in Chromium: plain classify over the crowded cache folder, then every
+    dataset's report.html fits 1280 and 800 px with the model, its interval, the predict command and the warnings
+    on its first screen; the index links them."""
+    from tests.test_report import SCREEN_HEIGHT, WIDTHS, _browse, _chromium
+
+    chromium = _chromium()
+    pytest.importorskip("playwright", reason="the layout is measured with Playwright (pip install playwright)")
+    monkeypatch.setenv("FEATURE_CACHE_DIR", str(crowded))
+    run = classify(ClassifyConfig(heads="logreg,knn", out=str(tmp_path / "run")))
+    for folder in dataset_runs(run):
+        best = pd.read_csv(folder / "leaderboard.csv").query("chosen").iloc[0]
+        found = _browse(chromium, folder / "report.html", None)
+        assert found["errors"] == []
+        for width in WIDTHS:
+            seen = found["layout"][width]
+            assert seen["scroll"] <= seen["viewport"] == width
+            assert seen["card_top"] is not None and seen["card_top"] < SCREEN_HEIGHT
+            card = " ".join(seen["card"].split())
+            assert f"accuracy {best['accuracy']:.3f} (95% CI {best['ci_low']:.3f}–{best['ci_high']:.3f})" in card
+            assert f"make predict MODEL={folder}/best DATA=<new images>" in card
+            assert "cross-split near-duplicate" in card and "likely label error" in card
+    index = (run / "index.html").read_text()
+    assert 'href="ants/report.html"' in index and 'href="bees/report.html"' in index

@@ -224,3 +224,28 @@ def test_get_backbone_refusals_name_the_value_and_the_fix(tmp_path):
         get_backbone("vgg19", "tf")
     assert str(err.value) == "--preprocess is for .keras files; backbone 'vgg19' always uses its own preprocess_input."
     assert get_backbone("vgg19", None) is get_backbone("vgg19", "") is get_backbone("vgg19")
+
+
+def test_a_backbone_file_is_hashed_in_reads_of_at_most_one_mebibyte(tmp_path, monkeypatch):
+    """Backbones run to gigabytes: the hash never holds the whole file in memory."""
+    path = tmp_path / "big.bin"
+    path.write_bytes(b"\1" * ((1 << 20) * 3 + 5))
+    sizes = []
+
+    class Recording:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def read(self, size=-1):
+            sizes.append(size)
+            return self.f.read(size)
+
+    monkeypatch.setattr(backbones, "open", lambda *args: Recording(open(*args)), raising=False)
+    assert sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sizes == [1 << 20] * 5  # three full blocks, the 5-byte tail, the empty read that ends the loop

@@ -4,6 +4,7 @@ and the dependent merge equals a one-process extraction bit for bit."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import subprocess
@@ -220,3 +221,77 @@ def test_a_data_folder_with_an_odd_name_runs_on_real_slurm_and_nothing_is_inject
     attrs = read_attrs(out)
     assert attrs["complete"] and attrs["num_candidates"] == 6 and attrs["data_root"] == str(home / "data")
     assert not [p for p in tmp_path.rglob("pwned")] and not (ROOT / "pwned").exists()
+
+
+def _stand_in(folder: Path, name: str, body: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("#!/bin/sh\n" + body)
+    (folder / name).chmod(0o755)
+
+
+SCONTROL_CONFIG = """Configuration data as of 2026-01-01T00:00:00
+MaxArraySize            = 1001
+MaxJobCount             = 10000
+"""
+
+
+def test_a_5000_shard_array_stays_below_max_array_size_and_runs_every_shard_once(tmp_path, monkeypatch, capsys):
+    """`scontrol show config` says MaxArraySize = 1001: the dry run's array has indices 0..999 (throttled to 50 at
+    once), and the --shard each task's bash computes names every shard 0..4999 exactly once."""
+    from pipeline.extraction import shard_range
+    from pipeline.slurm import read_max_array_size
+
+    _stand_in(tmp_path / "bin", "scontrol", f"cat <<'END'\n{SCONTROL_CONFIG}END\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    assert read_max_array_size() == 1001
+    argv = ["slurm", "--backbone", "vgg19", "--layer", "block2_pool", "--weights", "none", "--data",
+            "data/hymenoptera-small", "--shards", "5000",
+            "--max-running", "50", "--log-dir", str(tmp_path / "logs"), "--dry-run"]
+    assert main(argv) == 0
+    script = capsys.readouterr().out.split("# ---- ")[1]
+    array = re.search(r"^#SBATCH --array=(\d+)-(\d+)%(\d+)$", script, re.MULTILINE)
+    assert array and array.groups() == ("0", "999", "50") and int(array[2]) < 1001
+    word = re.search(r'--shard ("[^"]+")$', script, re.MULTILINE)[1]
+    assert word == '"$((SLURM_ARRAY_TASK_ID * 5))-$((SLURM_ARRAY_TASK_ID * 5 + 4))/5000"'
+    done = subprocess.run(["bash", "-c", f"for SLURM_ARRAY_TASK_ID in $(seq {array[1]} {array[2]}); do "
+                                         f"printf '%s\\n' {word}; done"], capture_output=True, text=True, check=True)
+    shards = [s for value in done.stdout.split() for s in shard_range(value)]
+    assert sorted(shards, key=lambda s: int(s.split("/")[0])) == [f"{i}/5000" for i in range(5000)]
+    assert "--manifest" in script and not (tmp_path / "logs").exists()  # listed at submit time, not in a dry run
+
+
+def test_array_tasks_are_sized_to_max_array_size_and_throttled():
+    from pipeline.slurm import tasks_for
+
+    assert tasks_for(5000, 1001) == (1000, 5) and tasks_for(1001, 1001) == (1001, 1) and tasks_for(3, None) == (3, 1)
+    assert tasks_for(5001, 1001) == (1001, 5) and tasks_for(2003, 1001) == (668, 3)
+    p = plan(CFG, SlurmOptions(shards=2003, tasks="667", max_running=4), max_array_size=1001)
+    assert (p.per_task, p.tasks, list(p.shards_of(667))) == (3, [667], [2001, 2002])
+    assert "#SBATCH --array=667%4\n" in p.extract_script
+    assert "#SBATCH --array=0-2%1\n" in plan(CFG, SlurmOptions(shards=3, max_running=1)).extract_script
+    with pytest.raises(UsageError, match=r"^max-running 0 is not valid. Expected a positive number"):
+        plan(CFG, SlurmOptions(shards=3, max_running=0))
+    with pytest.raises(UsageError, match=r"^tasks '668' is not valid. Expected array indices within 0\.\.667"):
+        plan(CFG, SlurmOptions(shards=2003, tasks="668"), max_array_size=1001)
+
+
+def test_submit_lists_data_once_into_the_manifest_the_tasks_read(tmp_path, monkeypatch):
+    from features.catalog import discover, manifest_path, manifest_source, read_manifest
+    from pipeline.slurm import submit
+
+    for k, name in enumerate(["ants", "bees"]):
+        write_images(tmp_path / "data" / name, 5, seed=k)
+    _stand_in(tmp_path / "bin", "sbatch", "echo 7\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    cfg = CFG.replace(data=str(tmp_path / "data"), out=str(tmp_path / "c.h5"), augment=1)
+    manifest = manifest_path(tmp_path / "c.h5")
+    p = plan(cfg, SlurmOptions(shards=3, log_dir=str(tmp_path / "logs")), python="/p", cwd=tmp_path, list_data=True)
+    assert f"    --manifest {manifest} \\" in p.extract_script.splitlines() and not manifest.exists()
+    assert submit(p) == ("7", "7")
+    listed = discover(tmp_path / "data").with_views(1)
+    for i in range(3):
+        part, fingerprint = read_manifest(manifest, (i, 3), manifest_source(cfg.data, None, None, None, 1))
+        assert part.paths == listed.shard(i, 3).paths and fingerprint == listed.fingerprint()
+    given = plan(cfg.replace(manifest=str(manifest)), SlurmOptions(shards=3), python="/p", cwd=tmp_path,
+                 list_data=True)
+    assert given.listing is None and f"    --manifest {manifest} \\" in given.extract_script.splitlines()

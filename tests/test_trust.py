@@ -272,3 +272,25 @@ def test_a_virtual_merge_never_reads_zeros_for_shards_it_cannot_open(tmp_path, m
     copied = merging.merge(tmp_path / "x.h5", out=tmp_path / "y.h5", virtual=True)
     assert not copied.virtual and "ulimit -n" in copied.note
     assert np.array_equal(open_cache(tmp_path / "y.h5").read("x"), open_cache(tmp_path / "x.h5").read("x"))
+
+
+def test_cache_attributes_are_named_only_in_the_schema():
+    """Attribute names as string keys (`attrs["engine"]`, `attrs.get("decoder")`, `{"layers": ...}` handed to a
+    writer) would be a second, hand-written copy of the schema: product code reads and writes `CacheAttrs` fields."""
+    import ast
+
+    names_ = {f.name for f in schema.FIELDS}
+    found = []
+    for path in sorted(ROOT.glob("*/*.py")):
+        if path.parts[-2] not in ("features", "classifiers", "pipeline") or path.name == "schema.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            key = None
+            if isinstance(node, ast.Subscript) and "attrs" in ast.unparse(node.value):
+                key = node.slice
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+                  and "attrs" in ast.unparse(node.func.value) and node.args):
+                key = node.args[0]
+            if isinstance(key, ast.Constant) and key.value in names_:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {key.value}")
+    assert not found, found
