@@ -109,7 +109,7 @@ def _shape_text(dims: list | None) -> str:
 
 
 def _side(dims: list | None, layout: str) -> int | None:
-    """The fixed side of a square input, or None when height and width are free."""
+    """The fixed side of a square input, None when height and width are free, -1 when they are not a square."""
     if dims is None:
         return None
     h, w = (dims[2], dims[3]) if layout == "NCHW" else (dims[1], dims[2])
@@ -150,7 +150,8 @@ def check_options(spec: BackboneSpec, engine: str, precision: str, jit: bool, we
     asked = [a for a in asked if a]
     if asked:
         raise UsageError(f"backbone '{spec.name}' is an ONNX graph, which runs on ONNX Runtime only; "
-                         f"{' and '.join(asked)} need TensorFlow. Drop {' and '.join(asked)}.")
+                         f"{' and '.join(asked)} need{'s' if len(asked) == 1 else ''} TensorFlow. Drop "
+                         f"{' and '.join(asked)}.")
     if weights not in ("default", "imagenet"):
         raise UsageError(f"weights '{weights}' is not valid for an ONNX backbone ({spec.name}): its weights are in the "
                          "file. Drop WEIGHTS (--weights).")
@@ -160,9 +161,11 @@ def tensor_names(model) -> dict[str, str]:
     """Layer name -> tensor name for every tensor an operation of the graph makes, in graph order; a layer name that
     two tensors would share gets `~2`, `~3` on the later ones."""
     found: dict[str, str] = {}
+    seen: set[str] = set()
     for node in model.graph.node:
         for tensor in node.output:
-            if tensor and tensor not in found.values():
+            if tensor and tensor not in seen:
+                seen.add(tensor)
                 name, k = layer_name(tensor), 2
                 while name in found:
                     name, k = f"{layer_name(tensor)}~{k}", k + 1
@@ -215,9 +218,12 @@ def layer_shapes(spec: BackboneSpec, size: int) -> list[tuple[str, str, tuple | 
     return rows
 
 
-def default_layer(spec: BackboneSpec) -> str:
-    """The sidecar's default_layer, else the graph's first output."""
-    return spec.default_layer or layer_name(load_model(spec.file).graph.output[0].name)
+def default_layer(spec: BackboneSpec, model=None) -> str:
+    """The sidecar's default_layer (a layer name, or a tensor's own name), else the graph's first output."""
+    model = model or load_model(spec.file)
+    names = tensor_names(model)
+    wanted = spec.default_layer or model.graph.output[0].name
+    return wanted if wanted in names else next((n for n, t in names.items() if t == wanted), wanted)
 
 
 def _check_size(spec: BackboneSpec, model, size: int) -> None:
@@ -235,7 +241,7 @@ def resolve_layers(spec: BackboneSpec, layers: list[str], size: int) -> list[str
     names = tensor_names(model)
     by_tensor = {tensor: name for name, tensor in names.items()}
     resolved = []
-    for layer in layers or [default_layer(spec)]:
+    for layer in layers or [default_layer(spec, model)]:
         name = layer if layer in names else by_tensor.get(layer)
         if name is None:
             raise UsageError(f"layer '{layer}' is not a tensor of backbone '{spec.name}' ({len(names)} tensors; see "

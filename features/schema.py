@@ -120,7 +120,8 @@ class CacheAttrs:
     num_images: int = _attr("rows in every per-row dataset", PER_SHARD, example=0, default=0)
     data_root: str = _attr("absolute path of DATA at extraction time (`paths` are relative to it and stay under it)",
                            PROVENANCE, MODEL, example="/synthetic")
-    layout: str = _attr("`classes`, `splits`, `csv`, `tars` (WebDataset shards) or `unlabelled`", PROVENANCE, MODEL, example="classes")
+    layout: str = _attr("`classes`, `splits`, `csv`, `tars` (WebDataset shards) or `unlabelled`", PROVENANCE, MODEL,
+                        example="classes")
     labels_csv: str = _attr("the `--labels` file as given, `\"\"` if none", PROVENANCE, example="")
     batch_size: int = _attr("batch size of the forward pass (a resume needs the same one)", GRAPH, example=32)
     config_json: str = _attr("the full resolved `ExtractConfig` as JSON", PER_SHARD, MODEL, example="{}")
@@ -190,6 +191,12 @@ def recipe(values: Mapping[str, Any]) -> dict[str, Any]:
     if found["backbone_file_sha256"]:
         del found["backbone"]
     return found
+
+
+def backbone_label(backbone: str) -> str:
+    """How the `backbone` attribute is shown and named in files: a registry name as it is, a user's model file by
+    its stem (`models/x.keras` -> `x`)."""
+    return Path(backbone).stem if backbone.endswith((".keras", ".onnx")) else backbone
 
 
 def plain(value: Any) -> Any:
@@ -263,8 +270,9 @@ SOURCE_GENERATIONS = "source_generations"
 DATASETS = (
     DatasetSpec("features/<layer>", "(N, …)", "`dtype`", True,
                 "activations of that layer, one row per image; attrs `layer`, `shape` (per image). In a virtual merge "
-                f"(`merge --virtual`) a virtual dataset over the shards' rows, whose files must lie beside it, with the "
-                f"attribute `{SOURCE_GENERATIONS}` (`<file>:<generation>` per shard): a shard replaced since is refused"),
+                "(`merge --virtual`) a virtual dataset over the shards' rows, whose files must lie beside it, with "
+                f"the attribute `{SOURCE_GENERATIONS}` (`<file>:<generation>` per shard): a shard replaced since is "
+                "refused; rows of a shard that cannot be opened read as NaN (its fill value), never as zeros"),
     DatasetSpec("paths", "(N,)", "fixed-length UTF-8", True,
                 "image path relative to `data_root`, `/`-separated, never absolute and without `..`"),
     DatasetSpec("labels", "(N,)", "int32", True, "index into `label_names`; `-1` = unlabelled"),

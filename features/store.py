@@ -32,8 +32,9 @@ import numpy as np
 
 from features.errors import UsageError
 from features.lock import exclusive
-from features.schema import (PER_ROW, REBUILD, SCHEMA_VERSION, CacheAttrs, ConfigMismatch, DamagedCache, ForeignFile,
-                             IncompleteCache, SchemaMismatch, SOURCE_GENERATIONS, StaleCache, VERSION_ATTR, plain)
+from features.schema import (PER_ROW, SCHEMA_VERSION, SOURCE_GENERATIONS, VERSION_ATTR, CacheAttrs, DamagedCache,
+                             ForeignFile, IncompleteCache, SchemaMismatch, StaleCache, backbone_label, plain)
+
 CHUNK_BYTES = 1 << 20  # h5py suggests 10 KiB - 1 MiB per chunk; readers take whole rows
 MAX_ROWS_PER_CHUNK = 1024
 # The writer's chunk cache per dataset: one chunk keeps the chunk a batch leaves half-filled for the next batch, and
@@ -364,8 +365,6 @@ class CacheWriter:
         """Refuse in one line, before anything reaches HDF5, a write that could grow the file (by up to `growth`
         bytes, plus room for index nodes) past the file-size limit (RLIMIT_FSIZE, `ulimit -f`: exact) or the free
         space of its disk (as it is now: another writer may still take it before this one does)."""
-        import resource
-
         size = max(self.file.id.get_filesize(), partial_path(self.path).stat().st_size)
         detail = _no_room(self.path.parent, size, growth + (ROOM_MARGIN if growth else 0))
         if detail:
@@ -724,8 +723,7 @@ class Cache:
 
     @property
     def backbone(self) -> str:
-        backbone = self.attrs.backbone
-        return Path(backbone).stem if backbone.endswith(".keras") else backbone
+        return backbone_label(self.attrs.backbone)
 
     @property
     def layers(self) -> list[str]:
@@ -924,7 +922,8 @@ def open_cache(path: str | Path) -> Cache:
         attrs = _check_file(path, file)
         if not attrs.complete:
             raise IncompleteCache(f"Feature cache {str(path)!r} is incomplete (complete=False): its extraction was "
-                                  "interrupted or is still running. Rerun the same `make extract` command to finish it.")
+                                  "interrupted or is still running. Rerun the same `make extract` command to finish "
+                                  "it.")
         _check_sizes(path, file, attrs.num_images)
         features = file["features"]
         labels = _metadata(path, file, "labels").astype(np.int64)
@@ -932,7 +931,8 @@ def open_cache(path: str | Path) -> Cache:
         text = {name: _text(path, file, name) for name in ("paths", "split", "label_names")}
         skipped = [(plain(p), plain(r)) for p, r in file["skipped"][()]] if "skipped" in file else []
         stamps = _metadata(path, file, "file_stamp").astype(np.int64)
-        cache = Cache(path=path, attrs=attrs, shapes={k: tuple(int(d) for d in v.shape[1:]) for k, v in features.items()},
+        shapes = {k: tuple(int(d) for d in v.shape[1:]) for k, v in features.items()}
+        cache = Cache(path=path, attrs=attrs, shapes=shapes,
                       labels=labels, label_names=text["label_names"].tolist(), split=text["split"],
                       paths=text["paths"], view=view, skipped=skipped, file_stamps=stamps,
                       dtypes={k: v.dtype for k, v in features.items()}, path_bytes=file["paths"].dtype.itemsize)

@@ -137,7 +137,8 @@ def plan_jobs(cfg: ClassifyConfig) -> tuple[list[HeadSpec], list[Experiment], li
     paths, notes = find_caches(cfg.features)
     caches = [open_cache(path) for path in paths]
     require_layers(caches, cfg.layer)
-    named = {Path(part.strip()) for part in (cfg.features or "").split(",") if part.strip() and not glob.has_magic(part)}
+    named = {Path(part.strip()) for part in (cfg.features or "").split(",")
+             if part.strip() and not glob.has_magic(part)}  # named explicitly: used as named
     groups, passed = select_caches(caches, named)
     notes += passed
     if not groups:

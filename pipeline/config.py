@@ -13,6 +13,7 @@ from pathlib import Path
 from classifiers import saved
 from features.errors import UsageError
 from features.images import MAX_PIXELS
+from features.schema import backbone_label
 from features.tars import is_pattern, pattern_root
 from features.store import cache_dir
 
@@ -84,7 +85,7 @@ def default_out(cfg: ExtractConfig, layers: list[str], shard: tuple[int, int] | 
     """cache/<data>__<backbone>__<layers>[__pool][__size][__dtype][.shardI-of-N].h5: readable, derived from the config."""
     pattern = is_pattern(cfg.data) and not Path(cfg.data).exists()  # tar shards named by a glob or brace pattern
     data = (pattern_root(cfg.data) if pattern else Path(cfg.data)).resolve().name or "data"
-    backbone = Path(cfg.backbone).stem if cfg.backbone.endswith(".keras") else cfg.backbone
+    backbone = backbone_label(cfg.backbone)
     parts = [data, backbone, "+".join(layers)]
     if cfg.pool != "none":
         parts.append(cfg.pool)

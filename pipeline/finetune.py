@@ -35,7 +35,7 @@ from features.augment import get_policy
 from features.backbones import get_backbone
 from features.catalog import Catalog, discover
 from features.errors import UsageError
-from features.schema import MODEL, names
+from features.schema import MODEL, backbone_label, names
 from pipeline.config import ExtractConfig, recorded_config
 
 MODEL_FILE = saved.NETWORK_FILE
@@ -210,7 +210,7 @@ def append_leaderboard(model_dir: Path, rec: dict, predict_s: float) -> None:
     board = run_dir / "leaderboard.csv"
     table = pd.read_csv(board).drop(columns="rank")
     table = table[table["head"] != rec["head"]]
-    backbone = Path(rec["backbone"]).stem if rec["backbone"].endswith(".keras") else rec["backbone"]
+    backbone = backbone_label(rec["backbone"])
     row = {"backbone": backbone, "layer": rec["layer"],
            "reduce": rec["reduce"], "head": rec["head"], "scheme": rec["scheme"],
            **{k: v for k, v in rec["metrics"].items() if k != "start_accuracy"},

@@ -61,7 +61,7 @@ def run_backbones(args: argparse.Namespace) -> int:
           "preprocess")
     for name in list_backbones(args.filter):
         print(_data_row(name, get_backbone(name)))
-    files = sorted(f for pattern in ("models/**/*.keras", "models/**/*.onnx") for f in glob.glob(pattern, recursive=True)
+    files = sorted(f for suffix in ("keras", "onnx") for f in glob.glob(f"models/**/*.{suffix}", recursive=True)
                    if fnmatch.fnmatch(f, args.filter))
     for path in files:
         try:

@@ -162,9 +162,11 @@ def test_make_layers_lists_the_graphs_tensors_with_their_shapes_without_tensorfl
     assert rows["relu1.Relu_output_0"][:4] == ["Relu", "(4,", "40,", "40)"]
     assert rows["conv2.Conv_output_0"][:4] == ["Conv", "(6,", "20,", "20)"]
     assert rows["logits"] == ["MatMul", "(5,)", "5", "<-", "default"]
+    (tmp_path / "net.json").write_text(json.dumps({"preprocess": "torch", "default_layer": "/relu2/Relu_output_0"}))
     filtered = run_cli("layers", "--backbone", str(path), "--filter", "relu*")
     assert [line.split()[0] for line in filtered.stdout.splitlines()[1:]] == ["relu1.Relu_output_0",
                                                                                "relu2.Relu_output_0"]
+    assert filtered.stdout.splitlines()[-1].endswith("<- default")  # the sidecar's default, named as in the graph
 
 
 def test_layers_are_checked_before_any_image_is_read(tmp_path, photos):
@@ -181,7 +183,7 @@ def test_layers_are_checked_before_any_image_is_read(tmp_path, photos):
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(engine="tf"), "--engine tf need TensorFlow. Drop --engine tf"),
+    (dict(engine="tf"), "--engine tf needs TensorFlow. Drop --engine tf"),
     (dict(precision="mixed", jit=True), "--precision mixed and --jit need TensorFlow"),
     (dict(weights="none"), "weights 'none' is not valid for an ONNX backbone .*: its weights are in the file"),
 ])

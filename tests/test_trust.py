@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ from classifiers.reduce import get_reduce
 from classifiers.testing import separable, write_cache
 from features import schema
 from features.errors import UsageError
-from features.schema import (CacheAttrs, DamagedCache, ForeignFile, SchemaMismatch, StaleCache, StoreError, names)
+from features.schema import DamagedCache, ForeignFile, SchemaMismatch, StaleCache, StoreError, names
 from features.store import existing_cache, open_cache, verify
 from tests.conftest import ROOT, fails_in_one_line
 

@@ -25,7 +25,8 @@ def contents(path: Path) -> dict:
     out = {}
     with h5py.File(path, "r") as f:
         f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-        out.update({f"@{k}": v for k, v in f.attrs.items() if k not in ("created", "completed", "config_json", "generation")})
+        volatile = ("created", "completed", "config_json", "generation")
+        out.update({f"@{k}": v for k, v in f.attrs.items() if k not in volatile})
         out["@config_json"] = {**json.loads(f.attrs["config_json"]), "out": None}
     return out
 

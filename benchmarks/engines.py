@@ -1,0 +1,250 @@
+"""Issue 26, measured side by side: `--engine auto` against both explicit engines, and `--precision int8` against the
+float32 ONNX Runtime engine. Writes benchmarks/engines.md (`python -m benchmarks.engines`, about 30 min on 2 busy
+cores; `--quick`: every code path on tiny inputs, figures meaningless).
+
+    python -m benchmarks.engines                       # both parts, into benchmarks/engines.md
+    python -m benchmarks.engines --parts int8 --rounds 3 --out /tmp/engines.md
+
+Part "auto", per model (Lite0 -> avg_pool @224, ResNet50 @224, VGG19 -> block2_pool @256; the registry models with
+seeded random weights staged as a file, so every run keeps one export): a fresh engines/ folder, one `extract --engine
+auto` that times both engines on its real path (the threshold MEASURE_MIN_BATCHES is lowered to this small set, the
+timing itself is untouched; its seconds are reported), then `extract --engine tf`, `--engine onnx` and `--engine auto`
+(which now reads the kept choice) in rotating order, `rounds` times; each run's steady rate is the loop's (images /
+seconds of `extract_rows`: start-up, model build and export excluded), the fastest of each counts. Target: auto >=
+0.95x the faster explicit engine.
+
+Part "int8", per model (Lite0 -> avg_pool on every photo of the data set, VGG19 -> block2_pool @256 on a staged set):
+`extract --engine onnx` at float32 and at int8 (first runs untimed: export, calibration), then both in alternating
+order `rounds` times, fastest loop rate of each; the features' mean (and largest) relative deviation per image,
+||int8 - float32|| / ||float32||; for Lite0 the linear probe (the project's `logreg` head, C chosen on 5 inner folds)
+in 5 x 4-fold cross-validation on both caches' features, labels ants/bees. bf16 is measured only where the CPU has it
+(avx512_bf16 / amx_bf16); otherwise the part says so.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from benchmarks.common import ROOT, find_sources, fmt, machine_facts, stage_images
+from benchmarks.throughput import CASES, Case
+
+TARGET = 0.95  # auto's steady rate / the faster explicit engine's
+
+
+@contextmanager
+def patched(module, **values):
+    old = {k: getattr(module, k) for k in values}
+    for k, v in values.items():
+        setattr(module, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(module, k, v)
+
+
+def loop_rate(res) -> float:
+    return res.processed / res.timings.wall_s if res.timings.wall_s else float("nan")
+
+
+def config(case: Case, sources, data: Path, batch: int, work: Path, size: int | None):
+    """The extraction of `case` on `data`; `size` (quick runs) shrinks the registry models' input side."""
+    from pipeline.config import ExtractConfig
+
+    params = case.resolve(sources, SimpleNamespace(registry_size=size) if size else None, work)
+    return ExtractConfig(backbone=params["backbone"], data=str(data), weights=params["weights"],
+                         layer=[params["layer"]] if params["layer"] else [], image_size=params["size"],
+                         batch_size=batch, overwrite=True)
+
+
+def auto_case(case: Case, sources, n: int, batch: int, rounds: int, work: Path, log, size: int | None) -> dict:
+    import features.engines as engines
+    from pipeline.extraction import extract
+
+    data = stage_images(sources.images, n, work / f"img_{case.name}")
+    cfg = config(case, sources, data, batch, work, size)
+    folder = work / f"engines_{case.name}"  # fresh: the first auto run times the engines
+    spent = {}
+
+    def timed_measure(forwards, pixels):
+        start = time.perf_counter()
+        rates = real(forwards, pixels)
+        spent["seconds"], spent["rates"] = time.perf_counter() - start, rates
+        return rates
+
+    real = engines.measure
+    log(f"auto: {case.name}: the first run times both engines")
+    start = time.perf_counter()
+    with patched(engines, MEASURE_MIN_BATCHES=1, measure=timed_measure):
+        first = extract(cfg.replace(engine="auto", out=str(work / f"{case.name}_auto.h5")), verbose=False,
+                        engines=folder)
+    first_s = time.perf_counter() - start
+    from features.store import read_attrs
+
+    reason = read_attrs(first.path).engine_reason
+    rates: dict[str, list[float]] = {"tf": [], "onnx": [], "auto": []}
+    order = list(rates)
+    for r in range(rounds):
+        for engine in order[r % 3:] + order[:r % 3]:
+            res = extract(cfg.replace(engine=engine, out=str(work / f"{case.name}_{engine}.h5")), verbose=False,
+                          engines=folder)
+            rates[engine].append(loop_rate(res))
+            log(f"auto: {case.name} round {r + 1} {engine} ({res.engine}): {rates[engine][-1]:.1f} img/s")
+    best = {k: max(v) for k, v in rates.items()}
+    faster = max(("tf", "onnx"), key=best.get)
+    return {"model": f"{case.name} @{cfg.image_size}", "images": n, "batch": batch,
+            "tf_img_s": best["tf"], "onnx_img_s": best["onnx"], "auto_img_s": best["auto"], "auto_ran": first.engine,
+            "faster_explicit": faster, "auto_vs_faster": best["auto"] / best[faster],
+            "timing_s": spent.get("seconds", float("nan")), "first_auto_run_s": first_s, "reason": reason}
+
+
+def deviation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """||a - b|| / ||b|| per row (b: the float32 reference)."""
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(b, axis=1), 1e-30)
+
+
+def probe(features: np.ndarray, labels: np.ndarray, repeats: int, folds: int) -> np.ndarray:
+    """Accuracy of the project's logreg head (C on 5 inner folds) in `repeats` x `folds`-fold cross-validation."""
+    from sklearn.model_selection import GridSearchCV, RepeatedStratifiedKFold, cross_val_score
+
+    from classifiers.heads import get_head
+
+    spec = get_head("logreg")
+    model = GridSearchCV(spec.build(0), spec.grid, cv=5)
+    return cross_val_score(model, features.reshape(len(features), -1), labels,
+                           cv=RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=0))
+
+
+def int8_case(case: Case, sources, n: int | None, batch: int, rounds: int, work: Path, log, size: int | None,
+              with_probe: bool, probe_repeats: int = 5) -> dict:
+    import h5py
+
+    from pipeline.extraction import extract
+
+    data = sources.images if n is None else stage_images(sources.images, n, work / f"img8_{case.name}")
+    cfg = config(case, sources, data, batch, work, size).replace(engine="onnx")
+    folder = work / f"engines8_{case.name}"
+    outs = {p: str(work / f"{case.name}_{p}.h5") for p in ("float32", "int8")}
+    start = time.perf_counter()
+    extract(cfg.replace(precision="float32", out=outs["float32"]), verbose=False, engines=folder)  # exports
+    export_s = time.perf_counter() - start
+    start = time.perf_counter()
+    extract(cfg.replace(precision="int8", out=outs["int8"]), verbose=False, engines=folder)  # calibrates, quantizes
+    quantize_s = time.perf_counter() - start
+    rates: dict[str, list[float]] = {"float32": [], "int8": []}
+    for r in range(rounds):
+        for precision in (["float32", "int8"] if r % 2 == 0 else ["int8", "float32"]):
+            res = extract(cfg.replace(precision=precision, out=outs[precision]), verbose=False, engines=folder)
+            rates[precision].append(loop_rate(res))
+            log(f"int8: {case.name} round {r + 1} {precision}: {rates[precision][-1]:.1f} img/s")
+    feats, labels = {}, None
+    for precision, path in outs.items():
+        with h5py.File(path) as f:
+            layer = next(iter(f["features"]))
+            feats[precision], labels = f[f"features/{layer}"][()], f["labels"][()]
+    dev = deviation(feats["int8"], feats["float32"])
+    best = {k: max(v) for k, v in rates.items()}
+    row = {"model": f"{case.name} @{cfg.image_size}", "images": len(labels), "batch": batch,
+           "float32_img_s": best["float32"], "int8_img_s": best["int8"], "int8_vs_float32": best["int8"] / best["float32"],
+           "mean_rel_dev": float(dev.mean()), "max_rel_dev": float(dev.max()), "export_s": export_s,
+           "calibrate_quantize_s": quantize_s}
+    if with_probe:
+        log(f"int8: {case.name}: linear probe, {probe_repeats} x 4-fold")
+        acc = {p: probe(feats[p], labels, probe_repeats, 4) for p in feats}
+        row.update({"probe_float32": float(acc["float32"].mean()), "probe_int8": float(acc["int8"].mean()),
+                    "probe_diff": float(acc["int8"].mean() - acc["float32"].mean()),
+                    "probe_sd": float(np.std(acc["int8"] - acc["float32"])),
+                    "probe_folds": len(acc["int8"])})
+    return row
+
+
+def table(columns: list[str], rows: list[dict]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+
+
+def bf16_note() -> str:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    if " avx512_bf16" in flags or " amx_bf16" in flags:
+        return ("bf16: this CPU has bfloat16 instructions; `--precision bf16` is not implemented yet, so nothing was "
+                "measured (see docs/engines.md).")
+    return ("bf16: skipped, this CPU has neither avx512_bf16 nor amx_bf16 (/proc/cpuinfo), so bfloat16 would run "
+            "emulated and cannot be faster than float32.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.engines", description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="auto,int8", help="auto,int8 (default) or one of them")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per engine or precision")
+    parser.add_argument("--quick", action="store_true", help="tiny inputs: checks that the code runs")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "engines.md"))
+    args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if not parts or set(parts) - {"auto", "int8"}:
+        print(f"error: parts '{args.parts}' is not valid. Expected auto, int8 or auto,int8.", file=sys.stderr)
+        return 2
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    facts = machine_facts()
+    sources = find_sources(not args.quick)
+    size = 32 if args.quick else None
+    n_auto = {"lite0": 8, "resnet50": 8, "vgg19_block2_pool": 8} if args.quick else \
+        {"lite0": 256, "resnet50": 96, "vgg19_block2_pool": 96}
+    batch = 4 if args.quick else 32
+    start = time.perf_counter()
+    lines = ["# Engines: `auto` by measurement and `--precision int8` (issue 26)", "",
+             f"Written by `python -m benchmarks.engines{' ' + ' '.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else ''}`"
+             " (benchmarks/engines.py, whose docstring says how each figure is taken). Figures are fastest-of-rounds "
+             "rates measured side by side in one process; on a shared machine only the ratios mean anything.", "",
+             "| fact | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in facts.items()],
+             f"| data | {sources.images} |", ""]
+    with tempfile.TemporaryDirectory(prefix="bench_engines_") as tmp:
+        work = Path(tmp)
+        if "auto" in parts:
+            rows = [auto_case(case, sources, n_auto[case.name], batch, args.rounds, work, log, size) for case in CASES]
+            met = all(r["auto_vs_faster"] >= TARGET for r in rows)
+            lines += ["## auto against the explicit engines", "",
+                      f"Target: auto's steady rate >= {TARGET}x the faster explicit engine for every model: "
+                      f"**{'met' if met else 'not met'}**.", "",
+                      *table(["model", "images", "batch", "tf_img_s", "onnx_img_s", "auto_img_s", "auto_ran",
+                              "faster_explicit", "auto_vs_faster", "timing_s", "first_auto_run_s"], rows), "",
+                      *[f"- {r['model']}: `{r['reason']}`" for r in rows], ""]
+        if "int8" in parts:
+            lite0, vgg = (next(c for c in CASES if c.name == name) for name in ("lite0", "vgg19_block2_pool"))
+            rows = [int8_case(lite0, sources, 16 if args.quick else None, batch, args.rounds, work, log, size,
+                              with_probe=True, probe_repeats=1 if args.quick else 5),
+                    int8_case(vgg, sources, 8 if args.quick else 96, batch, args.rounds, work, log, size,
+                              with_probe=False)]
+            lines += ["## int8 against float32 (ONNX Runtime)", "",
+                      *table(["model", "images", "batch", "float32_img_s", "int8_img_s", "int8_vs_float32",
+                              "mean_rel_dev", "max_rel_dev", "export_s", "calibrate_quantize_s"], rows), "",
+                      "Linear probe (Lite0 features, logreg head, repeated 4-fold cross-validation; target: int8 "
+                      "within 0.02 of float32):", "",
+                      *table(["model", "images", "probe_folds", "probe_float32", "probe_int8", "probe_diff",
+                              "probe_sd"], rows[:1]), "", f"- {bf16_note()}", ""]
+    lines += [f"Run time {time.perf_counter() - start:.0f} s; load average at end "
+              f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}."]
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
