@@ -15,7 +15,7 @@ EXTRACT_FLAGS = $(call flag,BACKBONE,backbone) $(call flag,LAYER,layer) $(call f
   $(call flag,COMPRESSION,compression) $(call flag,SHARD,shard) $(call flag,MANIFEST,manifest) \
   $(call flag,WORKERS,workers) $(call flag,PRECISION,precision) $(call flag,ENGINE,engine) $(call flag,DEVICES,devices) \
   $(call flag,AUGMENT,augment) $(call flag,AUGMENT_POLICY,augment-policy) $(call flag,SEED,seed) \
-  $(call flag,MAX_PIXELS,max-pixels) $(if $(JIT),--jit) $(if $(OVERWRITE),--overwrite)
+  $(call flag,MAX_PIXELS,max-pixels) $(call flag,CALIBRATION_IMAGES,calibration-images) $(call flag,CALIBRATION,calibration) $(if $(JIT),--jit) $(if $(OVERWRITE),--overwrite)
 CLASSIFY_FLAGS = $(call flag,FEATURES,features) $(call flag,LAYER,layer) $(call flag,HEADS,heads) \
   $(call flag,REDUCE,reduce) $(call flag,CV,cv) $(call flag,SEED,seed) $(call flag,OUT,out) $(call flag,MEMORY,memory-budget) \
   $(call flag,METRIC,metric) $(if $(SAVE_ALL),--save-all) $(if $(NO_REPORT),--no-report) $(if $(LIST),--list)

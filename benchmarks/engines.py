@@ -154,7 +154,8 @@ def int8_case(case: Case, sources, n: int | None, batch: int, rounds: int, work:
     dev = deviation(feats["int8"], feats["float32"])
     best = {k: max(v) for k, v in rates.items()}
     row = {"model": f"{case.name} @{cfg.image_size}", "images": len(labels), "batch": batch,
-           "float32_img_s": best["float32"], "int8_img_s": best["int8"], "int8_vs_float32": best["int8"] / best["float32"],
+           "float32_img_s": best["float32"], "int8_img_s": best["int8"],
+           "int8_vs_float32": best["int8"] / best["float32"],
            "mean_rel_dev": float(dev.mean()), "max_rel_dev": float(dev.max()), "export_s": export_s,
            "calibrate_quantize_s": quantize_s}
     if with_probe:
@@ -165,6 +166,72 @@ def int8_case(case: Case, sources, n: int | None, batch: int, rounds: int, work:
                     "probe_sd": float(np.std(acc["int8"] - acc["float32"])),
                     "probe_folds": len(acc["int8"])})
     return row
+
+
+VARIANTS = {"fixed: weights int8 per channel, 7-bit (reduce_range)": {},
+            "weights int8 per channel, full 8-bit": {"reduce_range": False},
+            "weights uint8 per channel, full 8-bit": {"weight_type": "QUInt8", "reduce_range": False}}
+
+
+def session(path: Path):
+    """An ONNX Runtime session set up as `features.engines.onnx_forward` sets it up; returns a forward pass."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = len(os.sched_getaffinity(0))
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name, sub = s.get_inputs()[0].name, s.get_inputs()[0].shape[0]
+    return lambda pixels: np.concatenate([s.run(None, {name: pixels[i:i + sub]})[0]
+                                          for i in range(0, len(pixels) - len(pixels) % sub, sub)])
+
+
+def settings_case(sources, n: int | None, batch: int, rounds: int, work: Path, log, probe_repeats: int) -> list[dict]:
+    """Lite0 -> avg_pool: the quantization settings features/quantize.py fixes against the alternatives, on the same
+    float export and calibration set: model-only rate (pre-decoded images, sessions alternating, fastest round),
+    deviation from float32, linear probe."""
+    from features.augment import file_loader
+    from features.catalog import discover
+    from features.engines import export_path
+    from features.quantize import DEFAULT_IMAGES, calibration, quantize
+    from features.store import read_attrs
+    from pipeline.extraction import extract
+
+    lite0 = next(c for c in CASES if c.name == "lite0")
+    data = sources.images if n is None else stage_images(sources.images, n, work / "img_settings")
+    cfg = config(lite0, sources, data, batch, work, None).replace(engine="onnx")
+    folder = work / "engines_settings"
+    res = extract(cfg.replace(out=str(work / "settings_f32.h5")), verbose=False, engines=folder)  # the float export
+    export = export_path(folder, read_attrs(res.path))
+    catalog = discover(data)
+    load = file_loader(cfg.image_size, cfg.resize, "standard", 0, 0)
+    pixels = np.stack([load(catalog.paths[i], catalog.source(i)) for i in range(len(catalog))])
+    labels = np.array(catalog.labels)[: len(pixels) - len(pixels) % 16]
+    calib = calibration(lambda: catalog, DEFAULT_IMAGES, cfg.image_size, cfg.resize, 2, cfg.max_pixels)
+    forwards = {"float32": session(export)}
+    for label, variant in VARIANTS.items():
+        log(f"settings: quantizing with {label}")
+        forwards[label] = session(quantize(export, None, calib, variant))
+    outputs = {label: forward(pixels) for label, forward in forwards.items()}  # also the warm-up
+    best = dict.fromkeys(forwards, float("inf"))
+    for r in range(rounds):
+        for label in (list(forwards) if r % 2 == 0 else list(forwards)[::-1]):
+            start = time.perf_counter()
+            forwards[label](pixels)
+            best[label] = min(best[label], time.perf_counter() - start)
+    rows = []
+    reference = probe(outputs["float32"], labels, probe_repeats, 4)
+    for label in forwards:
+        dev = deviation(outputs[label], outputs["float32"])
+        acc = reference if label == "float32" else probe(outputs[label], labels, probe_repeats, 4)
+        rows.append({"settings": label, "images": len(outputs[label]),
+                     "model_only_img_s": len(outputs[label]) / best[label],
+                     "vs_float32": best["float32"] / best[label], "mean_rel_dev": float(dev.mean()),
+                     "max_rel_dev": float(dev.max()), "probe": float(acc.mean()),
+                     "probe_diff": float(acc.mean() - reference.mean())})
+        log(f"settings: {label}: {rows[-1]}")
+    return rows
 
 
 def table(columns: list[str], rows: list[dict]) -> list[str]:
@@ -186,14 +253,16 @@ def bf16_note() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.engines", description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="auto,int8", help="auto,int8 (default) or one of them")
+    parser.add_argument("--parts", default="auto,int8,settings",
+                        help="auto,int8,settings (default) or some of them")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per engine or precision")
     parser.add_argument("--quick", action="store_true", help="tiny inputs: checks that the code runs")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "engines.md"))
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    if not parts or set(parts) - {"auto", "int8"}:
-        print(f"error: parts '{args.parts}' is not valid. Expected auto, int8 or auto,int8.", file=sys.stderr)
+    if not parts or set(parts) - {"auto", "int8", "settings"}:
+        print(f"error: parts '{args.parts}' is not valid. Expected some of auto, int8, settings, comma-separated.",
+              file=sys.stderr)
         return 2
     import tensorflow as tf
 
@@ -210,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = 4 if args.quick else 32
     start = time.perf_counter()
     lines = ["# Engines: `auto` by measurement and `--precision int8` (issue 26)", "",
-             f"Written by `python -m benchmarks.engines{' ' + ' '.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else ''}`"
+             f"Written by `{' '.join(['python -m benchmarks.engines', *(argv or sys.argv[1:])])}`"
              " (benchmarks/engines.py, whose docstring says how each figure is taken). Figures are fastest-of-rounds "
              "rates measured side by side in one process; on a shared machine only the ratios mean anything.", "",
              "| fact | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in facts.items()],
@@ -239,6 +308,15 @@ def main(argv: list[str] | None = None) -> int:
                       "within 0.02 of float32):", "",
                       *table(["model", "images", "probe_folds", "probe_float32", "probe_int8", "probe_diff",
                               "probe_sd"], rows[:1]), "", f"- {bf16_note()}", ""]
+        if "settings" in parts:
+            rows = settings_case(sources, 16 if args.quick else None, batch, args.rounds, work, log,
+                                 1 if args.quick else 5)
+            lines += ["## int8 settings compared (Lite0 -> avg_pool, model only)", "",
+                      "The same float export and calibration set quantized three ways; the first is what "
+                      "`--precision int8` uses (features/quantize.py). Rates are ONNX Runtime's alone on pre-decoded "
+                      "images (sessions alternating, fastest round); deviation and probe as above.", "",
+                      *table(["settings", "images", "model_only_img_s", "vs_float32", "mean_rel_dev", "max_rel_dev",
+                              "probe", "probe_diff"], rows), ""]
     lines += [f"Run time {time.perf_counter() - start:.0f} s; load average at end "
               f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}."]
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -257,8 +257,9 @@ def load_reduced(cache: Cache, layer: str, spec: ReduceSpec, rows: np.ndarray, f
         block = _fit_incremental(cache, layer, spec, reducer, fit_rows, block, budget, desc)
     dim = spec.dim(shape)
     if len(rows) * dim * 4 * IN_MEMORY_FACTOR > budget:
+        chunk = min(len(cache.labels), store.rows_per_chunk(shape, cache.dtypes[layer]))  # as the writer chunks it
         stream = RowStream(cache.path, layer, rows, reducer, dim, min(block, block_rows_for(shape, budget, STREAM_SHARE)),
-                           cache.attrs.generation, min(len(cache.labels), store.rows_per_chunk(shape, cache.dtypes[layer])))
+                           cache.attrs.generation, chunk)
         return Loaded(stream, reducer, rows, time.perf_counter() - start, streamed=True)
     X = np.empty((len(rows), dim), dtype=np.float32)
     with tqdm(total=len(rows), desc=f"reduce {desc}", unit="img", leave=False, disable=len(rows) * row_values < 5e7) as bar:

@@ -22,7 +22,6 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, 
                              top_k_accuracy_score)
 from sklearn.model_selection import GridSearchCV, ParameterGrid, StratifiedKFold
 from sklearn.utils.validation import has_fit_parameter
-
 from threadpoolctl import threadpool_limits
 
 from classifiers.data import take_rows

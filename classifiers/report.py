@@ -346,7 +346,8 @@ def summary(run_dir: Path, top: int = 10) -> str:
         f"{len(table)} combinations in {run['seconds']:.1f} s; peak memory {format_bytes(run['peak_bytes'])} "
         f"(budget {format_bytes(run['budget_bytes'])})",
         *([f"why:     {why_chosen(table)}"] if "tied" in table else []),
-        f"results: {run_dir}/  (report.md, leaderboard.csv, accuracy.png, best/)",
+        f"results: {run_dir}/  (every file it wrote is listed in manifest.json; docs/classify.md#outputs says what "
+        "each is)",
         f"next:    make predict MODEL={run_dir / 'best'} DATA=<image folder>",
         f"check:   {warnings_line(run_dir, run['notes'])}",
         *([f"report:  {run_dir / 'report.html'}"] if (run_dir / "report.html").exists() else []),

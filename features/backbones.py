@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import importlib
 import json
 import zipfile
 from collections.abc import Callable
@@ -228,9 +229,9 @@ def get_backbone(name: str, preprocess: str | None = None) -> BackboneSpec:
         if not path.is_file():
             raise UsageError(f"backbone file '{name}' does not exist.")
         if name.endswith(".onnx"):
-            from features.onnx_backbone import onnx_backbone  # imports onnx: only for an .onnx file
-
-            return onnx_backbone(path, preprocess)
+            # features.onnx_backbone builds on this module's spec and sidecar (it imports this one), so it is loaded
+            # by name here, at call time: only for an .onnx file (it imports onnx), and without an import cycle
+            return importlib.import_module("features.onnx_backbone").onnx_backbone(path, preprocess)
         return _user_model(path, preprocess)
     if name not in _REGISTRY:
         raise UsageError(f"unknown backbone '{name}'. Expected a .keras file or one of the registered names "

@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import stat
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,6 +175,7 @@ class Listing:
     others: list[tuple[str, str]]
     stamps: dict[str, tuple[int, int]]
     not_candidates: dict[str, int]
+    apart: list[str] = field(default_factory=list)  # candidates of the suffix listed apart (tar shards), sorted
 
 
 def _suffix(name: str) -> str:
@@ -182,10 +184,10 @@ def _suffix(name: str) -> str:
     return name[i:].lower() if 0 < i < len(name) - 1 else ""
 
 
-def _walk_files(root: Path, suffixes: frozenset[str] = IMAGE_EXTENSIONS) -> Listing:
+def _walk_files(root: Path, suffixes: frozenset[str] = IMAGE_EXTENSIONS, apart: str = tars.SHARD_SUFFIX) -> Listing:
     """Files of `suffixes` under `root`, recursively, each stat'ed once (following links: a regular file is a
-    candidate, and its size and time are its stamp); hidden files and folders are ignored, and so are files of other
-    types (counted by extension, not listed).
+    candidate, and its size and time are its stamp); those ending in `apart` (tar shards) are listed apart. Hidden
+    files and folders are ignored, and so are files of other types (counted by extension, not listed).
 
     Directory links are followed once each, so a loop (`ants/up -> ..`) cannot multiply the images: every real
     folder is walked at most once (a seen-set of (device, inode)), and a link that leads back inside DATA is
@@ -193,9 +195,13 @@ def _walk_files(root: Path, suffixes: frozenset[str] = IMAGE_EXTENSIONS) -> List
     as are folders that cannot be read and entries that look like candidates but cannot be used (links to nowhere,
     named pipes and other special files, names that are not UTF-8, compressed tars), so that nothing that looks like
     an image is left out silently and no odd entry stops or blocks the run. Folders are walked depth first in name
-    order (as `os.walk` does top-down), with `os.scandir`: no Path object and no second stat per file.
+    order (as `os.walk` does top-down), with `os.scandir`: no Path object and no second stat per file. The listing
+    tells regular files from links by the entry's type (no syscall); regular files of a candidate type are stat'ed
+    by a few threads while the walk goes on (`_stat_chunk`), which overlaps the syscalls, the bulk of a walk on a
+    shared file system where each one waits for the server.
     """
     files: list[str] = []
+    shards: list[str] = []
     others: list[tuple[str, str]] = []
     stamps: dict[str, tuple[int, int]] = {}
     not_candidates: dict[str, int] = {}
@@ -212,29 +218,73 @@ def _walk_files(root: Path, suffixes: frozenset[str] = IMAGE_EXTENSIONS) -> List
                        f"a folder that cannot be read ({err.strerror}); its files are left out. Fix its permissions "
                        "(e.g. chmod a+rx) to include them."))
 
-    stack = [(str(root), "")]  # (folder, its path relative to root with a trailing '/', or '' for root)
-    while stack:
-        folder, prefix = stack.pop()
-        try:
-            with os.scandir(folder) as listing:
-                entries = sorted(listing, key=lambda e: e.name)
-        except OSError as err:
-            unreadable(err)
-            continue
-        subfolders = []
-        for entry in entries:
-            name = entry.name
-            if name.startswith("."):
-                continue
+    def found(rel: str, st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            others.append((rel, f"{NOT_REGULAR.get(stat.S_IFMT(st.st_mode), 'a special file')}, not a regular "
+                                "file; skipped without opening it"))
+            return
+        (shards if rel.endswith(apart) or rel.lower().endswith(apart) else files).append(rel)
+        stamps[rel] = (st.st_size, st.st_mtime_ns)
+
+    pending_rels: list[str] = []  # regular files of a candidate type (tar shards aside), not stat'ed yet
+    pending_paths: list[str] = []
+    batches: list[tuple[list[str], Future]] = []
+    images = suffixes - {apart}
+    with ThreadPoolExecutor(max_workers=STAT_THREADS, thread_name_prefix="stat") as pool:
+        stack = [(str(root), "")]  # (folder, its path relative to root with a trailing '/', or '' for root)
+        while stack:
+            folder, prefix = stack.pop()
             try:
-                is_dir = entry.is_dir()
-            except OSError:
-                is_dir = False
-            rel = prefix + name
-            plain = name.isascii() or _shown(name) == name
-            if is_dir:
+                with os.scandir(folder) as listing:
+                    entries = list(listing)
+            except OSError as err:
+                unreadable(err)
+                continue
+            folders = []
+            for entry in entries:
+                name = entry.name
+                if name[0] == ".":
+                    continue
+                dot = name.rfind(".")
+                suffix = name[dot:].lower() if 0 < dot < len(name) - 1 else ""  # Path(name).suffix, lower-cased
+                if suffix in images and name.isascii() and entry.is_file(follow_symlinks=False):
+                    pending_rels.append(prefix + name)  # the common case: the entry's type says a regular file
+                    pending_paths.append(entry.path)
+                    if len(pending_paths) == STAT_CHUNK:
+                        batches.append((pending_rels, pool.submit(_stat_chunk, pending_paths)))
+                        pending_rels, pending_paths = [], []
+                    continue
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    folders.append(entry)
+                    continue
+                rel = prefix + name
+                if not name.isascii() and _shown(name) != name:
+                    others.append((_shown(rel), NOT_UTF8))
+                    continue
+                if suffix not in suffixes:
+                    if tars.is_compressed(name):
+                        others.append((rel, tars.COMPRESSED))
+                    else:
+                        not_candidates[suffix] = not_candidates.get(suffix, 0) + 1
+                    continue
+                try:
+                    found(rel, entry.stat())  # a link (or a tar shard, or a name that is not ASCII)
+                except OSError as err:  # a link to nowhere, a loop of links, a file removed meanwhile
+                    if isinstance(err, FileNotFoundError) and entry.is_symlink():
+                        others.append((rel, f"a link to '{_shown(os.readlink(entry.path))}', which does not exist; "
+                                            "skipped. Fix or remove the link."))
+                    else:
+                        others.append((rel, f"cannot be read ({err.strerror}); skipped"))
+            subfolders = []
+            for entry in sorted(folders, key=lambda e: e.name):  # claimed in name order, as os.walk lists them
+                name = entry.name
+                rel = prefix + name
                 shown = _shown(rel)
-                if not plain:
+                if not name.isascii() and shown != rel:
                     others.append((shown + "/", NOT_UTF8))
                     continue
                 st = entry.stat()
@@ -251,34 +301,33 @@ def _walk_files(root: Path, suffixes: frozenset[str] = IMAGE_EXTENSIONS) -> List
                         continue
                 seen.add((st.st_dev, st.st_ino))
                 subfolders.append((entry.path, rel + "/"))
-                continue
-            if not plain:
-                others.append((_shown(rel), NOT_UTF8))
-                continue
-            suffix = _suffix(name)
-            if suffix not in suffixes:
-                if tars.is_compressed(name):
-                    others.append((rel, tars.COMPRESSED))
-                else:
-                    not_candidates[suffix] = not_candidates.get(suffix, 0) + 1
-                continue
-            try:
-                st = entry.stat()
-            except OSError as err:  # a link to nowhere, a loop of links, a file removed meanwhile
-                if isinstance(err, FileNotFoundError) and entry.is_symlink():
-                    others.append((rel, f"a link to '{_shown(os.readlink(entry.path))}', which does not exist; "
-                                        "skipped. Fix or remove the link."))
-                else:
-                    others.append((rel, f"cannot be read ({err.strerror}); skipped"))
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                others.append((rel, f"{NOT_REGULAR.get(stat.S_IFMT(st.st_mode), 'a special file')}, not a regular "
-                                    "file; skipped without opening it"))
-                continue
-            files.append(rel)
-            stamps[rel] = (st.st_size, st.st_mtime_ns)
-        stack.extend(reversed(subfolders))  # depth first, in name order
-    return Listing(sorted(files), sorted(others), stamps, not_candidates)
+            stack.extend(reversed(subfolders))  # depth first, in name order
+        batches.append((pending_rels, pool.submit(_stat_chunk, pending_paths)))
+        for rels, stats in batches:
+            for rel, st in zip(rels, stats.result()):
+                if type(st) is os.stat_result and stat.S_ISREG(st.st_mode):
+                    files.append(rel)
+                    stamps[rel] = (st.st_size, st.st_mtime_ns)
+                elif isinstance(st, OSError):  # removed or made unreadable since it was listed
+                    others.append((rel, f"cannot be read ({st.strerror}); skipped"))
+                else:  # replaced by something else meanwhile
+                    found(rel, st)
+    return Listing(sorted(files), sorted(others), stamps, not_candidates, sorted(shards))
+
+
+STAT_THREADS = 4  # stat calls in flight while the walk goes on: a network file system answers each after a wait
+STAT_CHUNK = 1024
+
+
+def _stat_chunk(paths: list[str]) -> list[os.stat_result | OSError]:
+    """os.stat of each path (following links), in order; an error is returned in its place, not raised."""
+    out: list[os.stat_result | OSError] = []
+    for path in paths:
+        try:
+            out.append(os.stat(path))
+        except OSError as err:
+            out.append(err)
+    return out
 
 
 def _split_of(top: str) -> str:
@@ -305,14 +354,13 @@ def discover(
         raise UsageError(f"DATA '{data}' is a file, expected a folder of images (or of .tar shards, or one .tar).")
     _check_root(root)
     listing = _walk_files(root, IMAGE_EXTENSIONS | {tars.SHARD_SUFFIX})
-    images, others, not_candidates = listing.files, listing.others, dict(listing.not_candidates)
+    images, shards, others = listing.files, listing.apart, listing.others
+    not_candidates = dict(listing.not_candidates)
     if labels_csv:
         others = [o for o in others if (root / o[0]).resolve() != Path(labels_csv).resolve()]
         csv = Path(labels_csv).resolve()
         if csv.is_file() and csv.is_relative_to(root.resolve()) and not_candidates.get(_suffix(csv.name)):
             not_candidates[_suffix(csv.name)] -= 1  # the labels CSV kept beside the images is no stray file
-    shards = [p for p in images if p.lower().endswith(tars.SHARD_SUFFIX)]
-    images = [p for p in images if not p.lower().endswith(tars.SHARD_SUFFIX)]
     if shards and not images:
         return _from_tars(root, shards, _beside_shards(root, shards, others), labels_csv, path_column, label_column)
     others = sorted(others + [(s, "a tar shard among image files: DATA is read as a folder of images, so its samples "
@@ -420,19 +468,21 @@ def _from_tars(root: Path, shards: list[str], others: list[tuple[str, str]], lab
 
 
 def _from_folders(root: Path, images: list[str], others: list[tuple[str, str]]) -> Catalog:
-    tops = {p.split("/")[0] for p in images if "/" in p}
-    by_split = bool(tops) and all(_split_of(t) for t in tops)
+    tops = {rel.partition("/")[0] for rel in images if "/" in rel}
+    split_of = {top: _split_of(top) for top in tops}
+    by_split = bool(tops) and all(split_of.values())
     class_of: list[str] = []
     splits: list[str] = []
     for rel in images:
-        parts = rel.split("/")
+        top, inside, rest = rel.partition("/")
         if by_split:
-            splits.append(_split_of(parts[0]))
-            class_of.append(parts[1] if len(parts) > 2 else "")
+            splits.append(split_of[top] if top in split_of else _split_of(top))
+            name, deeper, _ = rest.partition("/")
+            class_of.append(name if deeper else "")
         else:
             splits.append("")
-            class_of.append(parts[0] if len(parts) > 1 else "")
-    names = sorted({c for c in class_of if c})
+            class_of.append(top if inside else "")
+    names = sorted(set(class_of) - {""})
     index = {n: i for i, n in enumerate(names)}
     labels = [index.get(c, -1) for c in class_of]
     layout = ("splits" if by_split else "classes") if names else "unlabelled"

@@ -119,9 +119,11 @@ def _quiet_root_logger() -> Iterator[None]:
         root.setLevel(level)
 
 
-def quantize(floating: Path, out: Path | None, calib: Calibration) -> Path:
+def quantize(floating: Path, out: Path | None, calib: Calibration, variant: dict | None = None) -> Path:
     """Quantize the float export `floating` on `calib`'s images into `out` (atomically), or into a temporary file when
-    `out` is None; the calibration images are decoded again here, and must still have the recorded identity."""
+    `out` is None; the calibration images are decoded again here, and must still have the recorded identity.
+    `variant` overrides `quantize_static` arguments (names as strings: {"weight_type": "QUInt8", "reduce_range":
+    False}); only benchmarks/engines.py uses it, to compare the settings this module fixes."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
                                           quantize_static)
@@ -148,12 +150,15 @@ def quantize(floating: Path, out: Path | None, calib: Calibration) -> Path:
             def get_next(self):
                 return next(self.batches, None)
 
+        arguments = {"quant_format": QuantFormat.QDQ, "per_channel": True, "reduce_range": True,
+                     "activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8}
+        arguments.update({k: getattr(QuantType, v) if k.endswith("_type") else v for k, v in (variant or {}).items()})
         try:
-            quantize_static(str(prepared), str(result), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            quantize_static(str(prepared), str(result), Reader(), **arguments)
         except Exception as err:  # the quantizer raises plain exceptions for what it cannot handle
+            first_line = str(err).splitlines()[0][:200] if str(err) else ""
             raise UsageError(f"ONNX Runtime could not quantize this graph to int8 ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0][:200] if str(err) else ''}). Use --precision float32.") from None
+                             f"{first_line}). Use --precision float32.") from None
         if out is None:
             fd, kept = tempfile.mkstemp(prefix=".int8-", suffix=".onnx")
             os.close(fd)

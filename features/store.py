@@ -276,7 +276,7 @@ class CacheWriter:
         discard_partial(path)
         n = len(paths)
         if attrs.compression == "none":  # every chunk is allocated now: a full disk would fail inside HDF5
-            need = _allocated_bytes(n, layer_shapes, attrs.dtype, _fixed_utf8(paths).dtype.itemsize) + ROOM_MARGIN
+            need = _allocated_bytes(n, layer_shapes, attrs.dtype, _fixed_utf8(paths).dtype.itemsize)
             detail = _no_room(path.parent, 0, need)
             if detail:
                 lock.close()

@@ -14,10 +14,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from features.catalog import Catalog
-from features.store import COPY_BLOCK_BYTES, Cache, CacheWriter, Progress
+from features.schema import CacheAttrs, DamagedCache, StaleCache
+from features.store import CHUNK_BYTES, COPY_BLOCK_BYTES, Cache, CacheWriter, Progress, fix_hint
 
 
 def update_path(out: Path) -> Path:
@@ -40,9 +42,13 @@ def reusable_rows(old: Cache, catalog: Catalog) -> np.ndarray:
     """Per candidate of `catalog`: the row of `old` that holds exactly its features, or -1 when it must be computed.
     One dict lookup per candidate, then whole-array compares of stamps, splits and label names: no Python work per
     row beyond the lookup."""
-    rows = dict(zip(zip(old.paths.tolist(), old.view.tolist()), range(len(old.paths))))
-    views = catalog.views or [0] * len(catalog)
-    reuse = np.fromiter((rows.get(key, -1) for key in zip(catalog.paths, views)), np.int64, len(catalog))
+    if not old.view.any() and not any(catalog.views):  # no augmented views: a row is named by its path alone
+        rows: dict = dict(zip(old.paths.tolist(), range(len(old.paths))))
+        keys = catalog.paths
+    else:
+        rows = dict(zip(zip(old.paths.tolist(), old.view.tolist()), range(len(old.paths))))
+        keys = zip(catalog.paths, catalog.views or [0] * len(catalog))
+    reuse = np.fromiter((rows.get(key, -1) for key in keys), np.int64, len(catalog))
     found = np.flatnonzero(reuse >= 0)
     if not len(found):
         return reuse
@@ -62,11 +68,13 @@ def assemble(writer: CacheWriter, catalog: Catalog, reuse: np.ndarray, old: Cach
     then publish it; returns the number of rows.
 
     The output is written in blocks of about COPY_BLOCK_BYTES, each a whole number of feature chunks, with one write
-    per dataset: a block's kept rows are one contiguous read of `old` (rows keep their order; removed files only leave
-    gaps), its computed rows one read of `delta`. Per-row metadata comes from `catalog`, where a kept row's path,
-    view, stamp, split and label name equal the old row's by `reusable_rows` (labels are thereby renumbered for the
-    new class list), and a computed row's are the ones it was computed with. So the cost is a sequential copy of the
-    features, not a read and a write per run of kept rows between two new files."""
+    per dataset. A block's kept rows are read straight into their places, one HDF5 read per run of rows that are
+    consecutive in both files (rows keep their order: new files and removed ones only start a new run), through a
+    chunk cache, so every chunk of `old` is read and its checksum verified once (`_KeptRows`); its computed rows are
+    read from `delta`. Per-row metadata comes from `catalog`, where a kept row's path, view, stamp, split and label
+    name equal the old row's by `reusable_rows` (labels are thereby renumbered for the new class list), and a computed
+    row's are the ones it was computed with. So the cost is a sequential copy of the features, not an open and a read
+    per run of kept rows between two new files."""
     n = len(catalog)
     computed = np.full(n, -1, np.int64)
     if delta is not None:
@@ -79,19 +87,66 @@ def assemble(writer: CacheWriter, catalog: Catalog, reuse: np.ndarray, old: Cach
     chunk = max(writer.file[f"features/{layer}"].chunks[0] for layer in writer.layers) if writer.layers else 1
     block = max(1, COPY_BLOCK_BYTES // max(1, row_bytes) // chunk) * chunk
     views = catalog.views or [0] * n
-    for lo in range(0, len(out), block):
-        idx = out[lo:lo + block]
-        kept = reuse[idx] >= 0
-        features = []
-        for layer in writer.layers:
-            rows = np.empty((len(idx), *old.shapes[layer]), old.dtypes[layer])
-            if kept.any():
-                rows[kept] = old.read(layer, reuse[idx[kept]], block_rows=2 * block)
-            if not kept.all():
-                rows[~kept] = delta.read(layer, computed[idx[~kept]], block_rows=2 * block)
-            features.append(rows)
-        at = idx.tolist()
-        writer.write(lo, features, [catalog.paths[i] for i in at], [catalog.labels[i] for i in at],
-                     [catalog.splits[i] for i in at], [views[i] for i in at], [catalog.stamps[i] for i in at])
+    buffers = {layer: np.empty((min(block, len(out)), *old.shapes[layer]), old.dtypes[layer]) for layer in writer.layers}
+    with _KeptRows(old) as kept_rows:
+        for lo in range(0, len(out), block):
+            idx = out[lo:lo + block]
+            kept = reuse[idx] >= 0
+            features = []
+            for layer in writer.layers:
+                rows = buffers[layer][: len(idx)]  # one buffer per layer, refilled for every block
+                if kept.any():
+                    kept_rows.read_into(layer, reuse[idx[kept]], np.flatnonzero(kept), rows)
+                if not kept.all():  # the few computed rows: the checked reader of `delta`
+                    at = np.flatnonzero(~kept)
+                    for positions, values in delta.blocks(layer, computed[idx[at]], 2 * block):
+                        rows[at[positions]] = values
+                features.append(rows)
+            at = idx.tolist()
+            writer.write(lo, features, [catalog.paths[i] for i in at], [catalog.labels[i] for i in at],
+                         [catalog.splits[i] for i in at], [views[i] for i in at], [catalog.stamps[i] for i in at])
     writer.finalize(Progress(rows_written=len(out), files_done=n, skipped=skipped))
     return len(out)
+
+
+class _KeptRows:
+    """The features of `old`, read run by run into place: the file opened once, at the generation `old` was opened
+    at, with a chunk cache that holds the chunk the runs go through. What the cache's own reader checks is checked
+    here too (chunk checksums by HDF5, NaN/inf rows after each block); a block that fails is read again through
+    `Cache.read`, whose one-line error names the rows."""
+
+    def __init__(self, old: Cache):
+        self.old = old
+
+    def __enter__(self) -> "_KeptRows":
+        self.file = h5py.File(self.old.path, "r", rdcc_nbytes=4 * CHUNK_BYTES, rdcc_nslots=1009)
+        found = CacheAttrs.parse(self.file.attrs, str(self.old.path)).generation
+        if found != self.old.attrs.generation:
+            self.file.close()
+            raise StaleCache(f"{self.old.path} was replaced (updated, overwritten or merged) while this update was "
+                             "reading it; run the command again.")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def read_into(self, layer: str, src: np.ndarray, dst: np.ndarray, out: np.ndarray) -> None:
+        """out[dst] = rows `src` of `layer`; both ascending (rows keep their order), else the checked reader."""
+        if len(src) > 1 and ((np.diff(src) <= 0).any() or (np.diff(dst) <= 0).any()):
+            out[dst] = self.old.read(layer, src)
+            return
+        dset = self.file[f"features/{layer}"]
+        breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
+        starts, ends = np.r_[0, breaks].tolist(), np.r_[breaks, len(src)].tolist()
+        try:
+            for a, b in zip(starts, ends):
+                first, place = int(src[a]), int(dst[a])
+                dset.read_direct(out, np.s_[first:first + b - a], np.s_[place:place + b - a])
+        except OSError:
+            out[dst] = self.old.read(layer, src)  # raises naming the rows whose checksum fails
+            return
+        with np.errstate(all="ignore"):  # rows not filled yet hold anything; only the kept ones are looked at
+            sums = out.reshape(len(out), -1).sum(axis=1, dtype=np.float64)[dst]
+        if not np.isfinite(sums).all():
+            self.old.read(layer, src[~np.isfinite(sums)])  # raises naming the rows (or the missing shard files)
+            raise DamagedCache(f"{self.old.path} holds NaN or inf in features/{layer}. {fix_hint(self.old.path)}")

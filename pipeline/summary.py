@@ -21,8 +21,8 @@ def reduced_precision(precision: str, calibration: str) -> str:
     """What a cache's `precision` means for its features, in a few words (float32: nothing to say)."""
     if precision == "int8":
         return (f"int8: REDUCED-PRECISION features (ONNX Runtime static quantization, calibrated on "
-                f"{calibration.rsplit(':K=', 1)[-1]} images, {calibration[:15]}…); they differ from float32 features "
-                "by about 1-20% relative (docs/engines.md)")
+                f"{calibration.rsplit(':K=', 1)[-1]} images, {calibration[:15]}…); on the models measured they "
+                "differ from float32 features by 2-21% (mean relative deviation; docs/engines.md)")
     if precision == "mixed":
         return "mixed: REDUCED-PRECISION features (float16 compute)"
     return precision

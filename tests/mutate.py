@@ -51,13 +51,15 @@ MODULES: dict[str, list[str]] = {
     "classifiers/stats.py": ["tests/test_stats.py", "tests/test_mutants_stats.py"],
     "classifiers/saved.py": ["tests/test_saved.py", "tests/test_mutants_saved.py", "classifiers/saved.py"],
     "pipeline/slurm.py": ["tests/test_slurm.py", "tests/test_mutants_slurm.py"],
-    "features/backbones.py": ["tests/test_backbones.py", "tests/test_mutants_backbones.py"],
+    "features/backbones.py": ["tests/test_backbones.py", "tests/test_data_configs.py",
+                              "tests/test_mutants_backbones.py"],
 }
 
 # Survivors that cannot change behaviour, per module: (function, the mutated line as mutmut writes it, why). They
 # are matched by content, not by mutant number, so an edit elsewhere in the function does not silently re-target
 # them; an entry that matches no survivor is reported as stale. docs/testing.md lists the same with its reasons.
 _SORT = 'order = order.sort_values(["_untied", "_loss", "fit_s"], {}) if table["tied"].sum() > 1 else order'
+_STRICT = "strict() has already made every NaN and inf None: json.dumps never meets one, allow_nan=False only guards"
 _LEXSORT = "pandas ignores `kind` when sorting by several columns (a lexsort, always stable)"
 EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
     "classifiers/stats.py": [
@@ -78,6 +80,10 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
          "when only_a == only_b > 0 the exact test's p is 1.0 (binomtest(k, 2k)), which the early return gives"),
         ("x_mcnemar_p", "return float(binomtest(min(only_a, only_b), only_a + only_b, ).pvalue)",
          "0.5 is binomtest's default p"),
+    ],
+    "classifiers/saved.py": [
+        *[("x_dumps", f"return json.dumps(strict(obj), indent=2, {arg})", _STRICT)
+          for arg in ("allow_nan=None", "", "allow_nan=True")],
     ],
 }
 

@@ -56,7 +56,7 @@ class FakeClock:
 @pytest.mark.parametrize("per_call,faster", [({"tf": 0.1, "onnx": 0.4}, "tf"), ({"tf": 0.5, "onnx": 0.2}, "onnx")])
 def test_auto_times_both_engines_runs_the_faster_and_keeps_the_choice(cfg, monkeypatch, per_call, faster, capsys):
     monkeypatch.setattr(engines, "MEASURE_MIN_BATCHES", 1)
-    clock = FakeClock(monkeypatch, per_call)
+    FakeClock(monkeypatch, per_call)
     res = extract(cfg, verbose=True)
     slower = ({"tf", "onnx"} - {faster}).pop()
     assert res.engine == faster

@@ -86,12 +86,12 @@ def test_shards_are_named_beside_out_and_hold_their_block(sharded):
 
 def test_merged_shards_equal_a_single_run_bit_for_bit(sharded, tmp_path):
     result = merge(sharded.merged, out=tmp_path / "merged.h5")
-    assert result.status == "written" and result.images == 20 and len(result.skipped) == 2
+    assert result.status == "written" and result.images == 20 and len(result.skipped) == 1  # notes.txt: ignored
     assert_identical(tmp_path / "merged.h5", sharded.single)
     with h5py.File(tmp_path / "merged.h5") as f:
         assert f.attrs["complete"] and f.attrs["shard"] == "" and f.attrs["num_candidates"] == 21
         assert not f["features/block2_pool"].is_virtual
-        assert [p.decode() for p, _ in f["skipped"][()]] == ["dogs/notes.txt", "cats/zero.jpg"]
+        assert [p.decode() for p, _ in f["skipped"][()]] == ["cats/zero.jpg"]
     assert merge(sharded.merged, out=tmp_path / "merged.h5").status == "up-to-date"
 
 

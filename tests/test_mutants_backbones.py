@@ -249,3 +249,83 @@ def test_a_backbone_file_is_hashed_in_reads_of_at_most_one_mebibyte(tmp_path, mo
     monkeypatch.setattr(backbones, "open", lambda *args: Recording(open(*args)), raising=False)
     assert sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
     assert sizes == [1 << 20] * 5  # three full blocks, the 5-byte tail, the empty read that ends the loop
+
+
+@pytest.mark.parametrize("module,size,expected", [
+    ("efficientnet", 224, (0.875, "bicubic")), ("efficientnet", 600, (0.9494, "bicubic")),
+    ("efficientnet", 260, (0.8904, "bicubic")), ("convnext", 384, (0.875, "bicubic")),
+    ("vgg19", 224, (0.875, "bilinear")), ("resnet", 999, (0.875, "bilinear")),
+])
+def test_how_a_family_was_evaluated(module, size, expected):
+    """Called directly: the registry asks at import, where a mutant of it is never active."""
+    assert backbones._evaluation(module, size) == expected
+
+
+def test_every_registry_entry_records_its_familys_evaluation():
+    for name, _, module, size, mode in ROWS:
+        data = get_backbone(name).data
+        assert (data.input_size, data.preprocess, data.layout) == (size, mode, "NHWC")
+        assert (data.crop_fraction, data.interpolation) == backbones._evaluation(module, size)
+
+
+def test_a_sidecars_evaluation_fields_are_checked_and_only_declared_ones_are_kept(tmp_path):
+    model = tmp_path / "m.keras"
+    sidecar = tmp_path / "m.json"
+    for crop in [1, 1.0, 0.5, 1e-6]:
+        sidecar.write_text(json.dumps({"crop_fraction": crop}))
+        assert read_sidecar(model)["crop_fraction"] == crop
+    for crop in [0, -0.1, 1.01, "0.9", False]:
+        sidecar.write_text(json.dumps({"crop_fraction": crop}))
+        with pytest.raises(UsageError) as err:
+            read_sidecar(model)
+        assert str(err.value) == (f"sidecar '{sidecar}': crop_fraction {crop!r} is not valid. Expected the share of "
+                                  "the shorter side that the model's centre crop keeps, a number in (0, 1] such as "
+                                  "0.875.")
+    for key, bad, valid in [("interpolation", "cubic", "bilinear, bicubic, area, nearest, lanczos"),
+                            ("layout", "nchw", "NHWC, NCHW")]:
+        sidecar.write_text(json.dumps({key: bad}))
+        with pytest.raises(UsageError) as err:
+            read_sidecar(model)
+        assert str(err.value) == f"sidecar '{sidecar}': {key} {bad!r} is not valid. Expected one of: {valid}."
+    sidecar.write_text(json.dumps({"interpolation": None, "layout": "NCHW", "crop_fraction": None}))
+    assert read_sidecar(model) == {"interpolation": None, "layout": "NCHW", "crop_fraction": None, "input_size": 224}
+    assert backbones.declared_evaluation({"crop_fraction": 0.9, "interpolation": None, "layout": "NCHW"}) == {
+        "crop_fraction": 0.9}
+    assert backbones.declared_evaluation({"interpolation": "area", "input_size": 5}) == {"interpolation": "area"}
+
+
+def test_a_keras_file_takes_channels_last_only(tmp_path):
+    model = _zip(tmp_path / "m.keras")
+    sidecar = tmp_path / "m.json"
+    sidecar.write_text(json.dumps({"preprocess": "tf", "layout": "NHWC", "interpolation": "area"}))
+    spec = get_backbone(str(model))
+    assert (spec.layout, spec.interpolation, spec.crop_fraction, spec.onnx) == ("NHWC", "area", 0.875, False)
+    sidecar.write_text(json.dumps({"preprocess": "tf", "layout": "NCHW"}))
+    with pytest.raises(UsageError) as err:
+        get_backbone(str(model))
+    assert str(err.value) == (f"sidecar '{sidecar}': layout 'NCHW' is for .onnx backbones; a .keras model takes NHWC "
+                              "(channels last). Remove \"layout\" or set it to \"NHWC\".")
+    assert backbones.declared_preprocess(model, "torch", {"preprocess": "tf"}) == "torch"
+    assert backbones.declared_preprocess(model, None, {"preprocess": "tf"}) == "tf"
+    assert backbones.declared_preprocess(model, "", {"preprocess": "caffe"}) == "caffe"
+
+
+def test_only_a_file_ending_in_onnx_is_an_onnx_backbone(tmp_path):
+    tf = resolve_preprocess("tf")
+    assert BackboneSpec("a", None, tf, 224, file=tmp_path / "m.onnx").onnx
+    assert not BackboneSpec("a", None, tf, 224, file=tmp_path / "m.keras").onnx
+    assert not BackboneSpec("a", None, tf, 224).onnx and not get_backbone("vgg19").onnx
+    with pytest.raises(UsageError) as err:
+        get_backbone(str(tmp_path / "gone.onnx"))
+    assert str(err.value) == f"backbone file '{tmp_path / 'gone.onnx'}' does not exist."
+
+
+def test_an_onnx_file_is_handed_to_the_onnx_backbone_with_its_preprocess_flag(tmp_path, monkeypatch):
+    import features.onnx_backbone
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"graph")
+    calls = []
+    monkeypatch.setattr(features.onnx_backbone, "onnx_backbone", lambda *args: calls.append(args) or "spec")
+    assert get_backbone(str(model), "tf") == "spec" and get_backbone(str(model)) == "spec"
+    assert calls == [(model, "tf"), (model, None)]

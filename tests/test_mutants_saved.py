@@ -158,12 +158,13 @@ class NetHead(ClassifierMixin, BaseEstimator):
 
 def test_save_writes_the_last_steps_net_beside_the_head_and_the_record_last(tmp_path):
     model = Pipeline([("reduce", Reduce()), ("scale", Reduce()), ("head", NetHead())]).fit(np.eye(3), [0, 1, 1])
-    record = saved.save(tmp_path / "best", model, {"class_names": ["a", "b"], "log_loss": np.float64("nan")})
+    best = tmp_path / "results" / "run" / "best"  # folders made as needed
+    record = saved.save(best, model, {"class_names": ["a", "b"], "log_loss": np.float64("nan")})
     assert np.isnan(record["log_loss"]) and {k: v for k, v in record.items() if k != "log_loss"} == {"class_names": ["a", "b"],
                                                                      "model_file": "model.skops", "format": 2}
-    assert (tmp_path / "best" / "head.keras").read_text() == "net of NetHead"
-    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["head.keras", "model.json", "model.skops"]
-    assert json.loads((tmp_path / "best" / "model.json").read_text())["log_loss"] is None
+    assert (best / "head.keras").read_text() == "net of NetHead"
+    assert sorted(p.name for p in best.iterdir()) == ["head.keras", "model.json", "model.skops"]
+    assert json.loads((best / "model.json").read_text())["log_loss"] is None
     plain = Pipeline([("reduce", Reduce()), ("head", NetHead())])
     plain.steps[-1] = ("head", Reduce())  # a head without save_keras: no head.keras
     saved.save(tmp_path / "plain", plain, {"class_names": ["a"]})
@@ -225,3 +226,42 @@ def test_a_missing_backbone_lists_every_place_looked_and_where_to_copy_it(tmp_pa
     assert str(err.value) == (f"Backbone file '' (sha256 {sha}) that the model was trained with is not at ., "
                               f"{tmp_path}. Copy it (with its sidecar .json) into {str(tmp_path)!r}.")
     assert saved.locate_backbone({"backbone": "vgg19"}, tmp_path) is None  # a registry backbone: nothing to find
+
+
+def test_a_failed_save_leaves_no_record_and_no_temporary_file(tmp_path, monkeypatch):
+    """model.json goes first and comes back last: a folder whose head could not be written has no record, so it is
+    never taken for a complete model; the half-written file beside it is removed."""
+    model = Pipeline([("reduce", Reduce()), ("head", NetHead())]).fit(np.eye(3), [0, 1, 1])
+    best = tmp_path / "best"
+    saved.save(best, model, {"class_names": ["a", "b"]})
+    before = (best / "model.skops").read_bytes()
+
+    def disk_full(obj, file):
+        Path(file).write_bytes(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(skops.io, "dump", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        saved.save(best, model, {"class_names": ["a", "b"]})
+    assert sorted(p.name for p in best.iterdir()) == ["head.keras", "model.skops"]
+    assert (best / "model.skops").read_bytes() == before
+
+
+def test_model_json_is_indented_by_two_and_ends_with_a_newline(tmp_path):
+    assert saved.dumps({"a": [1, float("nan")], "b": {"c": "d"}}) == (
+        '{\n  "a": [\n    1,\n    null\n  ],\n  "b": {\n    "c": "d"\n  }\n}')
+    saved.write_json(tmp_path / "r.json", {"n": np.int64(3)})
+    assert (tmp_path / "r.json").read_text() == '{\n  "n": 3\n}\n'
+
+
+def test_the_record_says_where_the_backbone_is_now_when_it_is_found(tmp_path):
+    model = Pipeline([("reduce", Reduce()), ("head", Reduce())])
+    backbone = tmp_path / "models" / "b.keras"
+    backbone.parent.mkdir()
+    backbone.write_bytes(b"weights")
+    record = {"class_names": ["a"], "backbone": str(backbone), "backbone_file_sha256": sha256_file(backbone)}
+    assert saved.save(tmp_path / "found", model, record)["backbone_abspath"] == str(backbone.resolve())
+    gone = {**record, "backbone": str(tmp_path / "gone.keras")}
+    assert "backbone_abspath" not in saved.save(tmp_path / "gone", model, gone)
+    assert "backbone_abspath" not in saved.save(tmp_path / "registry", model, {"class_names": ["a"],
+                                                                               "backbone": "vgg19"})

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.config import ExtractConfig
 from pipeline.extraction import extract
-from tests.conftest import ROOT
+from tests.conftest import ROOT, write_images
 
 TRAIN = ROOT / "data" / "hymenoptera-small" / "train"
 
@@ -90,3 +90,44 @@ def test_an_update_that_only_removes_files_runs_no_model(tiny_backbone, tmp_path
     assert (update.status, update.images, update.processed, update.reused) == ("updated", 11, 0, 11)
     fresh = extract(cfg.replace(out=str(tmp_path / "fresh.h5")), verbose=False)
     assert_same(contents(tmp_path / "x.h5"), contents(tmp_path / "fresh.h5"))
+
+
+def test_an_update_copied_in_many_blocks_with_views_and_a_new_first_class_equals_a_fresh_run(tiny_backbone, tmp_path,
+                                                                                           monkeypatch):
+    """The copy goes block by block (here 32 rows: one chunk of 32 KiB rows), new rows land inside blocks and at their
+    edges, removed files leave gaps, augmented views are rows of their own, and a class added first in the class list
+    renumbers every kept label: still the rows of a fresh extraction."""
+    import features.update
+
+    data = tmp_path / "data"
+    for k, name in enumerate(["bees", "wasps"]):
+        write_images(data / name, 30, seed=40 + k)
+    cfg = ExtractConfig(backbone=str(tiny_backbone), data=str(data), out=str(tmp_path / "x.h5"), layer=["top_conv"],
+                        image_size=64, batch_size=8, workers=1, engine="onnx", augment=1)
+    assert extract(cfg, verbose=False).images == 120
+    write_images(data / "ants", 5, seed=7)  # a new class, first in the list
+    for i, image in enumerate(write_images(tmp_path / "more", 9, seed=8)):  # new files between kept ones
+        image.rename(data / ("bees" if i % 2 else "wasps") / f"img_{i:03d}b{image.suffix}")
+    for name in ("bees/img_004.jpg", "bees/img_005.jpg", "wasps/img_020.jpg"):
+        (data / name).unlink()
+    monkeypatch.setattr(features.update, "COPY_BLOCK_BYTES", 1)
+    update = extract(cfg, verbose=False)
+    assert (update.status, update.images, update.processed, update.reused) == ("updated", 142, 28, 114)
+    fresh = extract(cfg.replace(out=str(tmp_path / "fresh.h5")), verbose=False)
+    assert_same(contents(tmp_path / "x.h5"), contents(fresh.path))
+
+
+def test_a_damaged_kept_row_stops_the_update_in_one_line_naming_it(tiny_backbone, tmp_path):
+    from features.schema import DamagedCache
+    from tests.test_store import _overwrite_rows
+
+    data = tmp_path / "data"
+    write_images(data / "ants", 12, seed=3)
+    cfg = ExtractConfig(backbone=str(tiny_backbone), data=str(data), out=str(tmp_path / "x.h5"), layer=["top_conv"],
+                        image_size=64, batch_size=4, workers=1, engine="onnx")
+    extract(cfg, verbose=False)
+    _overwrite_rows(tmp_path / "x.h5", "top_conv", 5, b"\x7f" * 64)
+    write_images(tmp_path / "more", 1, seed=4)[0].rename(data / "ants" / "img_003b.png")
+    with pytest.raises(DamagedCache, match=r"x\.h5 is damaged: rows 0-11 of features/top_conv fail their checksum"):
+        extract(cfg, verbose=False)  # rows 0-11: the chunk that holds row 5
+    assert (tmp_path / "x.h5").exists()  # left as it was
