@@ -187,7 +187,8 @@ def identity_diff(found: CacheAttrs, wanted: CacheAttrs, roles: tuple[str, ...] 
 def recipe(values: Mapping[str, Any]) -> dict[str, Any]:
     """The `recipe` attributes of `values` (a cache's, or those a model.json recorded; absent ones as None) as they
     are compared: a user's `.keras` backbone by its file hash, not by the path it was given as."""
-    found = {name: values.get(name) for name in names(RECIPE)}
+    defaults = {f.name: f.default for f in FIELDS if f.default is not dataclasses.MISSING}
+    found = {name: values.get(name, defaults.get(name)) for name in names(RECIPE)}  # older records: the default
     if found["backbone_file_sha256"]:
         del found["backbone"]
     return found
