@@ -1,6 +1,7 @@
 """Issue 26, measured side by side: `--engine auto` against both explicit engines, and `--precision int8` against the
-float32 ONNX Runtime engine. Writes benchmarks/engines.md (`python -m benchmarks.engines`, about 30 min on 2 busy
-cores; `--quick`: every code path on tiny inputs, figures meaningless).
+float32 ONNX Runtime engine, and the int8 settings. Writes benchmarks/engines.md (`python -m benchmarks.engines`: 55 min
+on the 2-core EPYC at load average 6-11, a fraction of that on a quiet machine; `--quick`: every code path on tiny
+inputs, figures meaningless).
 
     python -m benchmarks.engines                       # both parts, into benchmarks/engines.md
     python -m benchmarks.engines --parts int8 --rounds 3 --out /tmp/engines.md
