@@ -203,7 +203,8 @@ def plan(cfg: ExtractConfig, opts: SlurmOptions, python: str = sys.executable, c
                                               ("time", opts.time)] if v]
     if per_task == 1:
         what = [f"# Sharded extraction into {out} ({opts.shards} shards): array task I runs shard I/{opts.shards}, "
-                "resuming", "# it if an earlier run of the task was interrupted. Written by `python -m pipeline slurm`."]
+                "resuming",
+                "# it if an earlier run of the task was interrupted. Written by `python -m pipeline slurm`."]
         shard = f'--shard "${{SLURM_ARRAY_TASK_ID}}/{opts.shards}"'
     else:
         what = [f"# Sharded extraction into {out} ({opts.shards} shards; MaxArraySize={max_array_size} allows array "

@@ -84,6 +84,9 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
     "classifiers/saved.py": [
         *[("x_dumps", f"return json.dumps(strict(obj), indent=2, {arg})", _STRICT)
           for arg in ("allow_nan=None", "", "allow_nan=True")],
+        ("x_strict", "return [strict(v) for v in (value.tolist() if (isinstance(value, np.ndarray)) and False else "
+                     "value)]", "iterating an array gives numpy scalars and sub-arrays, which strict turns into the "
+                                "same Python values as tolist()"),
     ],
 }
 

@@ -91,7 +91,7 @@ def test_an_interrupted_run_keeps_counters_in_its_record_and_skipped_files_in_a_
 
 def test_entries_logged_past_the_record_by_a_kill_are_dropped_on_resume(tmp_path):
     """A kill after a batch's skipped files were appended but before its record was saved: the log holds entries at or
-    past `files_done` (and perhaps a line cut short); `load` drops them and `start_log` rewrites the log without them."""
+    past `files_done` (and perhaps a line cut short); `load` drops them, `start_log` rewrites the log without them."""
     out = tmp_path / "c.h5"
     Progress(rows_written=6, files_done=8).save(out)
     lines = [[-1, "odd.jpg", "a named pipe"], [3, "a/3.jpg", "not a decodable image"],

@@ -219,7 +219,7 @@ def test_a_data_folder_with_an_odd_name_runs_on_real_slurm_and_nothing_is_inject
     assert sorted(p.name for p in logs.glob("*.log")) == [f"extract-{array}_0.log", f"extract-{array}_1.log",
                                                          f"merge-{merge}.log"]
     attrs = read_attrs(out)
-    assert attrs["complete"] and attrs["num_candidates"] == 6 and attrs["data_root"] == str(home / "data")
+    assert attrs.complete and attrs.num_candidates == 6 and attrs.data_root == str(home / "data")
     assert not [p for p in tmp_path.rglob("pwned")] and not (ROOT / "pwned").exists()
 
 
@@ -295,3 +295,31 @@ def test_submit_lists_data_once_into_the_manifest_the_tasks_read(tmp_path, monke
     given = plan(cfg.replace(manifest=str(manifest)), SlurmOptions(shards=3), python="/p", cwd=tmp_path,
                  list_data=True)
     assert given.listing is None and f"    --manifest {manifest} \\" in given.extract_script.splitlines()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_tasks_that_each_run_a_range_of_shards_merge_to_a_single_run(slurm_cluster, tmp_path, monkeypatch):
+    """5 shards where the array may have 3 indices (a MaxArraySize of 3, given to `plan`): 3 tasks run shards 0-1, 2-3
+    and 4, each reading its rows from the manifest listed at submit time, and the merge equals a one-process run."""
+    from pipeline.slurm import submit
+
+    for k, name in enumerate(["ants", "bees"]):
+        write_images(tmp_path / "data" / name, 7, seed=50 + k)
+    weights = tmp_path / "w.weights.h5"
+    keras.utils.set_random_seed(0)
+    build_base(get_backbone("vgg19"), "none", 32).save_weights(weights)
+    cfg = ExtractConfig(backbone="vgg19", weights=str(weights), data=str(tmp_path / "data"), layer=["block1_pool"],
+                        image_size=32, batch_size=4, workers=1, out=str(tmp_path / "features" / "pets.h5"))
+    single = extract(cfg.replace(out=str(tmp_path / "single.h5")), verbose=False).path
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
+    p = plan(cfg, SlurmOptions(shards=5, gpus_per_task=0, cpus_per_task=1, log_dir=str(tmp_path / "logs"),
+                               max_running=2), max_array_size=3, list_data=True)
+    assert (p.per_task, p.tasks) == (2, [0, 1, 2]) and "#SBATCH --array=0-2%2\n" in p.extract_script
+    array, merge = submit(p)
+    states = wait_for(slurm_cluster, array, merge)
+    assert states == {f"{array}_0": "COMPLETED", f"{array}_1": "COMPLETED", f"{array}_2": "COMPLETED",
+                      merge: "COMPLETED"}, (states, [log.read_text() for log in (tmp_path / "logs").glob("*.log")])
+    assert p.manifest.exists() and sorted(f.name for f in (tmp_path / "features").glob("pets.shard*")) == [
+        f"pets.shard{i}-of-5.h5" for i in range(5)]
+    assert_identical(tmp_path / "features" / "pets.h5", single)
