@@ -98,7 +98,7 @@ slurm-extract: $(STAMP)
 	  $(call flag,MAX_RUNNING,max-running) $(if $(DRY_RUN),--dry-run)
 
 bench: $(STAMP)
-	$(PY) -m benchmarks $(call flag,SECTIONS,sections)
+	$(PY) -m benchmarks $(call flag,SECTIONS,sections) $(call flag,SCALE_IMAGES,scale-images)
 
 bench-gpu: $(STAMP)
 	$(PY) -m benchmarks.gpu $(call flag,BATCH,batch-size)

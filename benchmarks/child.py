@@ -1,10 +1,10 @@
 """One measured job in a fresh process: `python -m benchmarks.child JOB '{json params}'` prints one JSON line.
 
 Jobs: `extract` (our stage one), `naive` (the seed articles' per-image loop), `keras` (image_dataset_from_directory +
-predict), `model_only` (TensorFlow's compiled forward pass on decoded batches: the reference rate). Each reports
-images/s over the timed part and the memory figures: `peak_rss_mb` (the whole process's
-high-water mark, VmHWM) and `growth_mb` (the most the resident set rose above its level before the timed call,
-sampled every 10 ms; for `extract` that call also builds the model, for the others the model is built before).
+predict), `cpu_time` (the CPU time one image needs in decode, resize and the model: section 2's limit). Each reports
+what it timed and `peak_rss_mb` (the whole process's high-water mark, VmHWM); `extract`, `naive` and `keras` also
+`growth_mb` (the most the resident set rose above its level before the timed call, sampled every 10 ms; for `extract`
+that call also builds the model, for the others the model is built before).
 """
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ def job_extract(params: dict) -> dict:
     from pipeline.config import ExtractConfig
     from pipeline.extraction import extract
 
+    if params.get("time_engines"):  # auto times both engines even on a short run and keeps the choice for later runs
+        import features.engines
+
+        features.engines.MEASURE_MIN_BATCHES = 1
     out = Path(params["out"])
     cfg = ExtractConfig(backbone=params["backbone"], data=params["data"], layer=[params["layer"]] if params["layer"]
                         else [], weights=params["weights"], image_size=params["size"], batch_size=params["batch"],
@@ -33,26 +37,36 @@ def job_extract(params: dict) -> dict:
     with PeakMemory(interval_s=0.01) as mem:
         res = extract(cfg, verbose=False)
     t = res.timings
-    return {"images": res.processed, "seconds": t.wall_s, "growth_mb": mem.peak_growth / 2**20,
+    return {"images": res.processed, "engine": res.engine, "seconds": t.wall_s, "growth_mb": mem.peak_growth / 2**20,
             "file_mb": out.stat().st_size / 2**20, "decode_cpu_s": t.decode_cpu_s, "wait_input_s": t.wait_input_s,
             "model_s": t.model_s, "write_s": t.write_s}
 
 
-def job_model_only(params: dict) -> dict:
-    """TensorFlow's compiled forward (the tf engine, float32, no XLA) on one batch of the folder's images decoded
-    beforehand, called `batches` times (default 4) after two untimed warm-up calls."""
-    from benchmarks.common import list_images
-    from benchmarks.forward import decode_profile, model_forward, time_forward
+def job_cpu_time(params: dict) -> dict:
+    """CPU milliseconds one image needs: file read + JPEG decode and resize + crop on one thread (`decode_profile`,
+    every image of the folder), and the forward pass of the engine that wrote the cache `params["cache"]` (its kept
+    export), as this process's CPU time over `batches` calls (default 4) on one batch decoded beforehand, after two
+    untimed warm-up calls; `model_img_s` is that forward's wall rate."""
+    import numpy as np
 
-    batch = params["batch"]
-    paths = list_images(Path(params["data"]))[:batch]
-    pixels, _ = decode_profile((paths * batch)[:batch], params["size"])
-    _, _, forward = model_forward(params, batch, "tf")
+    from benchmarks.common import list_images, rate
+    from benchmarks.forward import decode_profile, exported_graph, model_forward, time_forward
+    from features.store import read_attrs
+
+    batch, cache = params["batch"], Path(params["cache"])
+    pixels, profile = decode_profile(list_images(Path(params["data"])), params["size"])
+    pixels = pixels[np.arange(batch) % len(pixels)]
+    engine = read_attrs(cache).engine
+    forward = model_forward(params, batch, engine, export=exported_graph(cache) if engine == "onnx" else None)[2]
     for _ in range(2):
         time_forward(forward, [pixels])
     batches = [pixels] * params.get("batches", 4)
+    cpu = time.process_time()
     seconds = time_forward(forward, batches)
-    return {"images": len(batches) * batch, "seconds": seconds, "growth_mb": float("nan"), "file_mb": 0.0}
+    images = len(batches) * batch
+    return {"engine": engine, "decode_ms": profile["decode_ms"], "resize_ms": profile["resize_ms"],
+            "model_cpu_ms": 1e3 * (time.process_time() - cpu) / images, "model_img_s": rate(images, seconds),
+            "cores": len(os.sched_getaffinity(0))}
 
 
 def job_naive(params: dict) -> dict:
@@ -99,7 +113,7 @@ def job_keras(params: dict) -> dict:
 
     spec, model = cut_model(params)
     with tempfile.TemporaryDirectory() as tmp:  # untimed warm-up on a one-batch copy of the folder
-        from benchmarks.common import list_images, stage_images
+        from benchmarks.common import stage_images
 
         stage_images(Path(params["data"]), params["batch"], Path(tmp) / "warm")
         keras_peer(spec, model, str(Path(tmp) / "warm"), params["size"], params["batch"], str(Path(tmp) / "w.npy"))
@@ -122,7 +136,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
 
 
-JOBS = {"extract": job_extract, "naive": job_naive, "keras": job_keras, "model_only": job_model_only}
+JOBS = {"extract": job_extract, "naive": job_naive, "keras": job_keras, "cpu_time": job_cpu_time}
 
 
 def main(argv: list[str]) -> int:

@@ -47,15 +47,23 @@ class Sizes:
     registry_size: int | None = None  # quick mode: a small input side for ResNet50 / VGG19 (Lite0 keeps 224)
     jit_probe: bool = True  # section 1: also time the model with XLA (compiling costs minutes on 2 cores)
     split_images: int | None = None  # section 5: None uses every image; else this many per split (staged copies)
-    cases: tuple[str, ...] = ("lite0", "resnet50", "vgg19_block2_pool")  # section 1 models
+    cases: tuple[str, ...] = ("lite0", "resnet50", "vgg19_block2_pool", "vit_b16")  # section 1 models
     memory_dtypes: tuple[str, ...] = ("float32", "float16")  # section 3
     scaling_heads: str = "all"  # section 6: 'all' or comma-separated head names
     update_images: int = 2000  # section 8: N of the full run (1% of N is added for the first update)
+    scale_images: tuple[int, ...] = (10_000, 100_000, 300_000)  # section 10: N of each run (SCALE_IMAGES=...,1000000)
+    scale_tiny_shards: int = 1000  # section 10: shards of 2 images merged
     full_size_images: bool = True  # the full-size photos of ../shared when present; False: the shipped copies
+    # section 9 (benchmarks/engines.py): images per model for auto vs the explicit engines, and for int8 vs float32
+    # (None: every photo of the set); the linear probe runs on the first int8 model (Lite0), repeated 4-fold CV
+    engine_images: dict[str, int] = field(default_factory=lambda: {"lite0": 256, "resnet50": 96,
+                                                                   "vgg19_block2_pool": 96})
+    int8_images: dict[str, int | None] = field(default_factory=lambda: {"lite0": None, "vgg19_block2_pool": 96})
+    probe_repeats: int = 5
 
     @classmethod
     def full(cls) -> "Sizes":
-        return cls(throughput_images={"lite0": 128, "resnet50": 96, "vgg19_block2_pool": 96},
+        return cls(throughput_images={"lite0": 128, "resnet50": 96, "vgg19_block2_pool": 96, "vit_b16": 64},
                    steady_cases=("lite0", "lite0_photos", "vgg19_block2_pool", "lite0_12mp"), steady_seconds=20.0,
                    steady_range=(16, 3000), steady_rounds=2,
                    memory_images=32, memory_batch=16, memory_size=256, storage_images=64, storage_rows=512,
@@ -70,7 +78,9 @@ class Sizes:
                    head_epochs=2, scaling_samples=60, scaling_dims=(16, 64), scaling_budget_s=2.0, batch_size=8,
                    registry_size=32, jit_probe=False, split_images=8, cases=("vgg19_block2_pool",),
                    memory_dtypes=("float16",), scaling_heads="ridge,knn,sgd", update_images=100,
-                   full_size_images=False)
+                   scale_images=(100, 200), scale_tiny_shards=4,
+                   full_size_images=False, engine_images={"vgg19_block2_pool": 8},
+                   int8_images={"vgg19_block2_pool": 16}, probe_repeats=1)
 
 
 @dataclass
@@ -232,12 +242,6 @@ def rate(items: int, seconds: float) -> float:
 
 def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
-
-
-def timed(fn, *args, **kwargs) -> tuple[object, float]:
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
 
 
 def run_child(job: str, params: dict, timeout: float = 900) -> dict:

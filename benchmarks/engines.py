@@ -1,7 +1,7 @@
 """Issue 26, measured side by side: `--engine auto` against both explicit engines, and `--precision int8` against the
-float32 ONNX Runtime engine, and the int8 settings. Writes benchmarks/engines.md (`python -m benchmarks.engines`: 55 min
-on the 2-core EPYC at load average 6-11, a fraction of that on a quiet machine; `--quick`: every code path on tiny
-inputs, figures meaningless).
+float32 ONNX Runtime engine (both: section 9 of `make bench`, `make bench SECTIONS=9`), and the int8 settings.
+`python -m benchmarks.engines` writes them to benchmarks/engines.md (55 min on the 2-core EPYC at load average 6-11, a
+fraction of that on a quiet machine; `--quick`: every code path on tiny inputs, figures meaningless).
 
     python -m benchmarks.engines                       # both parts, into benchmarks/engines.md
     python -m benchmarks.engines --parts int8 --rounds 3 --out /tmp/engines.md
@@ -24,20 +24,28 @@ in 5 x 4-fold cross-validation on both caches' features, labels ants/bees. bf16 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
-from benchmarks.common import ROOT, find_sources, fmt, machine_facts, stage_images
+from benchmarks.common import ROOT, Section, Sizes, find_sources, fmt, machine_facts, stage_images
 from benchmarks.throughput import CASES, Case
 
-TARGET = 0.95  # auto's steady rate / the faster explicit engine's
+# issue 26's targets
+AUTO_TARGET = 0.95  # auto's steady rate ÷ the faster explicit engine's, for every model
+INT8_TARGET = 1.5  # int8's steady rate ÷ float32's (both ONNX Runtime), for every model
+PROBE_TOLERANCE = 0.02  # the linear probe's accuracy on int8 features within this of float32's
+AUTO_COLUMNS = ["model", "images", "batch", "tf_img_s", "onnx_img_s", "auto_img_s", "auto_ran", "faster_explicit",
+                "auto_vs_faster", "timing_s", "first_auto_run_s"]
+INT8_COLUMNS = ["model", "images", "batch", "float32_img_s", "int8_img_s", "int8_vs_float32", "mean_rel_dev",
+                "max_rel_dev", "export_s", "calibrate_quantize_s"]
+PROBE_COLUMNS = ["model", "images", "probe_folds", "probe_float32", "probe_int8", "probe_diff", "probe_sd"]
 
 
 @contextmanager
@@ -56,22 +64,22 @@ def loop_rate(res) -> float:
     return res.processed / res.timings.wall_s if res.timings.wall_s else float("nan")
 
 
-def config(case: Case, sources, data: Path, batch: int, work: Path, size: int | None):
-    """The extraction of `case` on `data`; `size` (quick runs) shrinks the registry models' input side."""
+def config(case: Case, sources, data: Path, sizes: Sizes, work: Path):
+    """The extraction of `case` on `data` (quick sizes shrink the registry models' input side)."""
     from pipeline.config import ExtractConfig
 
-    params = case.resolve(sources, SimpleNamespace(registry_size=size) if size else None, work)
+    params = case.resolve(sources, sizes, work)
     return ExtractConfig(backbone=params["backbone"], data=str(data), weights=params["weights"],
                          layer=[params["layer"]] if params["layer"] else [], image_size=params["size"],
-                         batch_size=batch, overwrite=True)
+                         batch_size=sizes.batch_size, overwrite=True)
 
 
-def auto_case(case: Case, sources, n: int, batch: int, rounds: int, work: Path, log, size: int | None) -> dict:
+def auto_case(case: Case, sources, n: int, sizes: Sizes, work: Path, log) -> dict:
     import features.engines as engines
     from pipeline.extraction import extract
 
     data = stage_images(sources.images, n, work / f"img_{case.name}")
-    cfg = config(case, sources, data, batch, work, size)
+    cfg = config(case, sources, data, sizes, work)
     folder = work / f"engines_{case.name}"  # fresh: the first auto run times the engines
     spent = {}
 
@@ -93,7 +101,7 @@ def auto_case(case: Case, sources, n: int, batch: int, rounds: int, work: Path, 
     reason = read_attrs(first.path).engine_reason
     rates: dict[str, list[float]] = {"tf": [], "onnx": [], "auto": []}
     order = list(rates)
-    for r in range(rounds):
+    for r in range(sizes.steady_rounds):
         for engine in order[r % 3:] + order[:r % 3]:
             res = extract(cfg.replace(engine=engine, out=str(work / f"{case.name}_{engine}.h5")), verbose=False,
                           engines=folder)
@@ -101,7 +109,7 @@ def auto_case(case: Case, sources, n: int, batch: int, rounds: int, work: Path, 
             log(f"auto: {case.name} round {r + 1} {engine} ({res.engine}): {rates[engine][-1]:.1f} img/s")
     best = {k: max(v) for k, v in rates.items()}
     faster = max(("tf", "onnx"), key=best.get)
-    return {"model": f"{case.name} @{cfg.image_size}", "images": n, "batch": batch,
+    return {"model": f"{case.name} @{cfg.image_size}", "images": n, "batch": sizes.batch_size,
             "tf_img_s": best["tf"], "onnx_img_s": best["onnx"], "auto_img_s": best["auto"], "auto_ran": first.engine,
             "faster_explicit": faster, "auto_vs_faster": best["auto"] / best[faster],
             "timing_s": spent.get("seconds", float("nan")), "first_auto_run_s": first_s, "reason": reason}
@@ -125,14 +133,14 @@ def probe(features: np.ndarray, labels: np.ndarray, repeats: int, folds: int) ->
                            cv=RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=0))
 
 
-def int8_case(case: Case, sources, n: int | None, batch: int, rounds: int, work: Path, log, size: int | None,
-              with_probe: bool, probe_repeats: int = 5) -> dict:
+def int8_case(case: Case, sources, n: int | None, sizes: Sizes, work: Path, log, probe_repeats: int) -> dict:
+    """float32 vs int8 on ONNX Runtime; with `probe_repeats`, the linear probe in that many 4-fold CVs."""
     import h5py
 
     from pipeline.extraction import extract
 
     data = sources.images if n is None else stage_images(sources.images, n, work / f"img8_{case.name}")
-    cfg = config(case, sources, data, batch, work, size).replace(engine="onnx")
+    cfg = config(case, sources, data, sizes, work).replace(engine="onnx")
     folder = work / f"engines8_{case.name}"
     outs = {p: str(work / f"{case.name}_{p}.h5") for p in ("float32", "int8")}
     start = time.perf_counter()
@@ -142,7 +150,7 @@ def int8_case(case: Case, sources, n: int | None, batch: int, rounds: int, work:
     extract(cfg.replace(precision="int8", out=outs["int8"]), verbose=False, engines=folder)  # calibrates, quantizes
     quantize_s = time.perf_counter() - start
     rates: dict[str, list[float]] = {"float32": [], "int8": []}
-    for r in range(rounds):
+    for r in range(sizes.steady_rounds):
         for precision in (["float32", "int8"] if r % 2 == 0 else ["int8", "float32"]):
             res = extract(cfg.replace(precision=precision, out=outs[precision]), verbose=False, engines=folder)
             rates[precision].append(loop_rate(res))
@@ -154,12 +162,12 @@ def int8_case(case: Case, sources, n: int | None, batch: int, rounds: int, work:
             feats[precision], labels = f[f"features/{layer}"][()], f["labels"][()]
     dev = deviation(feats["int8"], feats["float32"])
     best = {k: max(v) for k, v in rates.items()}
-    row = {"model": f"{case.name} @{cfg.image_size}", "images": len(labels), "batch": batch,
+    row = {"model": f"{case.name} @{cfg.image_size}", "images": len(labels), "batch": sizes.batch_size,
            "float32_img_s": best["float32"], "int8_img_s": best["int8"],
            "int8_vs_float32": best["int8"] / best["float32"],
            "mean_rel_dev": float(dev.mean()), "max_rel_dev": float(dev.max()), "export_s": export_s,
            "calibrate_quantize_s": quantize_s}
-    if with_probe:
+    if probe_repeats:
         log(f"int8: {case.name}: linear probe, {probe_repeats} x 4-fold")
         acc = {p: probe(feats[p], labels, probe_repeats, 4) for p in feats}
         row.update({"probe_float32": float(acc["float32"].mean()), "probe_int8": float(acc["int8"].mean()),
@@ -188,44 +196,46 @@ def session(path: Path):
                                           for i in range(0, len(pixels) - len(pixels) % sub, sub)])
 
 
-def settings_case(sources, n: int | None, batch: int, rounds: int, work: Path, log, probe_repeats: int) -> list[dict]:
+def settings_case(sources, n: int | None, sizes: Sizes, work: Path, log) -> list[dict]:
     """Lite0 -> avg_pool: the quantization settings features/quantize.py fixes against the alternatives, on the same
     float export and calibration set: model-only rate (pre-decoded images, sessions alternating, fastest round),
     deviation from float32, linear probe."""
     from features.augment import file_loader
     from features.catalog import discover
     from features.engines import export_path
+    from features.images import CROP_FRACTION  # Lite0's sidecar declares no other
     from features.quantize import DEFAULT_IMAGES, calibration, quantize
     from features.store import read_attrs
     from pipeline.extraction import extract
 
     lite0 = next(c for c in CASES if c.name == "lite0")
     data = sources.images if n is None else stage_images(sources.images, n, work / "img_settings")
-    cfg = config(lite0, sources, data, batch, work, None).replace(engine="onnx")
+    cfg = config(lite0, sources, data, sizes, work).replace(engine="onnx")
     folder = work / "engines_settings"
     res = extract(cfg.replace(out=str(work / "settings_f32.h5")), verbose=False, engines=folder)  # the float export
     export = export_path(folder, read_attrs(res.path))
     catalog = discover(data)
-    load = file_loader(cfg.image_size, cfg.resize, "standard", 0, 0)
+    load = file_loader(cfg.image_size, cfg.resize, CROP_FRACTION, "standard", 0, 0)
     pixels = np.stack([load(catalog.paths[i], catalog.source(i)) for i in range(len(catalog))])
     labels = np.array(catalog.labels)[: len(pixels) - len(pixels) % 16]
-    calib = calibration(lambda: catalog, DEFAULT_IMAGES, cfg.image_size, cfg.resize, 2, cfg.max_pixels)
+    calib = calibration(lambda: catalog, DEFAULT_IMAGES, cfg.image_size, cfg.resize, CROP_FRACTION, 2,
+                        cfg.max_pixels)
     forwards = {"float32": session(export)}
     for label, variant in VARIANTS.items():
         log(f"settings: quantizing with {label}")
         forwards[label] = session(quantize(export, None, calib, variant))
     outputs = {label: forward(pixels) for label, forward in forwards.items()}  # also the warm-up
     best = dict.fromkeys(forwards, float("inf"))
-    for r in range(rounds):
+    for r in range(sizes.steady_rounds):
         for label in (list(forwards) if r % 2 == 0 else list(forwards)[::-1]):
             start = time.perf_counter()
             forwards[label](pixels)
             best[label] = min(best[label], time.perf_counter() - start)
     rows = []
-    reference = probe(outputs["float32"], labels, probe_repeats, 4)
+    reference = probe(outputs["float32"], labels, sizes.probe_repeats, 4)
     for label in forwards:
         dev = deviation(outputs[label], outputs["float32"])
-        acc = reference if label == "float32" else probe(outputs[label], labels, probe_repeats, 4)
+        acc = reference if label == "float32" else probe(outputs[label], labels, sizes.probe_repeats, 4)
         rows.append({"settings": label, "images": len(outputs[label]),
                      "model_only_img_s": len(outputs[label]) / best[label],
                      "vs_float32": best["float32"] / best[label], "mean_rel_dev": float(dev.mean()),
@@ -238,6 +248,52 @@ def settings_case(sources, n: int | None, batch: int, rounds: int, work: Path, l
 def table(columns: list[str], rows: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     return lines + ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+
+
+def auto_rows(sizes: Sizes, sources, work: Path, log) -> list[dict]:
+    return [auto_case(case, sources, sizes.engine_images[case.name], sizes, work, log)
+            for case in CASES if case.name in sizes.engine_images]
+
+
+def int8_rows(sizes: Sizes, sources, work: Path, log) -> list[dict]:
+    """One row per model of `sizes.int8_images`; the first (Lite0 in a full run) with the linear probe."""
+    cases = [case for case in CASES if case.name in sizes.int8_images]
+    return [int8_case(case, sources, sizes.int8_images[case.name], sizes, work, log,
+                      sizes.probe_repeats if i == 0 else 0) for i, case in enumerate(cases)]
+
+
+def auto_met(rows: list[dict]) -> bool:
+    return all(r["auto_vs_faster"] >= AUTO_TARGET for r in rows)
+
+
+def int8_met(rows: list[dict]) -> bool:
+    return all(r["int8_vs_float32"] >= INT8_TARGET and abs(r.get("probe_diff", 0.0)) <= PROBE_TOLERANCE for r in rows)
+
+
+AUTO_TARGET_TEXT = f"auto's steady rate ≥ {AUTO_TARGET}× the faster explicit engine for every model"
+INT8_TARGET_TEXT = (f"int8 ≥ {INT8_TARGET}× float32's steady rate (ONNX Runtime) for every model, the linear probe's "
+                    f"accuracy within {PROBE_TOLERANCE} of float32's")
+
+
+def section_engines(sizes: Sizes, sources, work: Path, log) -> Section:
+    """Section 9 of `make bench`: auto against the explicit engines, int8 against float32 (issue 26)."""
+    sec = Section(9, "Engines: `--engine auto` by measurement and `--precision int8` (in-process loop rates, fastest "
+                     "of interleaved rounds)", f"{AUTO_TARGET_TEXT}; {INT8_TARGET_TEXT}", AUTO_COLUMNS)
+    sec.rows = auto_rows(sizes, sources, work, log)
+    int8 = int8_rows(sizes, sources, work, log)
+    sec.extra_tables += [("int8 against float32 (ONNX Runtime); deviation per image ||int8 − float32|| / ||float32||",
+                          INT8_COLUMNS, int8),
+                         (f"Linear probe (logreg head, C on 5 inner folds) in {sizes.probe_repeats} × 4-fold CV on "
+                          "both caches' features", PROBE_COLUMNS, int8[:1])]
+    sec.met = auto_met(sec.rows) and int8_met(int8)
+    sec.value = "; ".join([*(f"{r['model']}: auto {r['auto_vs_faster']:.2f}× the faster ({r['faster_explicit']})"
+                             for r in sec.rows),
+                           *(f"{r['model']}: int8 {r['int8_vs_float32']:.2f}× float32"
+                             + (f", probe {r['probe_diff']:+.3f}" if "probe_diff" in r else "") for r in int8)])
+    sec.notes += [*(f"{r['model']}: auto ran {r['auto_ran']} (`{r['reason']}`)" for r in sec.rows),
+                  "How each figure is taken: benchmarks/engines.py's docstring; `python -m benchmarks.engines` also "
+                  "compares the int8 settings (benchmarks/engines.md).", bf16_note()]
+    return sec
 
 
 def bf16_note() -> str:
@@ -274,10 +330,7 @@ def main(argv: list[str] | None = None) -> int:
 
     facts = machine_facts()
     sources = find_sources(not args.quick)
-    size = 32 if args.quick else None
-    n_auto = {"lite0": 8, "resnet50": 8, "vgg19_block2_pool": 8} if args.quick else \
-        {"lite0": 256, "resnet50": 96, "vgg19_block2_pool": 96}
-    batch = 4 if args.quick else 32
+    sizes = dataclasses.replace(Sizes.quick() if args.quick else Sizes.full(), steady_rounds=args.rounds)
     start = time.perf_counter()
     lines = ["# Engines: `auto` by measurement and `--precision int8` (issue 26)", "",
              f"Written by `{' '.join(['python -m benchmarks.engines', *(argv or sys.argv[1:])])}`"
@@ -288,30 +341,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_engines_") as tmp:
         work = Path(tmp)
         if "auto" in parts:
-            rows = [auto_case(case, sources, n_auto[case.name], batch, args.rounds, work, log, size) for case in CASES]
-            met = all(r["auto_vs_faster"] >= TARGET for r in rows)
+            rows = auto_rows(sizes, sources, work, log)
             lines += ["## auto against the explicit engines", "",
-                      f"Target: auto's steady rate >= {TARGET}x the faster explicit engine for every model: "
-                      f"**{'met' if met else 'not met'}**.", "",
-                      *table(["model", "images", "batch", "tf_img_s", "onnx_img_s", "auto_img_s", "auto_ran",
-                              "faster_explicit", "auto_vs_faster", "timing_s", "first_auto_run_s"], rows), "",
-                      *[f"- {r['model']}: `{r['reason']}`" for r in rows], ""]
+                      f"Target: {AUTO_TARGET_TEXT}: **{'met' if auto_met(rows) else 'not met'}**.", "",
+                      *table(AUTO_COLUMNS, rows), "", *[f"- {r['model']}: `{r['reason']}`" for r in rows], ""]
         if "int8" in parts:
-            lite0, vgg = (next(c for c in CASES if c.name == name) for name in ("lite0", "vgg19_block2_pool"))
-            rows = [int8_case(lite0, sources, 16 if args.quick else None, batch, args.rounds, work, log, size,
-                              with_probe=True, probe_repeats=1 if args.quick else 5),
-                    int8_case(vgg, sources, 8 if args.quick else 96, batch, args.rounds, work, log, size,
-                              with_probe=False)]
+            rows = int8_rows(sizes, sources, work, log)
             lines += ["## int8 against float32 (ONNX Runtime)", "",
-                      *table(["model", "images", "batch", "float32_img_s", "int8_img_s", "int8_vs_float32",
-                              "mean_rel_dev", "max_rel_dev", "export_s", "calibrate_quantize_s"], rows), "",
-                      "Linear probe (Lite0 features, logreg head, repeated 4-fold cross-validation; target: int8 "
-                      "within 0.02 of float32):", "",
-                      *table(["model", "images", "probe_folds", "probe_float32", "probe_int8", "probe_diff",
-                              "probe_sd"], rows[:1]), "", f"- {bf16_note()}", ""]
+                      f"Target: {INT8_TARGET_TEXT}: **{'met' if int8_met(rows) else 'not met'}**.", "",
+                      *table(INT8_COLUMNS, rows), "",
+                      "Linear probe (the first model's features, Lite0's in a full run; logreg head, repeated "
+                      "4-fold cross-validation):", "",
+                      *table(PROBE_COLUMNS, rows[:1]), "", f"- {bf16_note()}", ""]
         if "settings" in parts:
-            rows = settings_case(sources, 16 if args.quick else None, batch, args.rounds, work, log,
-                                 1 if args.quick else 5)
+            rows = settings_case(sources, 16 if args.quick else None, sizes, work, log)
             lines += ["## int8 settings compared (Lite0 -> avg_pool, model only)", "",
                       "The same float export and calibration set quantized three ways; the first is what "
                       "`--precision int8` uses (features/quantize.py). Rates are ONNX Runtime's alone on pre-decoded "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import rate, timed
+from benchmarks.common import rate
 
 
 def cut_model(params: dict, precision: str = "float32"):
@@ -42,16 +42,16 @@ def decode_profile(paths: list[Path], size: int) -> tuple[np.ndarray, dict]:
     """Decode every file on ONE thread (img/s per core), timing file read + JPEG decode and resize separately."""
     import cv2
 
-    from features.images import NEEDED_SHORT, RESIZE_POLICIES, decode_bgr
+    from features.images import CROP_FRACTION, NEEDED_SHORT, RESIZE_POLICIES, decode_bgr
 
     cv2.setNumThreads(1)
     out = np.empty((len(paths), size, size, 3), np.uint8)
     t_decode = t_resize = 0.0
     for i, path in enumerate(paths):
         t0 = time.perf_counter()
-        img = decode_bgr(path, NEEDED_SHORT["crop"](size))  # as load_image decodes: DCT-scaled where a JPEG allows
+        img = decode_bgr(path, NEEDED_SHORT["crop"](size, CROP_FRACTION))  # as load_image: DCT-scaled where it can
         t1 = time.perf_counter()
-        out[i] = cv2.cvtColor(RESIZE_POLICIES["crop"](img, size), cv2.COLOR_BGR2RGB)  # resize, then flip to RGB
+        out[i] = cv2.cvtColor(RESIZE_POLICIES["crop"](img, size, CROP_FRACTION), cv2.COLOR_BGR2RGB)  # then to RGB
         t_resize += time.perf_counter() - t1
         t_decode += t1 - t0
     n = len(paths)
@@ -74,25 +74,3 @@ def time_to_tensor(batch: np.ndarray, repeats: int = 5) -> float:
     for _ in range(repeats):
         tf.identity(tf.constant(batch)).numpy()
     return (time.perf_counter() - start) / (repeats * len(batch))
-
-
-def model_flops(model, size: int) -> float:
-    """Floating-point operations of one size x size image's forward pass, counted as 2 per multiply-add of every
-    layer with a kernel (convolutions, depthwise convolutions, dense): kernel size times the output's spatial
-    positions, read from one forward pass (a `.keras` backbone may take any input size)."""
-    import keras
-
-    layers = [layer for layer in model.layers if getattr(layer, "kernel", None) is not None]
-    outputs = keras.Model(model.inputs, [layer.output for layer in layers])(np.zeros((1, size, size, 3), np.float32))
-    return float(sum(2 * np.prod(layer.kernel.shape) * np.prod(out.shape[1:-1])
-                     for layer, out in zip(layers, outputs)))
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """This machine's float32 matrix-multiply rate on every core (NumPy's BLAS), best of `repeats`: about the most
-    arithmetic a convolution engine can get out of the CPU."""
-    rng = np.random.default_rng(0)
-    a, b = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
-    a @ b  # warm-up: thread pool, page faults
-    best = min(timed(np.matmul, a, b)[1] for _ in range(repeats))
-    return 2 * n**3 / best / 1e9

@@ -60,7 +60,7 @@ CANDIDATES: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
     "linear on the whole image, then crop": _whole_linear,
     "crop first, area": _crop_first(cv2.INTER_AREA),
     "crop first, cubic": _crop_first(cv2.INTER_CUBIC),
-    CURRENT: RESIZE_POLICIES["crop"],
+    CURRENT: lambda img, size: RESIZE_POLICIES["crop"](img, size, CROP_FRACTION),
 }
 COLUMNS = ["images", "candidate", "n", "decode_ms", "resize_ms", "ratio", "vs_former", "pixel_diff"]
 
@@ -82,7 +82,7 @@ def one_core() -> Iterator[int]:
 def resize_profile(paths: list[Path], label: str, size: int = 224, rounds: int = 5) -> list[dict]:
     """One row per candidate: ms per image of the decode and of the resize + crop + flip, their ratio, the resize's
     ratio to the former one, and the mean |pixel difference| to the former's output (of 255)."""
-    need = NEEDED_SHORT["crop"](size)
+    need = NEEDED_SHORT["crop"](size, CROP_FRACTION)
     best = dict.fromkeys(["decode", *CANDIDATES], float("inf"))
     outputs: dict[str, np.ndarray] = {}
     with one_core():
@@ -142,12 +142,12 @@ def accuracy(folder: Path, model_path: Path, size: int = 224, repeats: int = 5, 
     labels = []
     for p in paths:
         try:
-            img = decode_bgr(p, NEEDED_SHORT["crop"](size))
+            img = decode_bgr(p, NEEDED_SHORT["crop"](size, CROP_FRACTION))
         except ValueError as err:
             log(f"skipped {p.name}: {err}")
             continue
         pixels["former"].append(cv2.cvtColor(former_resize_crop(img, size), cv2.COLOR_BGR2RGB))
-        pixels["current"].append(cv2.cvtColor(RESIZE_POLICIES["crop"](img, size), cv2.COLOR_BGR2RGB))
+        pixels["current"].append(cv2.cvtColor(CANDIDATES[CURRENT](img, size), cv2.COLOR_BGR2RGB))
         labels.append(p.parent.name)
     classes, y = np.unique(labels, return_inverse=True)
     model = keras.models.load_model(model_path)

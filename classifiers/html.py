@@ -29,7 +29,7 @@ tr.chosen td{background:#fff1c2;font-weight:600}tr.chosen td:first-child{box-sha
 code{font-family:ui-monospace,monospace;font-size:.92em;background:#f4f4f4;padding:0 .2em;border-radius:3px}
 .summary{border:2px solid #3a7;border-radius:6px;padding:.2em 1.2em .8em;background:#f6fbf7}
 .summary h2{border:none;margin-top:.6em}.summary dl{display:grid;grid-template-columns:max-content 1fr;gap:.3em 1em;margin:.5em 0}
-.summary dt{font-weight:600}.summary dd{margin:0;min-width:0}
+.summary dt{font-weight:600}.summary dd{margin:0;min-width:0}.summary .reduced{color:#8a2b17}
 pre.cmd{white-space:pre-wrap;background:#f4f4f4;padding:.4em .6em;margin:0;border-radius:3px}pre.cmd code{padding:0}
 .warnings{list-style:none;padding:0;margin:0;display:flex;flex-wrap:wrap;gap:.3em .6em}
 .warnings a{display:inline-block;border-radius:1em;padding:.1em .7em;text-decoration:none;border:1px solid #ccc;color:#555}

@@ -161,13 +161,14 @@ class EpochViews:
     """The training stream: epoch e shows augmented view e+1 of every image in a seeded order, so a resumed run
     replays the same batches. `epoch` is set by a callback at the start of each epoch."""
 
-    def __init__(self, images: Images, size: int, resize: str, policy: str, seed: int, batch_size: int, workers: int):
-        self.images, self.size, self.resize, self.policy = images, size, resize, policy
+    def __init__(self, images: Images, size: int, resize: str, crop: float, policy: str, seed: int, batch_size: int,
+                 workers: int):
+        self.images, self.size, self.resize, self.crop, self.policy = images, size, resize, crop, policy
         self.seed, self.batch_size, self.workers, self.epoch = seed, batch_size, workers, 0
 
     def __call__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.images.paths))
-        load = file_loader(self.size, self.resize, self.policy, self.seed, self.epoch + 1)
+        load = file_loader(self.size, self.resize, self.crop, self.policy, self.seed, self.epoch + 1)
         yield from image_batches(self.images, self.size, load, self.batch_size, order, self.workers)
 
 
@@ -180,10 +181,10 @@ def dataset(generator: Callable[[], Iterator], size: int, preprocess: Callable):
             .map(lambda x, y: (preprocess(tf.cast(x, tf.float32)), y)).prefetch(2))
 
 
-def clean(images: Images, size: int, resize: str, batch_size: int, workers: int,
+def clean(images: Images, size: int, resize: str, crop: float, batch_size: int, workers: int,
           failed: list[tuple[str, str]] | None = None) -> Callable[[], Iterator]:
     """Clean views (the stage-one resize) in file order: what is monitored, scored and predicted."""
-    load = file_loader(size, resize, "", 0, 0)
+    load = file_loader(size, resize, crop, "", 0, 0)
     return lambda: image_batches(images, size, load, batch_size, np.arange(len(images.paths)), workers, failed)
 
 

@@ -32,6 +32,21 @@ SHOWN = ["choice", "backbone", "layer", "reduce", "head", "augment", "scheme", "
 SAME_MODEL = ["data_id", "backbone", "layer", "reduce", "head", "scheme"]
 
 
+def reduced_precision(precision: str, calibration: str = "") -> str | None:
+    """The warning that features were computed in reduced precision (`features.engines.PRECISIONS` other than
+    float32), said wherever a person looks (extract summary, report.html's first screen, report.md, classify summary):
+    such features differ from float32 ones, and a model trained on them predicts well only on features made alike.
+    None for full precision. A cache does not record its own deviation; the figure is the one docs/engines.md
+    measured."""
+    if precision == "int8":
+        return (f"int8: REDUCED-PRECISION features (ONNX Runtime static quantization, calibrated on "
+                f"{calibration.rsplit(':K=', 1)[-1]} images, {calibration[:15]}…); on the models measured they "
+                "differ from float32 features by 2-21% (mean relative deviation; docs/engines.md)")
+    if precision == "mixed":
+        return "mixed: REDUCED-PRECISION features (float16 compute)"
+    return None
+
+
 def _with_augment(table: pd.DataFrame) -> pd.DataFrame:
     """The table with the columns that pair augmented and clean rows ('' or missing augment, as in leaderboards
     written before augmentation existed, means clean)."""
@@ -274,6 +289,11 @@ def save_model(model_dir: Path, model, record: dict, eval_predictions: pd.DataFr
     return model_dir
 
 
+def _reduced(record: dict) -> str | None:
+    """`reduced_precision` of a saved model's features (a model.json from before `precision` was recorded: float32)."""
+    return reduced_precision(record.get("precision", ""), record.get("calibration", ""))
+
+
 def _fmt(value: float, std: float | None = None) -> str:
     if value is None or pd.isna(value):
         return "–"
@@ -284,7 +304,7 @@ def write_report(run_dir: Path, table: pd.DataFrame, record: dict, run: dict, no
                  published: Path) -> Path:
     """report.md in `run_dir`: what ran, what won and how sure we are, what to do next — readable in a minute.
     Paths it cites are under `published`, where the run will be once complete (it is written in a staging folder)."""
-    best = best_row(table)
+    best, reduced = best_row(table), _reduced(record)
     scheme = best["scheme"]
     inner = int(best["inner_cv"])
     how = (f"{scheme[2:]}-fold stratified cross-validation (mean ± std over folds); hyperparameters chosen by "
@@ -304,6 +324,7 @@ def write_report(run_dir: Path, table: pd.DataFrame, record: dict, run: dict, no
         + (f" (trained on {int(best['n_fit'])} rows: clean and augmented views {best['augment']}; only clean "
            f"views are scored)" if best["n_fit"] != best["n_fit_images"] else "")
         + f", {len(record['class_names'])} classes; seed {run['seed']}.",
+        *([f"- Features: {reduced}"] if reduced else []),
         f"- Tried {len(table)} combinations ({table['head'].nunique()} heads × "
         f"{table[['backbone', 'layer', 'reduce', 'augment']].drop_duplicates().shape[0]} feature sets) in "
         f"{run['seconds']:.1f} s; "
@@ -335,7 +356,7 @@ def summary(run_dir: Path, top: int = 10) -> str:
     table = pd.read_csv(run_dir / "leaderboard.csv")
     record = json.loads((run_dir / "best" / "model.json").read_text())
     run = json.loads((run_dir / "run.json").read_text())
-    best = best_row(table)
+    best, reduced = best_row(table), _reduced(record)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         board = shown(table, top).to_string(index=False)
     return "\n".join([
@@ -343,6 +364,7 @@ def summary(run_dir: Path, top: int = 10) -> str:
         f"best: {best['head']} on {best['backbone']}/{best['layer']}/{best['reduce']}: accuracy "
         f"{_fmt(best['accuracy'], best['accuracy_std'])} ({record['scheme']}), "
         f"balanced {_fmt(best['balanced_accuracy'])}, macro-F1 {_fmt(best['macro_f1'])}",
+        *([f"features: {reduced}"] if reduced else []),
         f"{len(table)} combinations in {run['seconds']:.1f} s; peak memory {format_bytes(run['peak_bytes'])} "
         f"(budget {format_bytes(run['budget_bytes'])})",
         *([f"why:     {why_chosen(table)}"] if "tied" in table else []),

@@ -21,7 +21,8 @@ import cv2
 import numpy as np
 
 from features.errors import UsageError
-from features.images import MAX_PIXELS, NEEDED_SHORT, RESIZE_POLICIES, Readable, _interpolation, decode_rgb
+from features.images import (CROP_FRACTION, MAX_PIXELS, NEEDED_SHORT, RESIZE_POLICIES, Readable, _interpolation,
+                             decode_rgb)
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,11 @@ class AugmentPolicy:
     jitter: float = 0.0
     summary: str = ""
 
-    def min_short(self, size: int) -> int:
+    def min_short(self, size: int, crop: float = CROP_FRACTION) -> int:
         """Pixels the decoded image needs across its short side so that the smallest crop this policy can draw
         (area share scale[0], the most extreme aspect) still spans `size` pixels: the JPEG decoder may shrink to it."""
         if self.scale == (1.0, 1.0):
-            return NEEDED_SHORT["crop"](size)
+            return NEEDED_SHORT["crop"](size, crop)
         return math.ceil(size / math.sqrt(self.scale[0] * min(self.ratio[0], 1 / self.ratio[1])))
 
 
@@ -97,10 +98,12 @@ def _jitter(img: np.ndarray, amount: float, rng: np.random.Generator) -> np.ndar
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-def augment(img: np.ndarray, size: int, policy: AugmentPolicy, rng: np.random.Generator) -> np.ndarray:
-    """Full-size RGB uint8 -> one augmented (size, size, 3) uint8 view."""
+def augment(img: np.ndarray, size: int, policy: AugmentPolicy, rng: np.random.Generator,
+            crop: float = CROP_FRACTION) -> np.ndarray:
+    """Full-size RGB uint8 -> one augmented (size, size, 3) uint8 view; a policy that does not crop at random takes
+    the clean view's centre crop (`crop` of the short side)."""
     if policy.scale == (1.0, 1.0):
-        out = RESIZE_POLICIES["crop"](img, size)
+        out = RESIZE_POLICIES["crop"](img, size, crop)
     else:
         top, left, ch, cw = _crop_box(*img.shape[:2], policy, rng)
         crop = img[top:top + ch, left:left + cw]
@@ -116,25 +119,28 @@ def augment(img: np.ndarray, size: int, policy: AugmentPolicy, rng: np.random.Ge
     return np.ascontiguousarray(out)
 
 
-def augment_view(img: np.ndarray, size: int, policy: str, seed: int, path: str, view: int) -> np.ndarray:
+def augment_view(img: np.ndarray, size: int, policy: str, seed: int, path: str, view: int,
+                 crop: float = CROP_FRACTION) -> np.ndarray:
     """View `view` (>= 1) of the image at relative `path`: the same pixels on every run."""
-    return augment(img, size, get_policy(policy), view_rng(seed, path, view))
+    return augment(img, size, get_policy(policy), view_rng(seed, path, view), crop)
 
 
-def view_loader(size: int, resize: str, policy: str, seed: int, view: int) -> Callable[[str, np.ndarray], np.ndarray]:
-    """(relative path, full-size RGB) -> view `view` of it: the clean stage-one resize for view 0, else augmented."""
+def view_loader(size: int, resize: str, crop: float, policy: str, seed: int, view: int
+                ) -> Callable[[str, np.ndarray], np.ndarray]:
+    """(relative path, full-size RGB) -> view `view` of it: the clean stage-one resize for view 0 (its centre crop
+    keeps `crop` of the short side: the backbone's data config), else augmented."""
     if view == 0:
-        return lambda path, img: RESIZE_POLICIES[resize](img, size)
+        return lambda path, img: RESIZE_POLICIES[resize](img, size, crop)
     get_policy(policy)
-    return lambda path, img: augment_view(img, size, policy, seed, path, view)
+    return lambda path, img: augment_view(img, size, policy, seed, path, view, crop)
 
 
-def file_loader(size: int, resize: str, policy: str, seed: int, view: int, max_pixels: int = MAX_PIXELS
-                ) -> Callable[[str, Path | Readable], np.ndarray]:
+def file_loader(size: int, resize: str, crop: float, policy: str, seed: int, view: int,
+                max_pixels: int = MAX_PIXELS) -> Callable[[str, Path | Readable], np.ndarray]:
     """(relative path, file or image in a tar shard) -> view `view` of it, decoded no larger than the view needs
     (see decode_rgb):
     augmented views keep enough pixels for the policy's smallest crop, so a crop is never upsampled for want of them.
     Images of more than `max_pixels` pixels raise ValueError without being decoded."""
-    load = view_loader(size, resize, policy, seed, view)
-    need = NEEDED_SHORT[resize](size) if view == 0 else get_policy(policy).min_short(size)
+    load = view_loader(size, resize, crop, policy, seed, view)
+    need = NEEDED_SHORT[resize](size, crop) if view == 0 else get_policy(policy).min_short(size, crop)
     return lambda path, file: load(path, decode_rgb(file, need, max_pixels))

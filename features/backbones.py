@@ -1,5 +1,5 @@
 """Backbones by name: every keras.applications family registered in one table, plus users' own `.keras` and `.onnx`
-files.
+files and KerasHub presets (`hub:<preset>`, features/hub_backbone.py: their image converter is their data config).
 
 Like a timm `default_cfg`, each entry carries what it needs to be used correctly: the constructor, the family's own
 `preprocess_input`, the native input size, how it was evaluated (crop fraction, interpolation): its data config
@@ -34,6 +34,7 @@ class BackboneSpec:
     crop_fraction: float = CROP_FRACTION  # how the model was evaluated: the centre crop's share of the shorter side
     interpolation: str = "bilinear"  # ... and the resize filter
     layout: str = "NHWC"  # the model input's axis order; NCHW only for .onnx files
+    weights_id: str | None = None  # what identifies built-in weights that are not keras.applications' (KerasHub's)
 
     @property
     def data(self) -> DataConfig:
@@ -223,7 +224,9 @@ def _user_model(path: Path, preprocess: str | None) -> BackboneSpec:
 
 
 def get_backbone(name: str, preprocess: str | None = None) -> BackboneSpec:
-    """A registry name (`vgg19`) or the path of a `.keras` or `.onnx` file."""
+    """A registry name (`vgg19`), the path of a `.keras` or `.onnx` file, or a KerasHub preset (`hub:dinov2_small`)."""
+    if name.startswith("hub:"):  # loaded by name, as features.onnx_backbone: it imports keras_hub
+        return importlib.import_module("features.hub_backbone").hub_backbone(name.removeprefix("hub:"), preprocess)
     if name.endswith((".keras", ".onnx")):
         path = Path(name)
         if not path.is_file():

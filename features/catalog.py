@@ -628,8 +628,8 @@ def write_manifest(path: Path, catalog: Catalog, source: dict[str, object]) -> s
               "has_splits": has_splits, "files": len(catalog), "rows": firsts[-1], "fingerprint": fingerprint,
               "ignored": len(catalog.ignored), "index_width": width}
     tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(json.dumps(header, separators=(",", ":")).encode() + b"\n")
             f.write(b"".join(f"{o:0{width}d} {r:0{width}d}\n".encode() for o, r in zip(offsets, firsts)))
@@ -637,7 +637,8 @@ def write_manifest(path: Path, catalog: Catalog, source: dict[str, object]) -> s
             f.write(b"".join(json.dumps(list(item)).encode() + b"\n" for item in catalog.ignored))
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        if tmp.parent.is_dir():  # else nothing was written (its folder is a file, or cannot be made)
+            tmp.unlink(missing_ok=True)
         raise UsageError(f"the manifest '{path}' cannot be written ({err.strerror or err}). Expected a writable "
                          "folder beside the cache; free space or choose another --out.") from None
     return fingerprint

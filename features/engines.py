@@ -15,6 +15,7 @@ beside the export (`measured_forward`), so later runs decide at once and every c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -201,6 +202,24 @@ class ExportError(RuntimeError):
     """The graph could not be converted to ONNX (an operation the converter does not support)."""
 
 
+@functools.cache
+def _convert_erfc() -> None:
+    """Teach tf2onnx TensorFlow's Erfc (as 1 - Erf), which it lacks: the exact GELU of Keras 3 on TensorFlow computes
+    with it, so vision transformers (KerasHub's ViT, DINOv2) would otherwise export an invalid graph."""
+    from tf2onnx import utils
+    from tf2onnx.handler import tf_op
+
+    @tf_op("Erfc")
+    class Erfc:
+        @classmethod
+        def version_9(cls, ctx, node, **kwargs):  # Erf is an ONNX operation from opset 9
+            node.type = "Erf"
+            one = ctx.make_const(utils.make_name("erfc_one"),
+                                 np.array(1, utils.map_onnx_to_numpy_type(ctx.get_dtype(node.output[0]))))
+            minus = ctx.insert_new_node_on_output("Sub", node.output[0], inputs=[one.output[0], node.output[0]])
+            ctx.copy_shape(node.output[0], minus.output[0])
+
+
 def export_onnx(graph: Graph, path: Path | None) -> Path:
     """Write `graph` as ONNX to `path` (atomically: a temporary file renamed into place), or to a temporary file when
     `path` is None. Raises ExportError with the converter's first line when the graph does not convert."""
@@ -221,6 +240,7 @@ def export_onnx(graph: Graph, path: Path | None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".onnx", dir=folder)
     os.close(fd)
+    _convert_erfc()
     try:
         with warnings.catch_warnings():  # Keras' numpy-2 patch of tf2onnx touches np.object
             warnings.simplefilter("ignore", FutureWarning)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from features.augment import file_loader
 from features.catalog import Catalog
 from features.engines import Forward
-from features.images import MAX_PIXELS, decode_stream
+from features.images import CROP_FRACTION, MAX_PIXELS, decode_stream
 from features.store import CacheWriter, Progress
 
 
@@ -41,6 +41,7 @@ class Decoding:
     seed: int = 0
     workers: int = 1
     max_pixels: int = MAX_PIXELS  # larger images are skipped from their header, never decoded
+    crop_fraction: float = CROP_FRACTION  # the backbone's data config: the centre crop's share of the short side
 
 
 def extract_rows(catalog: Catalog, forward: Forward, writer: CacheWriter, progress: Progress, batch_size: int,
@@ -51,7 +52,8 @@ def extract_rows(catalog: Catalog, forward: Forward, writer: CacheWriter, progre
     t = Timings()
     start = time.perf_counter()
     size = decoding.size
-    views = {v: file_loader(size, decoding.resize, decoding.augment_policy, decoding.seed, v, decoding.max_pixels)
+    views = {v: file_loader(size, decoding.resize, decoding.crop_fraction, decoding.augment_policy, decoding.seed, v,
+                            decoding.max_pixels)
              for v in set(catalog.views)}
 
     def load(i: int) -> np.ndarray:

@@ -38,7 +38,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", 
 T = TypeVar("T")
 MAX_PIXELS = 89_478_485  # the default of --max-pixels: Pillow's MAX_IMAGE_PIXELS (a 3-channel decode of ~256 MiB)
 UNDECODABLE = "not a decodable image (corrupt, truncated or another file type)"
-CROP_FRACTION = 0.875  # ImageNet evaluation convention: resize the shorter side to size / 0.875, then centre-crop
+CROP_FRACTION = 0.875  # the ImageNet convention, a data config's default: the centre crop keeps 87.5% of the short side
 DCT_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
              8: cv2.IMREAD_REDUCED_COLOR_8}
 INTERPOLATION = ("crop: the centre square cut first, then linear (area where it shrinks 2x or more); stretch and "
@@ -53,19 +53,21 @@ def _interpolation(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> int:
     return cv2.INTER_AREA if src_hw[0] >= dst_hw[0] and src_hw[1] >= dst_hw[1] else cv2.INTER_LINEAR
 
 
-def _resize_stretch(img: np.ndarray, size: int) -> np.ndarray:
+def _resize_stretch(img: np.ndarray, size: int, crop: float) -> np.ndarray:
+    """The whole image to size x size (`crop` does not apply)."""
     return cv2.resize(img, (size, size), interpolation=_interpolation(img.shape[:2], (size, size)))
 
 
-def crop_window(h: int, w: int, size: int) -> tuple[int, int, int]:
+def crop_window(h: int, w: int, size: int, crop: float = CROP_FRACTION) -> tuple[int, int, int]:
     """(top, left, side) of the centred square of an h x w image that the centre crop keeps: what resizing the
-    shorter side to size / CROP_FRACTION and cutting size x size would keep, i.e. CROP_FRACTION of the shorter side,
-    rounded to whole source pixels (so it lies up to half a source pixel off the exact region)."""
-    side = max(1, round(min(h, w) * size / round(size / CROP_FRACTION)))
+    shorter side to size / crop and cutting size x size would keep, i.e. `crop` of the shorter side (the backbone's
+    data config: 0.875 for most ImageNet models, 1.0 for models evaluated on the whole short side), rounded to whole
+    source pixels (so it lies up to half a source pixel off the exact region)."""
+    side = max(1, round(min(h, w) * size / round(size / crop)))
     return (h - side) // 2, (w - side) // 2, side
 
 
-def _resize_crop(img: np.ndarray, size: int) -> np.ndarray:
+def _resize_crop(img: np.ndarray, size: int, crop: float) -> np.ndarray:
     """Cut the centre square, then resize only it. Resizing the whole image and cutting afterwards reads 1.7x as
     many source pixels (4:3) and, area-averaged, cost as much as the decode (docs/batch.md, "Input pipeline").
 
@@ -73,19 +75,19 @@ def _resize_crop(img: np.ndarray, size: int) -> np.ndarray:
     DCT-scaled decoding leaves every JPEG with a short side under 16x the needed one within 2x of the target. Area
     averaging from 2x (full-size PNGs, larger JPEGs), where bilinear would skip pixels and alias; bilinear when
     enlarging."""
-    top, left, side = crop_window(*img.shape[:2], size)
+    top, left, side = crop_window(*img.shape[:2], size, crop)
     square = img[top : top + side, left : left + side]
     return cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA if side >= LINEAR_BELOW * size
                       else cv2.INTER_LINEAR)
 
 
-RESIZE_POLICIES: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
+RESIZE_POLICIES: dict[str, Callable[[np.ndarray, int, float], np.ndarray]] = {  # (image, size, crop fraction)
     "crop": _resize_crop,  # keeps the aspect ratio; what the pretrained models were evaluated with
     "stretch": _resize_stretch,  # what keras.utils.image_dataset_from_directory does
 }
-NEEDED_SHORT: dict[str, Callable[[int], int]] = {  # pixels across the short side each policy resizes from
-    "crop": lambda size: round(size / CROP_FRACTION),
-    "stretch": lambda size: size,
+NEEDED_SHORT: dict[str, Callable[[int, float], int]] = {  # pixels across the short side each policy resizes from
+    "crop": lambda size, crop: round(size / crop),
+    "stretch": lambda size, crop: size,
 }
 
 
@@ -262,12 +264,13 @@ def decode_rgb(path: str | Path | Readable, min_short: int = 0, max_pixels: int 
     return cv2.cvtColor(decode_bgr(path, min_short, max_pixels), cv2.COLOR_BGR2RGB)
 
 
-def load_image(path: str | Path, size: int, resize: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def load_image(path: str | Path, size: int, resize: str, max_pixels: int = MAX_PIXELS,
+               crop: float = CROP_FRACTION) -> np.ndarray:
     """RGB uint8 (size, size, 3) ready for the backbone's own preprocess_input. Resized in OpenCV's BGR order and
     flipped to RGB last: resizing treats every channel alike, so the pixels are those of resizing the RGB image,
     and the flip touches size² pixels instead of the decoded image's (a web-size photo: ~10% of its decode time)."""
-    return cv2.cvtColor(RESIZE_POLICIES[resize](decode_bgr(path, NEEDED_SHORT[resize](size), max_pixels), size),
-                        cv2.COLOR_BGR2RGB)
+    bgr = decode_bgr(path, NEEDED_SHORT[resize](size, crop), max_pixels)
+    return cv2.cvtColor(RESIZE_POLICIES[resize](bgr, size, crop), cv2.COLOR_BGR2RGB)
 
 
 @dataclass(frozen=True)

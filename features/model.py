@@ -32,7 +32,7 @@ def weights_identity(spec: BackboneSpec, weights: str) -> str:
     if spec.file is not None and weights in ("default", "imagenet"):
         return f"sha256:{sha256_file(spec.file)}"
     if weights in ("default", "imagenet"):
-        return f"imagenet@keras-{installed_version('keras')}"
+        return spec.weights_id or f"imagenet@keras-{installed_version('keras')}"
     if weights == "none":
         return "none"
     return f"sha256:{sha256_file(weights)}"
@@ -93,6 +93,8 @@ def build_base(spec: BackboneSpec, weights: str, size: int, precision: str = "fl
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT_S), _global_policy(policy):
             model = spec.build(keras_weights, (size, size, 3))
+    except UsageError:  # said in one line by the backbone itself (a KerasHub preset that cannot be downloaded)
+        raise
     except Exception as err:  # Keras raises a bare Exception for a failed download
         if "URL fetch failure" in str(err) or isinstance(err, (OSError, socket.timeout)):
             raise _offline_error(spec, err) from None

@@ -65,14 +65,15 @@ def calibration_rows(catalog, k: int) -> list[int]:
     return [pool[j * len(pool) // n] for j in range(n)]
 
 
-def decode_set(catalog, k: int, size: int, resize: str, workers: int, max_pixels: int) -> tuple[str, np.ndarray]:
+def decode_set(catalog, k: int, size: int, resize: str, crop: float, workers: int, max_pixels: int
+               ) -> tuple[str, np.ndarray]:
     """(identity, pixels) of the calibration images of `catalog`, decoded as extract decodes clean views; files that
     cannot be used are left out (their absence changes the identity)."""
     from features.augment import file_loader
     from features.images import decode_stream
 
     rows = calibration_rows(catalog, k)
-    load_view = file_loader(size, resize, "standard", 0, 0, max_pixels)
+    load_view = file_loader(size, resize, crop, "standard", 0, 0, max_pixels)
     decoded = [d.pixels for d in decode_stream(((i, i) for i in rows),
                                                lambda i: load_view(catalog.paths[i], catalog.source(i)), workers,
                                                lookahead=max(1, len(rows)))
@@ -85,13 +86,14 @@ def decode_set(catalog, k: int, size: int, resize: str, workers: int, max_pixels
     return f"sha256:{digest}:K={k}", pixels
 
 
-def calibration(catalog_of: Callable[[], object], k: int, size: int, resize: str, workers: int, max_pixels: int,
+def calibration(catalog_of: Callable[[], object], k: int, size: int, resize: str, crop: float, workers: int,
+                max_pixels: int,
                 identity: str = "") -> Calibration:
     """The calibration of this run: `identity` when known (recorded by the cache being resumed or updated, or given),
     its images decoded only if its graph is not kept; else the K images of the whole set (`catalog_of()`), decoded
     now to know their identity."""
     def decode() -> tuple[str, np.ndarray]:
-        return decode_set(catalog_of(), k, size, resize, workers, max_pixels)
+        return decode_set(catalog_of(), k, size, resize, crop, workers, max_pixels)
 
     if identity:
         return Calibration(identity, decode)

@@ -24,6 +24,7 @@ from typing import Any, get_type_hints
 import numpy as np
 
 from features.errors import UsageError
+from features.images import CROP_FRACTION
 
 SCHEMA_VERSION = 2
 
@@ -71,8 +72,12 @@ class CacheAttrs:
     weights_source: str = _attr("what was asked for: `imagenet`, `none`, or the weights file path",
                                 PROVENANCE, MODEL, example="none")
     image_size: int = _attr("side of the square model input, pixels", RECIPE, GRAPH, MODEL, example=32)
-    resize: str = _attr("`crop` (shorter side to `image_size/0.875`, centre crop) or `stretch` (straight to "
+    resize: str = _attr("`crop` (shorter side to `image_size/crop_fraction`, centre crop) or `stretch` (straight to "
                         "`image_size`², as Keras does)", RECIPE, MODEL, example="crop")
+    crop_fraction: float = _attr("the centre crop's share of the shorter side (`resize` `crop`), from the backbone's "
+                                 "data config (`make backbones`: 0.875 for most ImageNet models, up to 0.949 for "
+                                 "EfficientNetB7, 1.0 for a KerasHub preset); caches without it were made at 0.875",
+                                 RECIPE, MODEL, example=0.875, default=CROP_FRACTION)
     interpolation: str = _attr("resize filter, as `features.images.INTERPOLATION` words it (for `crop`: the centre "
                                "square cut first, then linear, area where it shrinks 2x or more)",
                                RECIPE, MODEL, example="area")
@@ -188,7 +193,8 @@ def recipe(values: Mapping[str, Any]) -> dict[str, Any]:
     """The `recipe` attributes of `values` (a cache's, or those a model.json recorded; absent ones as None) as they
     are compared: a user's `.keras` backbone by its file hash, not by the path it was given as."""
     defaults = {f.name: f.default for f in FIELDS if f.default is not dataclasses.MISSING}
-    found = {name: values.get(name, defaults.get(name)) for name in names(RECIPE)}  # older records: the default
+    found = {name: defaults.get(name) if values.get(name) is None else values[name]  # older records: the default
+             for name in names(RECIPE)}
     if found["backbone_file_sha256"]:
         del found["backbone"]
     return found
@@ -196,7 +202,11 @@ def recipe(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def backbone_label(backbone: str) -> str:
     """How the `backbone` attribute is shown and named in files: a registry name as it is, a user's model file by
-    its stem (`models/x.keras` -> `x`)."""
+    its stem (`models/x.keras` -> `x`), a KerasHub preset by its last name without version or colon (`hub:dinov2_small`,
+    `hub:kaggle://keras/dinov2/keras/dinov2_small/2` and `hub:presets/dinov2_small/` -> `hub-dinov2_small`)."""
+    if backbone.startswith("hub:"):
+        names = [part for part in re.split(r"[/:\\]+", backbone[4:]) if part and not part.isdigit()]
+        return "hub-" + (names[-1] if names else "preset")
     return Path(backbone).stem if backbone.endswith((".keras", ".onnx")) else backbone
 
 
@@ -216,13 +226,15 @@ def _is_a(value: Any, kind: Any) -> bool:
         return isinstance(value, bool)
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, float)
     if kind is str:
         return isinstance(value, str)
     return isinstance(value, list) and all(isinstance(v, str) for v in value)  # list[str]
 
 
 def _type_name(kind: Any) -> str:
-    return getattr(kind, "__name__", None) if kind in (bool, int, str) else "list[str]"
+    return getattr(kind, "__name__", None) if kind in (bool, int, float, str) else "list[str]"
 
 
 class StoreError(UsageError):

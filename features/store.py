@@ -487,7 +487,8 @@ class CacheWriter:
             f.create_dataset("skipped", data=skipped)
             attrs = dataclasses.replace(CacheAttrs.parse(f.attrs, str(partial_path(self.path))), num_images=n,
                                         completed=utc_now(), generation=uuid.uuid4().hex)
-            f.attrs.update(dataclasses.replace(attrs, created=created or attrs.created).to_h5())
+            attrs = dataclasses.replace(attrs, created=created or attrs.created)  # kept by the complete=True update
+            f.attrs.update(attrs.to_h5())
             f.flush()
             f.attrs.update(dataclasses.replace(attrs, complete=True).to_h5())
             f.flush()
@@ -847,7 +848,7 @@ def _virtual_problems(path: Path, name: str, dset: h5py.Dataset) -> list[str]:
             problems.append(f"{name} is virtual over {source!r}, not a cache beside it that a merge linked")
         elif not sibling.is_file():
             problems.append(f"{name} reads the shard {source!r}, which is missing beside it")
-        elif (read_attrs(sibling) or CacheAttrs.example(generation="?")).generation != pinned[source]:
+        elif (found := read_attrs(sibling)) is None or found.generation != pinned[source]:
             problems.append(f"{name} reads the shard {source!r}, which was replaced or damaged since the merge")
     return problems
 
@@ -951,7 +952,7 @@ def _check_rows(cache: Cache) -> None:
         bad.append(f"view is negative in rows {_ranges(np.flatnonzero(cache.view < 0))}")
     escaping = [i for i, p in enumerate(cache.paths) if not is_relative_inside(p)]
     if escaping:
-        bad.append(f"paths {_ranges(escaping)} are absolute or leave the data root (e.g. {cache.paths[escaping[0]]!r})")
+        bad.append(f"paths {_ranges(escaping)} are absolute or leave the data root (e.g. {str(cache.paths[escaping[0]])!r})")
     if sorted(cache.shapes) != sorted(cache.attrs.layers):
         bad.append(f"features holds {sorted(cache.shapes)}, the attribute layers says {cache.attrs.layers}")
     if bad:

@@ -82,7 +82,8 @@ def recorded_config(record: dict, model_dir: str | Path) -> ExtractConfig:
 
 
 def default_out(cfg: ExtractConfig, layers: list[str], shard: tuple[int, int] | None) -> Path:
-    """cache/<data>__<backbone>__<layers>[__pool][__size][__dtype][.shardI-of-N].h5: readable, derived from the config."""
+    """cache/<data>__<backbone>__<layers>[__pool][__size][__aug][__precision][__dtype][__w-weights][.shardI-of-N].h5:
+    readable, derived from the config; the parts of default settings are left out, so older names stay valid."""
     pattern = is_pattern(cfg.data) and not Path(cfg.data).exists()  # tar shards named by a glob or brace pattern
     data = (pattern_root(cfg.data) if pattern else Path(cfg.data)).resolve().name or "data"
     backbone = backbone_label(cfg.backbone)
@@ -93,6 +94,8 @@ def default_out(cfg: ExtractConfig, layers: list[str], shard: tuple[int, int] | 
         parts.append(str(cfg.image_size))
     if cfg.augment:
         parts.append(f"aug{cfg.augment}-{cfg.augment_policy}" + (f"-s{cfg.seed}" if cfg.seed else ""))
+    if cfg.precision != ExtractConfig.precision:  # an int8 cache must not take the float32 cache's name
+        parts.append(cfg.precision)
     if cfg.dtype != "float32":
         parts.append(cfg.dtype)
     if cfg.weights != "imagenet":

@@ -163,6 +163,7 @@ def plan_attrs(cfg: ExtractConfig, spec: BackboneSpec, catalog: Catalog, size: i
         weights_source=cfg.weights,
         image_size=size,
         resize=cfg.resize,
+        crop_fraction=spec.crop_fraction,
         interpolation=INTERPOLATION,
         decoder=DECODER,
         preprocessing=spec.preprocess.description,
@@ -252,7 +253,7 @@ def resolve_run(cfg: ExtractConfig, attrs: CacheAttrs, export: Path, recorded: C
         if not identity and recorded is not None and recorded.precision == "int8" and \
                 recorded.calibration.endswith(f":K={cfg.calibration_images}"):
             identity = recorded.calibration  # an update keeps the graph its rows were computed with
-        calib = calibration(whole, cfg.calibration_images, attrs.image_size, cfg.resize,
+        calib = calibration(whole, cfg.calibration_images, attrs.image_size, cfg.resize, attrs.crop_fraction,
                             cfg.workers or len(os.sched_getaffinity(0)), cfg.max_pixels, identity)
         settings = {**json.loads(attrs.config_json), "calibration": calib.identity}  # predict reuses this graph
         attrs = dataclasses.replace(attrs, calibration=calib.identity, config_json=json.dumps(settings))
@@ -347,7 +348,7 @@ def _compute(cfg: ExtractConfig, out: Path, attrs: CacheAttrs, catalog: Catalog,
     else:
         writer, status = CacheWriter.reopen(out), "resumed"
     decoding = Decoding(size, cfg.resize, cfg.augment_policy, cfg.seed, cfg.workers or len(os.sched_getaffinity(0)),
-                        cfg.max_pixels)
+                        cfg.max_pixels, attrs.crop_fraction)
     try:
         processed, timings = extract_rows(catalog, forward, writer, progress, cfg.batch_size, decoding, verbose)
     finally:

@@ -35,7 +35,7 @@ from features.augment import get_policy
 from features.backbones import get_backbone
 from features.catalog import Catalog, discover
 from features.errors import UsageError
-from features.schema import MODEL, backbone_label, names
+from features.schema import MODEL, backbone_label, names, recipe
 from pipeline.config import ExtractConfig, recorded_config
 
 MODEL_FILE = saved.NETWORK_FILE
@@ -140,11 +140,12 @@ def finetune(cfg: FinetuneConfig, verbose: bool = True) -> Path:
     network = build_network(spec, xcfg.weights, size, record["layer"], record["pool"], head, len(class_names),
                             precision)
     model, preprocess = network.model, spec.preprocess.fn
-    views = EpochViews(fit, size, xcfg.resize, cfg.augment_policy, cfg.seed, cfg.batch_size, cfg.workers)
+    crop = recipe(record)["crop_fraction"]
+    views = EpochViews(fit, size, xcfg.resize, crop, cfg.augment_policy, cfg.seed, cfg.batch_size, cfg.workers)
     train_ds = dataset(views, size, preprocess)
-    monitor_ds = dataset(clean(monitor, size, xcfg.resize, cfg.batch_size, cfg.workers), size, preprocess)
+    monitor_ds = dataset(clean(monitor, size, xcfg.resize, crop, cfg.batch_size, cfg.workers), size, preprocess)
     two_phases = TwoPhaseFit(network, views, train_ds, monitor_ds, cfg.unfreeze, out, cfg.patience)
-    score_batches = clean(score, size, xcfg.resize, cfg.batch_size, cfg.workers)
+    score_batches = clean(score, size, xcfg.resize, crop, cfg.batch_size, cfg.workers)
 
     before = _score(model, score_batches, preprocess, len(class_names))
     if verbose:
@@ -234,7 +235,7 @@ def predict_images(record: dict, model_dir: Path, data: Path, batch_size: int | 
     catalog = discover(data)
     images = Images(catalog.root, catalog.paths, np.arange(len(catalog)))
     size, failed = int(record["image_size"]), list(catalog.ignored)
-    batches = clean(images, size, xcfg.resize, batch_size or 32, 0, failed)()
+    batches = clean(images, size, xcfg.resize, recipe(record)["crop_fraction"], batch_size or 32, 0, failed)()
     first = next(batches, None)  # None: every file failed (and `failed` now names them all)
     if first is None:
         raise UsageError(f"none of the {len(failed)} files under '{data}' could be used: "

@@ -72,16 +72,35 @@ def run_backbones(args: argparse.Namespace) -> int:
           "preprocessing as (x - mean) / std per channel (chan order), pixels in [0, 255].")
     print("or a path to your own .keras or .onnx file (declare its preprocessing in a sidecar .json or with "
           "--preprocess; see README, 'Your own ONNX model')")
+    print("or hub:<preset>, a KerasHub preset (hub:dinov2_small, hub:vit_base_patch16_224_imagenet, a kaggle:// or "
+          "hf:// handle, or a save_to_preset folder): its image converter is its record; FILTER='hub:*' lists the "
+          "built-in image presets (README, 'KerasHub presets')")
+    if args.filter.startswith("hub:"):
+        from features import hub_backbone
+
+        presets = hub_backbone.image_presets()
+        for name in hub_backbone.list_presets(args.filter):
+            meta = presets[name.removeprefix("hub:")].get("metadata", {})
+            print(f"{name:<44} {meta.get('params', 0):>13,} params  {meta.get('description', '')[:80]}")
     return 0
 
 
 def add_weights_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", required=True, help="registry name, e.g. vgg19")
+    p.add_argument("--backbone", required=True, help="registry name, e.g. vgg19, or hub:<KerasHub preset>")
 
 
 def run_weights(args: argparse.Namespace) -> int:
     spec = get_backbone(args.backbone)
     build_base(spec, "imagenet", spec.input_size)
+    if spec.weights_id is not None:  # a KerasHub preset: in kagglehub's cache, not Keras'
+        from features import hub_backbone
+
+        preset = spec.name.removeprefix(hub_backbone.PREFIX)
+        folder = hub_backbone.kaggle_folder(preset)
+        print(f"KerasHub preset {preset} is in {folder}; copy that folder (with the hidden .complete folder in it) to "
+              "the same place under KAGGLEHUB_CACHE (default ~/.cache/kagglehub) on offline machines." if folder else
+              f"KerasHub preset {preset} is read from where it is; copy it to offline machines.")
+        return 0
     from features.model import keras_cache_dir
 
     print(f"ImageNet weights for {spec.name} are in {keras_cache_dir()}; copy that folder's new file to the same "

@@ -179,4 +179,4 @@ def _write(out: Path, shards: list[Path], attrs: list[CacheAttrs], wanted: Cache
                         created=min(a.created for a in attrs))
     finally:
         writer.close()
-    return MergeResult(out, "written", shards, len(paths), skipped, virtual, shapes)
+    return MergeResult(out, "written", shards, len(paths), skipped, virtual, layer_shapes=shapes)

@@ -1,10 +1,11 @@
 """report.html of a classify run, and audit.html of `python -m pipeline audit`: what a person looks at.
 
-Sections of report.html: a summary card (the data, the model to use with its interval and the command to predict
-with it, and counts of what to worry about, each linking to its section), leaderboard with 95% intervals, the chosen
-row and the rows tied with it, accuracy by cut layer, confusion matrix, per-class precision/recall, the misclassified
-images (most confident mistakes first), the learning curve of the best head, the data audit (near-duplicates, likely
-label errors, outliers) and the warnings (failed heads, skipped images, the run's notes).
+Sections of report.html: a summary card (the data, the model to use with its interval, how its features were computed
+(reduced precision stands out), the command to predict with it, and counts of what to worry about, each linking to its
+section), leaderboard with 95% intervals, the chosen row and the rows tied with it, accuracy by cut layer, confusion
+matrix, per-class precision/recall, the misclassified images (most confident mistakes first), the learning curve of
+the best head, the data audit (near-duplicates, likely label errors, outliers) and the warnings (failed heads, skipped
+images, the run's notes).
 
 `python -m pipeline.page REPORT.html OUT.png` screenshots a page's first screen in headless chromium
 (`make report-screenshot` makes docs/report.png so).
@@ -31,7 +32,7 @@ from classifiers.audit import Audit, audit_cache
 from classifiers.curve import learning_curve, plot_curve
 from classifiers.data import READ_SHARE
 from classifiers.saved import write_json
-from classifiers.report import METRICS, best_row, ranked_by, shown, why_chosen
+from classifiers.report import METRICS, best_row, ranked_by, reduced_precision, shown, why_chosen
 from features.store import Cache
 from features.errors import UsageError
 
@@ -128,6 +129,16 @@ def warning_counts(table: pd.DataFrame, job, audit: Audit | None, notes: list[st
                     (len(notes), "note from the run", "notes from the run", "notes")]
 
 
+def features_fact(cache: Cache) -> str:
+    """The summary card's Features row: the compute precision (reduced precision stands out: those features differ
+    from float32 ones), the storage dtype and the engine that ran the model."""
+    attrs = cache.attrs
+    reduced = reduced_precision(attrs.precision, attrs.calibration)
+    precision = (f'<strong class="reduced">{escape(reduced)}</strong>' if reduced else
+                 f"{escape(attrs.precision)}: full-precision features")
+    return f"{precision}; stored as {escape(attrs.dtype)}; run by {escape(attrs.engine)}"
+
+
 def summary_section(table: pd.DataFrame, job, run_dir: Path, audit: Audit | None, notes: list[str]) -> str:
     """The first screen: the data, the model to use with its accuracy and 95% interval, the command to predict with
     it, and how many of each problem the run found, each linking to its section."""
@@ -146,6 +157,7 @@ def summary_section(table: pd.DataFrame, job, run_dir: Path, audit: Audit | None
         ("Use", f"{escape(best['head'])} on {escape(str(best['backbone']))} / {escape(str(best['layer']))} / "
                 f"reduce {escape(str(best['reduce']))}: accuracy <strong>{best['accuracy']:.3f}</strong>"
                 f"{escape(interval)} on {escape(_scored(best))}"),
+        ("Features", features_fact(cache)),
         ("Why", html.text(why_chosen(table))),
         ("Predict", f'<pre class="cmd"><code>{escape(command)}</code></pre>'),
         ("Check", f'<ul class="warnings">{"".join(found)}</ul>'),

@@ -5,6 +5,7 @@ from collections import Counter
 
 import numpy as np
 
+from classifiers.report import reduced_precision
 from features.store import read_attrs
 from pipeline.extraction import ExtractResult
 
@@ -15,17 +16,6 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     raise AssertionError("unreachable")
-
-
-def reduced_precision(precision: str, calibration: str) -> str:
-    """What a cache's `precision` means for its features, in a few words (float32: nothing to say)."""
-    if precision == "int8":
-        return (f"int8: REDUCED-PRECISION features (ONNX Runtime static quantization, calibrated on "
-                f"{calibration.rsplit(':K=', 1)[-1]} images, {calibration[:15]}…); on the models measured they "
-                "differ from float32 features by 2-21% (mean relative deviation; docs/engines.md)")
-    if precision == "mixed":
-        return "mixed: REDUCED-PRECISION features (float16 compute)"
-    return precision
 
 
 def print_extract_summary(r: ExtractResult) -> None:
@@ -50,8 +40,8 @@ def print_extract_summary(r: ExtractResult) -> None:
                  f"decode {t.decode_cpu_s:.1f} cpu-s across threads")
     if attrs and attrs.engine_reason:
         lines.append(f"engine: {attrs.engine} ({attrs.engine_reason})")
-    if attrs and attrs.precision != "float32":
-        lines.append(f"precision: {reduced_precision(attrs.precision, attrs.calibration)}")
+    if attrs and (reduced := reduced_precision(attrs.precision, attrs.calibration)):
+        lines.append(f"precision: {reduced}")
     if r.skipped:
         reasons = Counter(reason for _, reason in r.skipped)
         lines.append("skipped: " + "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common()))

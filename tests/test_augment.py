@@ -31,7 +31,7 @@ def test_a_view_depends_only_on_seed_path_and_index(photo, policy):
 
 def test_view_zero_is_the_stage_one_clean_view(photo):
     path, img = photo
-    np.testing.assert_array_equal(view_loader(64, "crop", "standard", 0, 0)("x.jpg", img), load_image(path, 64, "crop"))
+    np.testing.assert_array_equal(view_loader(64, "crop", 0.875, "standard", 0, 0)("x.jpg", img), load_image(path, 64, "crop"))
 
 
 def test_standard_policy_changes_pixels(photo):

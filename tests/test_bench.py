@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks import heads, storage, throughput, update
-from benchmarks.bench import parse_sections, run_bench
+from benchmarks import engines, heads, scale, storage, throughput, update
+from benchmarks.bench import parse_scale_images, parse_sections, run_bench
 from benchmarks.common import SHIPPED_IMAGES, Sizes, Sources
 from features.store import rows_per_chunk
 
@@ -71,56 +71,82 @@ def test_section3_rss_ratio_is_4n_over_n(monkeypatch, tmp_path, rss_4n, met):
     assert n4["rss_ratio_4n_n"] == pytest.approx(rss_4n / 400.0) and sec.met is met
 
 
-def _fake_section2(monkeypatch, rates: dict[str, float], machine_gflop_s: float) -> list[dict]:
+def _fake_section2(monkeypatch, rates: dict[str, float]) -> list[tuple]:
     """Section 2 on fake processes: T(k images) = 10 s + k / rate, except in round 2, where a busy spell adds 5 s to
-    every 2N run and the model-only run is twice as fast. Returns the calls' (job, images, round) in order."""
+    every 2N run and the CPU time one image needs grows from 20 ms to 30 ms (2 cores: a limit of 100 img/s, then 67).
+    Returns the calls' (job, images, round) in order."""
     _no_staging(monkeypatch, throughput)
     monkeypatch.setattr(throughput.Case, "resolve", lambda self, sources, sizes=None, work=None: {
         "backbone": "vgg19", "layer": "block2_pool", "size": 32, "weights": "none"})
-    forward = importlib.import_module("benchmarks.forward")
-    monkeypatch.setattr(forward, "cut_model", lambda params: (None, None))
-    monkeypatch.setattr(forward, "model_flops", lambda model, size: 1e9)
-    monkeypatch.setattr(forward, "matmul_gflops", lambda: machine_gflop_s)
-    calls, rounds = [], {"model_only": 0}
+    calls, rounds = [], {"cpu_time": 0}
 
     def run_child(job, params):
-        if job == "model_only":
-            rounds["model_only"] += 1
-            calls.append((job, 32, rounds["model_only"]))
-            return {"images": 32, "seconds": 2.0 / rounds["model_only"], "peak_rss_mb": 900.0}
+        if job == "cpu_time":
+            rounds["cpu_time"] += 1
+            calls.append((job, 0, rounds["cpu_time"]))
+            return {"engine": "onnx", "decode_ms": 4.0, "resize_ms": 2.0, "model_cpu_ms": 4.0 + 10 * rounds["cpu_time"],
+                    "model_img_s": 32.0, "cores": 2, "peak_rss_mb": 900.0}
         name = Path(params["data"]).name
         if not name.startswith("s2_vgg19_block2_pool_") or name.endswith("warm"):  # warm-up and memory runs
+            if name.endswith("warm"):
+                calls.append(("warm-up", params.get("time_engines", False), rounds["cpu_time"]))
             return _child(1, 1.0, 500.0)
-        method = "extract_tf" if params.get("engine") == "tf" else job
+        method = {"tf": "extract_tf", "onnx": "extract_onnx"}.get(params.get("engine"), job)
         k = int(name.rsplit("_", 1)[1])
-        calls.append((method, k, rounds["model_only"]))
-        busy = 5.0 if rounds["model_only"] == 2 and k == max(c[1] for c in calls if c[0] == method) else 0.0
-        return {**_child(k, 1.0, 500.0), "process_s": 10.0 + k / rates[method] + busy}
+        calls.append((method, k, rounds["cpu_time"]))
+        busy = 5.0 if rounds["cpu_time"] == 2 and k == max(c[1] for c in calls if c[0] == method) else 0.0
+        return {**_child(k, 1.0, 500.0), "engine": params.get("engine", "onnx"),
+                "process_s": 10.0 + k / rates[method] + busy}
 
     monkeypatch.setattr(throughput, "run_child", run_child)
     return calls
 
 
-@pytest.mark.parametrize("naive_rate,machine_gflop_s,met", [(1.0, 100.0, True), (20.0, 100.0, False),
-                                                           (20.0, 40.0, True)])
-def test_section2_steady_rate_from_the_fastest_of_interleaved_rounds(monkeypatch, tmp_path, naive_rate,
-                                                                     machine_gflop_s, met):
-    """Reference: the faster model-only round (32 img/s). Steady rates: N / (T(2N) - T(N)) from each size's fastest
-    run, so round 2's busy spell changes nothing. 5x the naive loop counts where the ceiling (machine rate / 1
-    GFLOP per image) is 5x the naive loop or more: 100 vs 20 img/s is, 40 vs 20 is not."""
-    rates = {"naive": naive_rate, "keras": 4.0, "extract_tf": 5.0, "extract": 48.0}
-    calls = _fake_section2(monkeypatch, rates, machine_gflop_s)
+@pytest.mark.parametrize("keras_rate,met", [(32.0, True), (33.0, False)])
+def test_section2_steady_rates_from_the_fastest_of_interleaved_rounds_against_the_peer_and_the_limits(
+        monkeypatch, tmp_path, keras_rate, met):
+    """Steady rates: N / (T(2N) - T(N)) from each size's fastest run, so round 2's busy spell changes nothing; the
+    CPU-time limit from the round with the least CPU time: 2 cores ÷ 20 ms = 100 img/s. Ours at 48 img/s: 1.2× the
+    faster explicit engine (onnx, 40), 0.48 of the limit, 12× naive, and 1.5× the peer (the VGG19 target) at 32."""
+    rates = {"naive": 4.0, "keras": keras_rate, "extract_tf": 5.0, "extract_onnx": 40.0, "extract": 48.0}
+    calls = _fake_section2(monkeypatch, rates)
     sizes = dataclasses.replace(Sizes.quick(), steady_rounds=2)
-    sec = throughput.section_naive(sizes, SOURCES, tmp_path, lambda m: None, {})
+    sec = throughput.section_steady(sizes, SOURCES, tmp_path, lambda m: None, {})
+    assert calls[:2] == [("warm-up", True, 0), ("cpu_time", 0, 1)]  # auto times the engines and keeps the choice
     assert [c[2] for c in calls if c[0] == "extract"] == [1, 1, 2, 2]  # both sizes, in each round
     by = {r["method"]: r for r in sec.rows if r["model"].startswith("vgg19")}
-    assert by["TensorFlow compiled, model only (reference)"]["img_s"] == pytest.approx(32.0)
+    limit = next(r for r in sec.rows if r["method"].startswith("CPU-time limit"))
+    assert limit["img_s"] == pytest.approx(100.0) and limit["engine"] == "onnx"
     for method, name in throughput.METHOD_NAMES.items():
         assert by[name]["img_s"] == pytest.approx(rates[method]), method
     ours = by[throughput.METHOD_NAMES["extract"]]
-    assert ours["vs_tf_model_only"] == pytest.approx(1.5) and ours["speedup_vs_naive"] == pytest.approx(48 / naive_rate)
-    assert sec.met is met
-    assert ("compute ceiling is 2.00× naive" in sec.value) is (machine_gflop_s == 40.0)
+    assert ours["vs_faster_engine"] == pytest.approx(1.2) and ours["vs_cpu_limit"] == pytest.approx(0.48)
+    assert ours["speedup_vs_naive"] == pytest.approx(12.0) and ours["vs_keras_peer"] == pytest.approx(48 / keras_rate)
+    (table,) = [rows for caption, _, rows in sec.extra_tables if caption.startswith("CPU-time limit")]
+    assert table[0]["cpu_ms_per_image"] == pytest.approx(20.0) and table[0]["faster_engine"] == "onnx"
+    assert sec.met is met and "÷ the Keras peer's ≥ 1.5 for vgg19_block2_pool;" in sec.target
+    assert f"vgg19_block2_pool: {48 / keras_rate:.2f}× peer (≥ 1.5), 1.20× the faster engine (onnx)" in sec.value
+
+
+@pytest.mark.parametrize("auto,int8,probe_diff,met", [(0.95, 1.5, -0.02, True), (0.94, 1.5, 0.0, False),
+                                                       (1.0, 1.49, 0.0, False), (1.0, 1.6, -0.021, False)])
+def test_section9_needs_auto_at_095_of_the_faster_engine_and_int8_at_15x_with_the_probe_within_002(
+        monkeypatch, auto, int8, probe_diff, met):
+    """Every model of the full sizes is run (auto: three, int8: two); the probe runs on the first int8 model only."""
+    calls = []
+    monkeypatch.setattr(engines, "auto_case", lambda case, sources, n, sizes, work, log: calls.append(
+        ("auto", case.name, n)) or {"model": case.name, "auto_vs_faster": auto, "faster_explicit": "onnx",
+                                    "auto_ran": "onnx", "reason": "measured: ..."})
+    monkeypatch.setattr(engines, "int8_case", lambda case, sources, n, sizes, work, log, probe_repeats: calls.append(
+        ("int8", case.name, n, probe_repeats)) or {"model": case.name, "int8_vs_float32": int8,
+                                                   **({"probe_diff": probe_diff} if probe_repeats else {})})
+    sizes = Sizes.full()
+    sec = engines.section_engines(sizes, SOURCES, Path("work"), lambda m: None)
+    assert calls == [("auto", "lite0", 256), ("auto", "resnet50", 96), ("auto", "vgg19_block2_pool", 96),
+                     ("int8", "lite0", None, 5), ("int8", "vgg19_block2_pool", 96, 0)]
+    assert sec.number == 9 and sec.met is met
+    assert f"lite0: int8 {int8:.2f}× float32, probe {probe_diff:+.3f}; vgg19_block2_pool: int8 {int8:.2f}× float32" \
+        in sec.value
 
 
 @pytest.mark.parametrize("plus_one_percent,met", [((20.0, 13.0), True), ((20.0, 16.0), False)])
@@ -193,15 +219,15 @@ def test_quick_bench_runs_the_real_code_paths(tmp_path):
     assert (tmp_path / "section1_throughput.png").stat().st_size > 1000
 
 
-@pytest.mark.slow  # fresh TensorFlow processes for every memory figure, and an end-to-end training: minutes
+@pytest.mark.slow  # fresh TensorFlow processes for every memory figure, an end-to-end training, int8: minutes
 def test_quick_bench_child_process_sections(tmp_path):
-    sections = {s.number: s for s in run_bench([2, 3, 5], quick=True, out_dir=tmp_path, log=lambda m: None,
+    sections = {s.number: s for s in run_bench([2, 3, 5, 9], quick=True, out_dir=tmp_path, log=lambda m: None,
                                                 command="pytest", strict=True)}
     methods = {r["method"] for r in sections[2].rows}
     assert set(throughput.METHOD_NAMES.values()) <= methods
-    (ceiling,) = sections[2].extra_tables[1][2]  # the quick run's one model: VGG19 block2_pool
-    assert ceiling["machine_gflop_s"] > 1 and ceiling["gflop_per_image"] > 0  # the quick run's rates are noise
-    assert ceiling["ceiling_img_s"] == pytest.approx(ceiling["machine_gflop_s"] / ceiling["gflop_per_image"])
+    (limit,) = sections[2].extra_tables[1][2]  # the quick run's one model: VGG19 block2_pool
+    assert limit["decode_ms"] > 0 and limit["resize_ms"] > 0 and limit["model_cpu_ms"] > 0  # the rates are noise
+    assert limit["limit_img_s"] == pytest.approx(1e3 * limit["cores"] / limit["cpu_ms_per_image"])
     n1, n4 = sections[3].rows
     assert (n1["images"], n4["images"]) == (Sizes.quick().memory_images, 4 * Sizes.quick().memory_images)
     assert all(r["peak_rss_mb"] > 100 for r in sections[3].rows)  # real TensorFlow processes
@@ -212,29 +238,58 @@ def test_quick_bench_child_process_sections(tmp_path):
         {f"head: {h.name}" for h in resolve_heads("default")}
     extraction = next(r for r in rows if r["method"].startswith("extraction of the cache"))
     assert f"({2 * Sizes.quick().split_images} images, once)" in extraction["method"]
-
-
-def test_model_flops_count_every_multiply_add_of_the_convolutions():
-    """VGG19 to block2_pool at 256: four 3x3 convolutions, 3->64 and 64->64 at 256², 64->128 and 128->128 at 128²."""
-    from benchmarks.forward import cut_model, model_flops
-
-    macs = 256**2 * 9 * (3 * 64 + 64 * 64) + 128**2 * 9 * (64 * 128 + 128 * 128)
-    _, model = cut_model({"backbone": "vgg19", "weights": "none", "size": 256, "layer": "block2_pool"})
-    assert model_flops(model, 256) == 2 * macs
-
-
-def test_model_flops_of_a_backbone_that_takes_any_input_size(tiny_backbone):
-    """The tiny backbone's input is (None, None, 3): the spatial sizes come from the size asked for. At 32 px:
-    3x3 convolutions 3->8 at 16² and 8->16 at 8², then a 1x1 convolution 16->32 at 8²."""
-    from benchmarks.forward import cut_model, model_flops
-
-    _, model = cut_model({"backbone": str(tiny_backbone), "weights": "imagenet", "size": 32, "layer": "avg_pool"})
-    assert model_flops(model, 32) == 2 * (16**2 * 9 * 3 * 8 + 8**2 * 9 * 8 * 16 + 8**2 * 16 * 32)
+    (auto,) = sections[9].rows  # the quick run's one model: VGG19 block2_pool, real extractions
+    assert auto["auto_ran"] in ("tf", "onnx") and auto["reason"].startswith("measured: ")
+    (int8,) = sections[9].extra_tables[0][2]
+    assert int8["int8_img_s"] > 0 and 0 < int8["mean_rel_dev"] < 0.2 and int8["probe_folds"] == 4
 
 
 def test_sections_argument_is_validated():
-    assert parse_sections("all") == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert parse_sections("all") == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     assert parse_sections("3,1") == [1, 3]
-    with pytest.raises(ValueError, match="'9'"):
-        parse_sections("9")
+    with pytest.raises(ValueError, match="'11'.* from 1 to 10"):
+        parse_sections("11")
+    assert parse_scale_images("10000,100000") == (10_000, 100_000) and parse_scale_images(None) is None
+    for bad in ("100000", "100000,10000", "10,100", "1e5,1e6"):
+        with pytest.raises(ValueError, match=f"scale-images '{bad}' is not valid. Expected at least two ascending"):
+            parse_scale_images(bad)
 
+
+@pytest.mark.parametrize("classify_exponent,update_share,met", [(1.0, 0.02, True), (1.2, 0.02, False),
+                                                                (1.0, 0.04, False)])
+def test_section10_exponents_from_the_two_largest_sizes_and_the_update_share(monkeypatch, tmp_path,
+                                                                             classify_exponent, update_share, met):
+    """Known costs: every stage linear in N except classify (N^k) and a shard task of constant cost; the exponents
+    come from the two largest N, the update's share of the full run from the largest, and the target needs all."""
+    def fake_measure(n, work, rng, log):
+        linear = {name: (n / 1000, n / 100) for name in ["extract", "up-to-date", "listing", "extract (tar)", "merge",
+                                                         "merge virtual", "verify"]}
+        return {**linear, "shard task": (4.0, 300.0), "classify": ((n / 1000) ** classify_exponent, 200.0),
+                "update +1%": (update_share * n / 1000, n / 100)}
+
+    monkeypatch.setattr(scale, "measure", fake_measure)
+    monkeypatch.setattr(scale, "stage", lambda args: (0.0, 0.0))
+    sec = scale.section_scale((100, 1000, 4000), tmp_path, lambda m: None, tiny_shards=0)
+    rows = {r["stage"]: r for r in sec.rows}
+    assert rows["classify"]["time_exponent"] == pytest.approx(classify_exponent)
+    assert rows["extract"]["time_exponent"] == pytest.approx(1.0) and rows["extract"]["rss_exponent"] == \
+        pytest.approx(1.0)
+    assert rows["shard task"]["time_exponent"] == pytest.approx(0.0) and rows["extract"]["s_at_4000"] == 4.0
+    assert f"update +1% / full = {update_share:.1%} at 100" in sec.value and sec.met is met
+
+
+
+@pytest.mark.slow  # some 30 whole pipeline processes on 100 and 200 images: minutes
+def test_quick_scale_section_runs_every_stage_as_a_process(tmp_path):
+    """Section 10 on 100 and 200 synthetic images: every stage ran as its own process (a peak RSS of its own, well
+    under this test process's), the tar shards and the manifest were read, and the update found the new 1%."""
+    (sec,) = run_bench([10], quick=True, out_dir=tmp_path, log=lambda m: None, strict=True)
+    rows = {r["stage"]: r for r in sec.rows}
+    assert list(rows) == ["extract", "up-to-date", "listing", "shard task", "extract (tar)", "merge", "merge virtual",
+                          "verify", "classify", "update +1%"]
+    assert all(10 < r["mib_at_200"] < 4000 and r["s_at_200"] > 0 for r in rows.values())
+    assert rows["listing"]["mib_at_200"] < rows["extract"]["mib_at_200"]  # no TensorFlow in the listing process
+    (merged,) = [t for caption, _, t in sec.extra_tables if caption == "Merging 4 shards of 2 images"]
+    assert [r["how"] for r in merged] == ["merge", "merge virtual"]
+    assert "## 10. Scale: whole-process seconds and peak RSS per stage at N = 100, 200" in \
+        (tmp_path / "results.md").read_text()

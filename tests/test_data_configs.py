@@ -115,3 +115,35 @@ def test_make_backbones_prints_every_record_in_one_table(capsys):
     assert rows["densenet121"][5:] == ["RGB", "123.675/116.28/103.53", "58.395/57.12/57.375", "torch"]
     assert rows["models/efficientnet_lite0/efficientnet_lite0_imagenet.keras"][6:] == ["127", "128",
                                                                                       "mean=127,std=128"]
+
+
+def test_the_centre_crop_keeps_the_share_the_backbones_record_declares(tiny_backbone, class_folder, tmp_path):
+    """A sidecar's crop_fraction 1.0 (the whole short side) reaches the resize: the cached features equal the model
+    on images cropped at 1.0, differ from those at the default 0.875, and the cache records the share it used."""
+    import shutil
+
+    import h5py
+    import keras
+
+    from features.images import load_image
+    from features.store import read_attrs
+    from pipeline.config import ExtractConfig
+    from pipeline.extraction import extract
+
+    model_file = shutil.copy(tiny_backbone, tmp_path / "whole.keras")
+    meta = json.loads(tiny_backbone.with_suffix(".json").read_text())
+    (tmp_path / "whole.json").write_text(json.dumps({**meta, "crop_fraction": 1.0}))
+    cfg = ExtractConfig(backbone=str(model_file), data=str(class_folder), image_size=32, workers=1)
+    whole = extract(cfg.replace(out=str(tmp_path / "whole.h5")), verbose=False).path
+    usual = extract(cfg.replace(backbone=str(tiny_backbone), out=str(tmp_path / "usual.h5")), verbose=False).path
+    assert (read_attrs(whole).crop_fraction, read_attrs(usual).crop_fraction) == (1.0, 0.875)
+    with h5py.File(whole) as f:
+        paths, got = f["paths"].asstr()[()], f["features/avg_pool"][()]
+    model, spec = keras.models.load_model(tiny_backbone), get_backbone(str(model_file))
+
+    def forward(crop: float) -> np.ndarray:
+        pixels = np.stack([load_image(class_folder / p, 32, "crop", crop=crop) for p in paths]).astype("float32")
+        return np.asarray(model(spec.preprocess.fn(pixels), training=False))
+
+    np.testing.assert_allclose(got, forward(1.0), rtol=1e-4, atol=1e-5)
+    assert np.abs(got - forward(0.875)).max() > 1e-3

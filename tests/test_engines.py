@@ -19,7 +19,7 @@ from features.images import load_image
 from features.model import build_base, cut, installed_version
 from pipeline.config import ExtractConfig
 from pipeline.extraction import extract
-from tests.conftest import LITE0, ROOT, write_images
+from tests.conftest import LITE0, ROOT
 
 
 def real_pixels(n: int, size: int) -> np.ndarray:

@@ -150,7 +150,7 @@ def test_converted_network_reproduces_stage_two_probabilities_before_any_step(tu
     stage_two = pd.read_csv(run / "best" / "eval_predictions.csv")
     root = Path(record["data_root"])
     images = Images(root, list(stage_two["path"]), np.arange(len(stage_two)))
-    probs, rows = probabilities(model, clean(images, size, "crop", 8, 0)(), spec.preprocess.fn)
+    probs, rows = probabilities(model, clean(images, size, "crop", 0.875, 8, 0)(), spec.preprocess.fn)
     assert start == "converted" and list(rows) == list(range(len(stage_two)))
     np.testing.assert_allclose(probs, stage_two[["p_blue", "p_red"]].to_numpy(), atol=1e-5)
     np.testing.assert_array_equal(np.array(["blue", "red"])[probs.argmax(1)], stage_two["predicted"])

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from features.augment import AUGMENT_POLICIES, augment_view, file_loader
-from features.images import (DECODER, INTERPOLATION, MAX_PIXELS, NEEDED_SHORT, RESIZE_POLICIES, crop_window, dct_scale,
-                             decode_rgb, decode_stream, image_size, jpeg_size, load_image)
+from features.images import (CROP_FRACTION, DECODER, INTERPOLATION, MAX_PIXELS, NEEDED_SHORT, RESIZE_POLICIES,
+                             crop_window, dct_scale, decode_rgb, decode_stream, image_size, jpeg_size, load_image)
 from features.schema import CacheAttrs, identity_diff
 from tests.conftest import HYMENOPTERA, ODD_INPUTS
 
@@ -61,7 +61,8 @@ def test_load_image_equals_resizing_the_rgb_decode(odd, resize):
     files = sorted((odd / "good").iterdir()) + sorted(HYMENOPTERA.glob("*/*/*.jpg"))[:20]
     for size in (64, 224):
         for path in files:
-            want = RESIZE_POLICIES[resize](decode_rgb(path, NEEDED_SHORT[resize](size)), size)
+            want = RESIZE_POLICIES[resize](decode_rgb(path, NEEDED_SHORT[resize](size, CROP_FRACTION)), size,
+                                           CROP_FRACTION)
             assert np.array_equal(load_image(path, size, resize), want), (path.name, size)
 
 
@@ -167,7 +168,7 @@ def test_scaled_decode_is_the_full_decode_shrunk(name, min_short):
 @pytest.mark.parametrize("name", ODD_JPEGS)
 @pytest.mark.parametrize(("size", "resize"), [(64, "crop"), (112, "crop"), (112, "stretch"), (224, "crop")])
 def test_load_image_stays_close_to_the_full_resolution_path(name, size, resize):
-    full_path = RESIZE_POLICIES[resize](decode_rgb(ODD / "good" / name), size).astype(int)
+    full_path = RESIZE_POLICIES[resize](decode_rgb(ODD / "good" / name), size, CROP_FRACTION).astype(int)
     # measured: at most 3.4 (64 crop: the centre square is cut in whole pixels of a 1/4-scale decode, half an output
     # pixel off the full decode's, and is not resized at all there, where the full decode's is area-shrunk 4x)
     assert np.abs(load_image(ODD / "good" / name, size, resize) - full_path).mean() < 3.5
@@ -203,9 +204,9 @@ def test_file_loader_views_match_views_of_the_full_decode(policy):
     """Augmented views decode small only down to the policy's smallest crop: they stay close to full-size views."""
     path = ODD / "good" / "large_4000x2328.jpg"
     full = decode_rgb(path)
-    np.testing.assert_array_equal(file_loader(224, "crop", policy, 0, 0)("a.jpg", path), load_image(path, 224, "crop"))
+    np.testing.assert_array_equal(file_loader(224, "crop", 0.875, policy, 0, 0)("a.jpg", path), load_image(path, 224, "crop"))
     for view in (1, 2):
-        small = file_loader(224, "crop", policy, 0, view)("a.jpg", path).astype(int)
+        small = file_loader(224, "crop", 0.875, policy, 0, view)("a.jpg", path).astype(int)
         # measured: <= 1.34 (flip: the centre square is cut in whole pixels of the 1/8-scale decode, then shrunk
         # bilinearly; the full decode's is area-shrunk 9x), <= 0.7 for the other policies
         assert np.abs(small - augment_view(full, 224, policy, 0, "a.jpg", view)).mean() < 1.5
@@ -241,7 +242,7 @@ def test_max_pixels_refuses_larger_images_from_the_header(tmp_path):
     with pytest.raises(ValueError, match=r"^80x60 is 4,800 pixels, more than --max-pixels 4799; not decoded"):
         decode_rgb(tmp_path / "g.png", max_pixels=4799)
     with pytest.raises(ValueError, match=r"--max-pixels 4799.*Raise MAX_PIXELS"):
-        file_loader(32, "crop", "standard", 0, 1, max_pixels=4799)("g.png", tmp_path / "g.png")
+        file_loader(32, "crop", 0.875, "standard", 0, 1, max_pixels=4799)("g.png", tmp_path / "g.png")
     large = ODD / "good" / "large_4000x2328.jpg"  # a JPEG counts its stored pixels, also when decoded DCT-scaled
     with pytest.raises(ValueError, match="4000x2328 is 9,312,000 pixels"):
         load_image(large, 64, "crop", max_pixels=4000 * 2328 - 1)
@@ -270,7 +271,7 @@ def test_crop_first_gives_the_pixels_of_resizing_the_whole_image_where_the_centr
     rng = np.random.default_rng(0)
     img = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (0, 0), 1.5)
     inner = slice(1, -1) if min(h, w) < 256 else slice(None)
-    assert np.array_equal(RESIZE_POLICIES["crop"](img, 224)[inner, inner],
+    assert np.array_equal(RESIZE_POLICIES["crop"](img, 224, CROP_FRACTION)[inner, inner],
                           _resize_whole_then_cut(img, 224, interpolation)[inner, inner])
 
 
@@ -281,10 +282,11 @@ def test_crop_first_keeps_the_centre_region_of_every_odd_input(size, tolerance):
     copy. Measured: at most 5.2 at 64 (1/2-scale decodes of 128 pixels), 0.7 at 224, 1.6 at 299; the square moved by
     4 source pixels differs by up to 27, 6 and 20."""
     for path in sorted((ODD / "good").iterdir()) + sorted(HYMENOPTERA.glob("*/*/*.jpg"))[:10]:
-        img = cv2.GaussianBlur(decode_rgb(path, NEEDED_SHORT["crop"](size)), (0, 0), 3)
+        img = cv2.GaussianBlur(decode_rgb(path, NEEDED_SHORT["crop"](size, CROP_FRACTION)), (0, 0), 3)
         side = crop_window(*img.shape[:2], size)[2]
         slow = _resize_whole_then_cut(img, size, cv2.INTER_AREA if side >= 2 * size else cv2.INTER_LINEAR)
-        assert np.abs(RESIZE_POLICIES["crop"](img, size).astype(int) - slow).mean() < tolerance, (path.name, size)
+        fast = RESIZE_POLICIES["crop"](img, size, CROP_FRACTION).astype(int)
+        assert np.abs(fast - slow).mean() < tolerance, (path.name, size)
 
 
 def test_crop_first_reads_only_the_centre_square():
@@ -293,7 +295,8 @@ def test_crop_first_reads_only_the_centre_square():
     assert (top, left, side) == (19, 97, 262)  # 0.875 x 300 = 262.5, rounded to even; centred, offsets rounded down
     outside = img.copy()
     outside[:top], outside[top + side:], outside[:, :left], outside[:, left + side:] = 0, 255, 17, 99
-    assert np.array_equal(RESIZE_POLICIES["crop"](outside, 224), RESIZE_POLICIES["crop"](img, 224))
+    assert np.array_equal(RESIZE_POLICIES["crop"](outside, 224, CROP_FRACTION),
+                          RESIZE_POLICIES["crop"](img, 224, CROP_FRACTION))
 
 
 @pytest.mark.parametrize("size", [8, 63, 224, 299])

@@ -107,7 +107,7 @@ def test_each_image_is_read_at_its_offset_with_the_bytes_of_its_file(case):
         for i in range(len(part)):
             row = rows[int(part.paths[i].rsplit("/", 1)[-1].split(".")[0])]
             assert bytes(read_file(part.source(i))) == (root / "images" / row).read_bytes()
-    load = file_loader(32, "crop", "standard", 0, 0)
+    load = file_loader(32, "crop", 0.875, "standard", 0, 0)
     np.testing.assert_array_equal(load("x", catalog.source(3)), load("x", root / "images" / rows[3]))
     shard = catalog.members[catalog.paths[0]].shard
     assert catalog.stamps[0] == (os.stat(root / "shards" / "train-000000.tar").st_size,

@@ -88,7 +88,7 @@ def test_an_update_that_only_removes_files_runs_no_model(tiny_backbone, tmp_path
     (data / "ants" / "notes.txt").write_text("not an image\n")
     update = extract(cfg, verbose=False)
     assert (update.status, update.images, update.processed, update.reused) == ("updated", 11, 0, 11)
-    fresh = extract(cfg.replace(out=str(tmp_path / "fresh.h5")), verbose=False)
+    extract(cfg.replace(out=str(tmp_path / "fresh.h5")), verbose=False)
     assert_same(contents(tmp_path / "x.h5"), contents(tmp_path / "fresh.h5"))
 
 
