@@ -62,6 +62,13 @@ def test_cache_dir_is_the_environment_variable_else_cache(monkeypatch: pytest.Mo
     assert store.cache_dir() == Path("cache")
 
 
+def refused_on_open(path: Path) -> str:
+    """The one-line refusal of opening the damaged cache `path`."""
+    with pytest.raises(DamagedCache) as err:
+        open_cache(path)
+    return str(err.value)
+
+
 def test_utc_now_is_iso_seconds_in_utc() -> None:
     """Seconds precision, with the UTC offset written out."""
     assert re.fullmatch(ISO_UTC, store.utc_now())
@@ -939,9 +946,7 @@ def test_check_sizes_names_a_dataset_declaring_more_than_it_stores(tmp_path: Pat
     with h5py.File(path, "r+") as f:
         f.create_dataset("extra", shape=(1000,), dtype="float32", chunks=(100,))
         f["extra"][:100] = 1
-    with pytest.raises(DamagedCache) as err:
-        open_cache(path)
-    assert str(err.value) == f"{path}: extra declares 4000 bytes of data but stores 400. {fix_hint(path)}"
+    assert refused_on_open(path) == f"{path}: extra declares 4000 bytes of data but stores 400. {fix_hint(path)}"
     with h5py.File(path, "r+") as f:
         del f["extra"]
         f.create_dataset("extra", data=np.zeros(1000, np.float32), chunks=(1000,), compression="lzf")
@@ -953,9 +958,7 @@ def test_check_sizes_names_a_dataset_declaring_more_than_it_stores(tmp_path: Pat
         f.create_dataset("extra", shape=(1000 * 100 * 100,), dtype="float32", chunks=(1000,), compression="lzf")
         f["extra"][:1000] = 0
         stored = f["extra"].id.get_storage_size()
-    with pytest.raises(DamagedCache) as err:
-        open_cache(path)
-    assert str(err.value) == f"{path}: extra declares {4 * 10**7} bytes of data but stores {stored}. {fix_hint(path)}"
+    assert refused_on_open(path) == f"{path}: extra declares {4 * 10**7} bytes of data but stores {stored}. {fix_hint(path)}"
 
 
 def test_check_sizes_refuses_a_scalar_per_row_dataset(tmp_path: Path) -> None:
@@ -964,9 +967,7 @@ def test_check_sizes_refuses_a_scalar_per_row_dataset(tmp_path: Path) -> None:
     with h5py.File(path, "r+") as f:
         del f["view"]
         f.create_dataset("view", data=0)
-    with pytest.raises(DamagedCache) as err:
-        open_cache(path)
-    assert str(err.value) == f"{path}: view has shape (), expected 6 rows (num_images). {fix_hint(path)}"
+    assert refused_on_open(path) == f"{path}: view has shape (), expected 6 rows (num_images). {fix_hint(path)}"
 
 
 def test_check_rows_names_every_problem_in_one_sentence(tmp_path: Path) -> None:
@@ -979,9 +980,7 @@ def test_check_rows_names_every_problem_in_one_sentence(tmp_path: Path) -> None:
         f["view"][4] = -1
         f["paths"][5] = b"/abs.jpg"
         f.attrs["layers"] = ["y"]
-    with pytest.raises(DamagedCache) as err:
-        open_cache(path)
-    assert str(err.value) == (
+    assert refused_on_open(path) == (
         f"{path} is damaged: labels 0, 3 lie outside the 2 label names; view is negative in rows 4; paths 5 are "
         "absolute or leave the data root (e.g. '/abs.jpg'); features holds ['x'], the attribute layers says ['y']. "
         f"{fix_hint(path)}")
@@ -1469,9 +1468,7 @@ def test_damaged_metadata_is_named_with_the_file(tmp_path: Path, name: str) -> N
     path = small(tmp_path / "c.h5")
     corrupt_chunk(path, name)
     n = 2 if name == "label_names" else 6
-    with pytest.raises(DamagedCache) as err:
-        open_cache(path)
-    assert str(err.value) == (f"{path} is damaged: rows 0-{n - 1} of {name} fail their checksum (OSError from HDF5). "
+    assert refused_on_open(path) == (f"{path} is damaged: rows 0-{n - 1} of {name} fail their checksum (OSError from HDF5). "
                               f"{fix_hint(path)}")
 
 
