@@ -75,7 +75,7 @@ def test_a_family_preprocess_calls_its_modules_preprocess_input_and_says_what_it
 
     made = backbones._family_preprocess(module, mode)
     what = "the model normalises internally" if mode == "none" else f"{mode}: {MODE_DESCRIPTIONS[mode]}"
-    assert made.description == f"keras.applications.{module}.preprocess_input ({what})"
+    assert made.description == f"keras.applications.{module}.preprocess_input ({what})" and made.mode == mode
     family = np.asarray(getattr(keras.applications, module).preprocess_input(IMAGE.copy()))
     np.testing.assert_array_equal(np.asarray(made.fn(IMAGE.copy())), family)
 
@@ -329,3 +329,17 @@ def test_an_onnx_file_is_handed_to_the_onnx_backbone_with_its_preprocess_flag(tm
     monkeypatch.setattr(features.onnx_backbone, "onnx_backbone", lambda *args: calls.append(args) or "spec")
     assert get_backbone(str(model), "tf") == "spec" and get_backbone(str(model)) == "spec"
     assert calls == [(model, "tf"), (model, None)]
+
+
+def test_a_hub_name_goes_to_the_kerashub_loader_with_the_preset_and_the_preprocess_flag(monkeypatch):
+    """`hub:<preset>` is handed, without its prefix, to features.hub_backbone (loaded by name); other names never
+    are (a file called `hub.keras` is a file)."""
+    import importlib
+
+    calls = []
+    hub = importlib.import_module("features.hub_backbone")
+    monkeypatch.setattr(hub, "hub_backbone", lambda preset, preprocess: calls.append((preset, preprocess)) or "spec")
+    assert get_backbone("hub:dinov2_small", "tf") == "spec" and get_backbone("hub:kaggle://a/b/1") == "spec"
+    assert calls == [("dinov2_small", "tf"), ("kaggle://a/b/1", None)]
+    with pytest.raises(UsageError, match="unknown backbone 'HUB:x'"):
+        get_backbone("HUB:x")
