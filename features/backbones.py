@@ -22,6 +22,8 @@ from features.errors import UsageError, did_you_mean
 from features.images import CROP_FRACTION
 from features.preprocess import INTERPOLATIONS, LAYOUTS, DataConfig, Preprocess, resolve_preprocess
 
+HUB_PREFIX = "hub:"  # BACKBONE=hub:<preset>: a KerasHub preset (features/hub_backbone.py)
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -225,8 +227,9 @@ def _user_model(path: Path, preprocess: str | None) -> BackboneSpec:
 
 def get_backbone(name: str, preprocess: str | None = None) -> BackboneSpec:
     """A registry name (`vgg19`), the path of a `.keras` or `.onnx` file, or a KerasHub preset (`hub:dinov2_small`)."""
-    if name.startswith("hub:"):  # loaded by name, as features.onnx_backbone: it imports keras_hub
-        return importlib.import_module("features.hub_backbone").hub_backbone(name.removeprefix("hub:"), preprocess)
+    if name.startswith(HUB_PREFIX):  # loaded by name, as features.onnx_backbone: it imports keras_hub
+        return importlib.import_module("features.hub_backbone").hub_backbone(name.removeprefix(HUB_PREFIX),
+                                                                             preprocess)
     if name.endswith((".keras", ".onnx")):
         path = Path(name)
         if not path.is_file():

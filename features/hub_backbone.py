@@ -27,12 +27,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from features.backbones import BackboneSpec, sha256_file
+from features.backbones import HUB_PREFIX as PREFIX, BackboneSpec, sha256_file
 from features.errors import UsageError, did_you_mean
 from features.model import DOWNLOAD_TIMEOUT_S, _socket_timeout, installed_version
 from features.preprocess import INTERPOLATIONS, resolve_preprocess
 
-PREFIX = "hub:"
 CLS, PATCH_MEAN, POOLED = "cls_token", "patch_mean", "pooled"
 # the default cut point of the transformers `tokens` knows, by backbone class; other presets: their last layer
 DEFAULT_LAYER = {"CLIPBackbone": CLS, "DINOV2Backbone": CLS, "DINOV3Backbone": CLS, "ViTBackbone": CLS,

@@ -23,6 +23,7 @@ from typing import Any, get_type_hints
 
 import numpy as np
 
+from features.backbones import HUB_PREFIX
 from features.errors import UsageError
 from features.images import CROP_FRACTION
 
@@ -204,8 +205,9 @@ def backbone_label(backbone: str) -> str:
     """How the `backbone` attribute is shown and named in files: a registry name as it is, a user's model file by
     its stem (`models/x.keras` -> `x`), a KerasHub preset by its last name without version or colon (`hub:dinov2_small`,
     `hub:kaggle://keras/dinov2/keras/dinov2_small/2` and `hub:presets/dinov2_small/` -> `hub-dinov2_small`)."""
-    if backbone.startswith("hub:"):
-        names = [part for part in re.split(r"[/:\\]+", backbone[4:]) if part and not part.isdigit()]
+    if backbone.startswith(HUB_PREFIX):
+        parts = re.split(r"[/:\\]+", backbone.removeprefix(HUB_PREFIX))
+        names = [part for part in parts if part and not part.isdigit()]
         return "hub-" + (names[-1] if names else "preset")
     return Path(backbone).stem if backbone.endswith((".keras", ".onnx")) else backbone
 

@@ -7,7 +7,7 @@ import glob
 
 import numpy as np
 
-from features.backbones import BackboneSpec, get_backbone, list_backbones
+from features.backbones import HUB_PREFIX, BackboneSpec, get_backbone, list_backbones
 from features.errors import UsageError
 from features.model import build_base, layer_shapes
 
@@ -75,12 +75,12 @@ def run_backbones(args: argparse.Namespace) -> int:
     print("or hub:<preset>, a KerasHub preset (hub:dinov2_small, hub:vit_base_patch16_224_imagenet, a kaggle:// or "
           "hf:// handle, or a save_to_preset folder): its image converter is its record; FILTER='hub:*' lists the "
           "built-in image presets (README, 'KerasHub presets')")
-    if args.filter.startswith("hub:"):
+    if args.filter.startswith(HUB_PREFIX):
         from features import hub_backbone
 
         presets = hub_backbone.image_presets()
         for name in hub_backbone.list_presets(args.filter):
-            meta = presets[name.removeprefix("hub:")].get("metadata", {})
+            meta = presets[name.removeprefix(HUB_PREFIX)].get("metadata", {})
             print(f"{name:<44} {meta.get('params', 0):>13,} params  {meta.get('description', '')[:80]}")
     return 0
 
