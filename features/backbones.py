@@ -10,9 +10,11 @@ without TensorFlow (features/onnx_backbone.py).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import importlib
 import json
+import os
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,6 +133,15 @@ def list_backbones(pattern: str = "*") -> list[str]:
 
 
 def sha256_file(path: str | Path) -> str:
+    """The file's SHA-256, computed once per process for each version of the file (a backbone of a few GB is named
+    by its hash in the cache identity, the export key and the model record, several times a run)."""
+    st = os.stat(path)
+    return _sha256(os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, *stamp: int) -> str:
+    """`stamp` (device, inode, size, mtime ns) is only the key: a file rewritten since is hashed again."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

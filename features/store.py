@@ -40,6 +40,7 @@ MAX_ROWS_PER_CHUNK = 1024
 # The writer's chunk cache per dataset: one chunk keeps the chunk a batch leaves half-filled for the next batch, and
 # larger chunks (rows over 1 MiB) bypass it: a 64 MiB cache made 2 MiB rows 1.4x slower to write (an extra copy).
 WRITE_CACHE_BYTES = CHUNK_BYTES
+TEXT_ROWS = CHUNK_BYTES // 256  # rows per chunk of the per-row metadata (paths, split, labels, view, file_stamp)
 COPY_BLOCK_BYTES = 64 << 20  # rows are copied and verified in blocks of about this size
 COMPRESSIONS = ("none", "lzf")
 STORAGE_DTYPES = ("float16", "float32")
@@ -285,26 +286,16 @@ class CacheWriter:
         f.attrs.update(dataclasses.replace(attrs, schema_version=SCHEMA_VERSION, complete=False, generation="",
                                            created=utc_now()).to_h5())
         dtype, compressed = attrs.dtype, attrs.compression != "none"
-
-        def per_row(name: str, row_shape: tuple[int, ...], dt, chunk_rows: int):
-            return f.create_dataset(
-                name, shape=(n, *row_shape), maxshape=(None, *row_shape), dtype=dt,
-                chunks=(max(1, min(chunk_rows, n)), *row_shape), fletcher32=True,
-                **({"compression": "lzf"} if compressed else {"dcpl": _dcpl_early()}),
-            )
-
         for layer, shape in layer_shapes.items():
-            ds = per_row(f"features/{layer}", shape, dtype, rows_per_chunk(shape, dtype))
+            ds = _per_row(f, f"features/{layer}", n, shape, dtype, rows_per_chunk(shape, dtype), compressed)
             ds.attrs.update({"layer": layer, "shape": shape})
         f.require_group("features")
-        text_rows = CHUNK_BYTES // 256
-        per_row("paths", (), _fixed_utf8(paths).dtype, text_rows)
-        per_row("split", (), h5py.string_dtype("utf-8", 5), text_rows)
-        per_row("labels", (), "int32", text_rows)
-        per_row("view", (), "int16", text_rows)
-        per_row("file_stamp", (2,), "int64", text_rows)
-        names = _fixed_utf8(label_names)
-        f.create_dataset("label_names", data=names, chunks=(max(1, len(names)),), maxshape=(None,), fletcher32=True)
+        _per_row(f, "paths", n, (), _fixed_utf8(paths).dtype, TEXT_ROWS, compressed)
+        _per_row(f, "split", n, (), h5py.string_dtype("utf-8", 5), TEXT_ROWS, compressed)
+        _per_row(f, "labels", n, (), "int32", TEXT_ROWS, compressed)
+        _per_row(f, "view", n, (), "int16", TEXT_ROWS, compressed)
+        _per_row(f, "file_stamp", n, (2,), "int64", TEXT_ROWS, compressed)
+        _write_label_names(f, label_names)
         f.flush()
         return cls(path, f, list(layer_shapes), lock)
 
@@ -325,6 +316,61 @@ class CacheWriter:
             lock.close()
             raise
         return cls(path, f, layers, lock)
+
+    @classmethod
+    def extend(cls, old: Cache, attrs: CacheAttrs, rows: int, label_names: list[str], label_map: np.ndarray,
+               path_bytes: int) -> "CacheWriter":
+        """Start the partial file of `old.path` as a copy of the complete cache `old`, whose rows stay the first rows
+        of one of `rows` rows: an update that only adds files sorting after all of `old`'s (a new tar shard, a folder
+        of a later date) then writes only the new rows. The kernel copies the file (`copy_file_range`: a
+        copy-on-write filesystem shares the blocks instead of copying them); the copy is marked incomplete under
+        `attrs`, its per-row datasets grow to `rows`, its path column to `path_bytes` wide strings where the new
+        paths are longer (the kept paths are written again: a few bytes a row), and its label names become
+        `label_names`, the kept rows' labels renumbered by `label_map` (old index -> new). `old.path` is untouched
+        until `finalize` publishes the copy."""
+        path, partial = old.path, partial_path(old.path)
+        lock = cls._claim(path)
+        discard_partial(path)
+        grow = rows - len(old.paths)
+        need = os.stat(path).st_size + (0 if attrs.compression != "none" else
+                                        _allocated_bytes(grow, old.shapes, attrs.dtype, path_bytes)
+                                        + (rows * path_bytes if path_bytes > old.path_bytes else 0))
+        f = None
+        try:
+            detail = _no_room(path.parent, 0, need)
+            if detail:
+                raise _write_failed(detail, str(partial), path, kept=False)
+            try:
+                _copy_file(path, partial)
+                f = h5py.File(partial, "r+", rdcc_nbytes=WRITE_CACHE_BYTES)
+                _check_generation(path, f, old.attrs.generation)  # the copy is of the cache `old` was read from
+                for key in list(f.attrs):  # none of `old`'s is left behind: the attributes are a fresh run's
+                    del f.attrs[key]
+                f.attrs.update(dataclasses.replace(attrs, schema_version=SCHEMA_VERSION, complete=False,
+                                                   generation="", created=utc_now()).to_h5())
+                for name in [f"features/{layer}" for layer in old.shapes] + list(PER_ROW):
+                    f[name].resize(rows, axis=0)
+                del f["label_names"]
+                _write_label_names(f, label_names)
+                if path_bytes > old.path_bytes:
+                    del f["paths"]
+                    column = _per_row(f, "paths", rows, (), _fixed_utf8([""], path_bytes).dtype, TEXT_ROWS,
+                                      attrs.compression != "none")
+                    for lo in range(0, len(old.paths), TEXT_ROWS):
+                        kept = old.paths[lo : lo + TEXT_ROWS].tolist()
+                        column[lo : lo + len(kept)] = _fixed_utf8(kept, path_bytes)
+                if not np.array_equal(label_map[:len(old.label_names)], np.arange(len(old.label_names))):
+                    f["labels"][: len(old.paths)] = label_map[old.labels]
+                f.flush()
+            except OSError as err:
+                raise _write_failed(err, f"the copy {partial} of {path}", path, kept=False) from None
+        except BaseException:
+            if f is not None:
+                f.close()
+            discard_partial(path)
+            lock.close()
+            raise
+        return cls(path, f, list(old.shapes), lock)
 
     def write(self, row: int, features: list[np.ndarray], paths: list[str], labels: list[int], splits: list[str],
               views: list[int], stamps: list[tuple[int, int]]) -> None:
@@ -560,6 +606,42 @@ def _growth(dset: h5py.Dataset, row: int, n: int) -> int:
     step = dset.chunks[0]
     touched = (row + n - 1) // step - row // step + 1
     return touched * (math.prod(dset.chunks) * dset.dtype.itemsize + 4)
+
+
+def _per_row(f: h5py.File, name: str, n: int, row_shape: tuple[int, ...], dt, chunk_rows: int,
+             compressed: bool) -> h5py.Dataset:
+    """A per-row dataset of `n` rows that can grow, checksummed, lzf-compressed or allocated at once."""
+    return f.create_dataset(
+        name, shape=(n, *row_shape), maxshape=(None, *row_shape), dtype=dt,
+        chunks=(max(1, min(chunk_rows, n)), *row_shape), fletcher32=True,
+        **({"compression": "lzf"} if compressed else {"dcpl": _dcpl_early()}),
+    )
+
+
+def _write_label_names(f: h5py.File, label_names: list[str]) -> None:
+    names = _fixed_utf8(label_names)
+    f.create_dataset("label_names", data=names, chunks=(max(1, len(names)),), maxshape=(None,), fletcher32=True)
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """Copy `src` to a new file `dst` inside the kernel (`copy_file_range`), which shares the blocks on a
+    copy-on-write filesystem (XFS, Btrfs, NFS 4.2) and copies them without passing through this process elsewhere."""
+    import errno
+    import shutil
+
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
+        left = os.fstat(fin.fileno()).st_size
+        while left > 0:
+            try:
+                done = os.copy_file_range(fin.fileno(), fout.fileno(), min(left, 1 << 30))
+            except OSError as err:  # a filesystem or kernel without it: an ordinary copy of the rest
+                if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                shutil.copyfileobj(fin, fout, 16 << 20)
+                return
+            if done == 0:  # the source shrank meanwhile: the generation check after the copy refuses it
+                return
+            left -= done
 
 
 def _free_bytes(folder: Path) -> int:

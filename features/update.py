@@ -4,10 +4,12 @@ otherwise), keep the rows of unchanged files and compute only the new or changed
 A file is unchanged when its relative path, size and modification time (ns) match the stamp its row recorded, and its
 label and split are the same. The new or changed candidates are extracted into a cache of their own (`update_path`,
 resumable like any extraction); `assemble` then writes, in the new folder's row order, the kept rows and the new ones
-into the target's partial file, which is published only when complete. The result equals a fresh extraction of the
-new folder row for row; its features are bit for bit the same with an engine whose output for an image does not depend
-on its place in the batch (ONNX Runtime, checked in tests/test_update.py); with TensorFlow on CPU a kept row may differ
-from a fresh one by ~1e-6, as an image's output there depends on its batch slot.
+into the target's partial file, which is published only when complete. When files were only added, all sorting after
+the cache's rows (`appendable`), the partial file starts as a copy of the cache and only the new rows are written.
+The result equals a fresh extraction of the new folder row for row; its features are bit for bit the same with an
+engine whose output for an image does not depend on its place in the batch (ONNX Runtime, checked in
+tests/test_update.py); with TensorFlow on CPU a kept row may differ from a fresh one by ~1e-6, as an image's output
+there depends on its batch slot.
 """
 from __future__ import annotations
 
@@ -64,10 +66,35 @@ def reusable_rows(old: Cache, catalog: Catalog) -> np.ndarray:
     return reuse
 
 
+def appendable(old: Cache, reuse: np.ndarray, catalog: Catalog) -> bool:
+    """Whether the updated cache begins with every row of `old`, in its order, followed by new rows only: files were
+    only added, and all sort after `old`'s (a new tar shard, a folder of a later date). Then it is `old` with rows
+    appended (`CacheWriter.extend`), equal row for row to a fresh extraction. Not for a virtual merge (a copy of it
+    would write into its sources)."""
+    m = len(old.paths)
+    if len(reuse) <= m or not np.array_equal(reuse[:m], np.arange(m)) or (reuse[m:] >= 0).any():
+        return False
+    with h5py.File(old.path, "r") as f:
+        return not any(f[f"features/{layer}"].is_virtual for layer in old.shapes)
+
+
+def updated_writer(old: Cache, attrs: CacheAttrs, catalog: Catalog, reuse: np.ndarray,
+                   delta: Cache | None) -> tuple[CacheWriter, int]:
+    """The writer of the updated cache and the number of rows already in it: a copy of `old` to append the computed
+    rows to where `appendable` (the kept rows are not rewritten), else a new file that `assemble` fills."""
+    if delta is not None and len(delta.paths) and appendable(old, reuse, catalog):
+        label_map = _label_map(old.label_names, catalog.label_names)
+        width = max(old.path_bytes, delta.path_bytes)
+        return CacheWriter.extend(old, attrs, len(old.paths) + len(delta.paths), catalog.label_names, label_map,
+                                  width), len(old.paths)
+    return CacheWriter.create(old.path, attrs, old.shapes, catalog.paths, catalog.label_names), 0
+
+
 def assemble(writer: CacheWriter, catalog: Catalog, reuse: np.ndarray, old: Cache, delta: Cache | None,
-             skipped: list[list[str]]) -> int:
+             skipped: list[list[str]], first: int = 0) -> int:
     """Write every row of the updated cache, in `catalog` order, from `old` (kept rows) and `delta` (computed rows),
-    then publish it; returns the number of rows.
+    then publish it; returns the number of rows. The first `first` rows are in the writer's file already
+    (`updated_writer`) and are not written again.
 
     The output is written in blocks of about COPY_BLOCK_BYTES, each a whole number of feature chunks, with one write
     per dataset. A block's kept rows are one HDF5 read of the rows of `old` they span (rows keep their order: new files
@@ -91,7 +118,7 @@ def assemble(writer: CacheWriter, catalog: Catalog, reuse: np.ndarray, old: Cach
     buffers = {layer: np.empty((min(block, len(out)), *old.shapes[layer]), old.dtypes[layer])
                for layer in writer.layers}
     with _KeptRows(old) as kept_rows:
-        for lo in range(0, len(out), block):
+        for lo in range(first, len(out), block):
             idx = out[lo:lo + block]
             kept = reuse[idx] >= 0
             features = []

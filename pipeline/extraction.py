@@ -36,7 +36,7 @@ from features.quantize import Calibration, calibration, check_identity, quantize
 from features.schema import UPDATABLE, CacheAttrs, ConfigMismatch, identity_diff, names
 from features.store import (COMPRESSIONS, STORAGE_DTYPES, CacheWriter, Progress, check_ours, discard_partial,
                             existing_cache, open_cache, partial_path, progress_path, read_attrs)
-from features.update import assemble, reusable_rows, update_path
+from features.update import assemble, reusable_rows, update_path, updated_writer
 from pipeline import quiet
 from pipeline.config import ExtractConfig, default_out, shard_out
 
@@ -379,9 +379,12 @@ def _update(cfg: ExtractConfig, out: Path, attrs: CacheAttrs, catalog: Catalog, 
         delta = open_cache(delta_path) if delta_path.exists() else None  # absent when no new file could be used
         skipped = [list(s) for s in delta.skipped] if state == "complete" else computed.skipped
     attrs = engine_attrs(attrs, computed.engine)
-    writer = CacheWriter.create(out, attrs, old.shapes, catalog.paths, catalog.label_names)
+    writer, first = updated_writer(old, attrs, catalog, reuse, delta)
+    if first and verbose:
+        print(f"update: the new files all sort after its rows; appending {len(delta.paths)} rows to a copy of {out} "
+              "(its rows are not rewritten).")
     try:
-        rows = assemble(writer, catalog, reuse, old, delta, skipped)
+        rows = assemble(writer, catalog, reuse, old, delta, skipped, first)
     finally:
         writer.close()
     delta_path.unlink(missing_ok=True)

@@ -35,6 +35,7 @@ from pipeline.merge import merged_out
 
 DEPENDENCY_PLACEHOLDER = "<array job id>"
 DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's default MaxArraySize: array indices 0..1000
+SCONTROL_TIMEOUT_S = 30  # a login node whose controller does not answer must not hold the submission
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ def read_max_array_size() -> int | None:
     """The cluster's MaxArraySize (array indices must stay below it), from `scontrol show config`; None when there
     is no scontrol or it does not answer (not on a SLURM login node)."""
     try:
-        done = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
+        done = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
+                              timeout=SCONTROL_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired):
         return None
     found = re.search(r"^\s*MaxArraySize\s*=\s*(\d+)\s*$", done.stdout, re.MULTILINE) if done.returncode == 0 else None

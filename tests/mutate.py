@@ -329,6 +329,11 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
                      "value)]", "iterating an array gives numpy scalars and sub-arrays, which strict turns into the "
                                 "same Python values as tolist()"),
     ],
+    "pipeline/slurm.py": [
+        ("x_parse_tasks", "indices = None", "None and [] are both refused by the `not indices` that follows"),
+        ("x_tasks_for", "per_task = 1 if not max_array_size or shards < max_array_size else -(-shards // "
+                        "max_array_size)", "at shards == max_array_size the ceiling of shards / max_array_size is 1"),
+    ],
 }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -106,6 +107,23 @@ def test_sha256_of_a_file_larger_than_one_read_block(tmp_path):
     assert sha256_file(path) == sha256_file(str(path)) == hashlib.sha256(data).hexdigest()
     (tmp_path / "empty").write_bytes(b"")
     assert sha256_file(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
+
+
+def test_a_file_is_hashed_once_per_version(tmp_path, monkeypatch):
+    """Asked again, the hash comes from memory; a file rewritten in place (same name, new size or mtime) or replaced
+    (new inode, here with the same size) is hashed anew."""
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"one")
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: opened.append(p) or real_open(p, *a, **k))
+    first = sha256_file(path)
+    assert sha256_file(path) == sha256_file(str(path)) == first and len(opened) == 1
+    path.write_bytes(b"three")
+    assert sha256_file(path) == hashlib.sha256(b"three").hexdigest() and len(opened) == 2
+    (tmp_path / "new").write_bytes(b"other")
+    os.replace(tmp_path / "new", path)
+    assert sha256_file(path) == hashlib.sha256(b"other").hexdigest() and len(opened) == 3
 
 
 def _zip(path):

@@ -304,3 +304,79 @@ def test_submit_with_overwrite_starts_only_the_submitted_shards_anew(tmp_path, m
     with pytest.raises(UsageError, match="is not a feature cache of this tool"):
         submit(p, overwrite=True)
     assert shards[0].read_text() == "my notes"
+
+
+# ---- the cluster's MaxArraySize, the listing at submit time, the log folder ---------------------------------------
+
+def _stand_in_scontrol(tmp_path: Path, monkeypatch, body: str) -> None:
+    folder = tmp_path / "sbin"
+    folder.mkdir()
+    (folder / "scontrol").write_text("#!/bin/sh\n" + body)
+    (folder / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_max_array_size_is_read_only_from_a_successful_scontrol_show_config(tmp_path, monkeypatch):
+    """Exactly `scontrol show config` is asked; a failing scontrol, one that prints no MaxArraySize line, none on the
+    PATH, or one that does not answer within SCONTROL_TIMEOUT_S, all mean 'unknown' (None)."""
+    from pipeline import slurm
+    from pipeline.slurm import read_max_array_size
+
+    config = "MaxArraySize            = 1001\\n"
+    _stand_in_scontrol(tmp_path, monkeypatch, f'[ "$*" = "show config" ] || exit 1\nprintf "{config}"\n'
+                                              'exit "${SCONTROL_EXIT:-0}"\n')
+    assert read_max_array_size() == 1001
+    monkeypatch.setenv("SCONTROL_EXIT", "1")  # the line printed, but scontrol failed: not believed
+    assert read_max_array_size() is None
+    (tmp_path / "sbin" / "scontrol").write_text(f'#!/bin/sh\nsleep 5\nprintf "{config}"\n')
+    monkeypatch.setattr(slurm, "SCONTROL_TIMEOUT_S", 0.5)
+    assert read_max_array_size() is None
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert read_max_array_size() is None
+
+
+def test_a_cache_names_its_jobs_with_its_capitals_kept():
+    assert job_name("extract", Path("out/Pets 2024.h5")) == "extract-Pets_2024"
+
+
+def test_a_throttle_below_one_is_refused_in_one_line():
+    with pytest.raises(UsageError) as err:
+        plan(CFG, SlurmOptions(shards=3, max_running=0))
+    assert str(err.value) == ("max-running 0 is not valid. Expected a positive number of array tasks allowed to run "
+                              "at once.")
+
+
+def test_submit_lists_a_labels_csv_with_its_named_columns_and_makes_the_log_folder_with_its_parents(
+        tmp_path, monkeypatch):
+    """The listing at submit time is made with every flag that shapes it (labels CSV, its path and label columns):
+    the manifest reads back for exactly those flags, with the CSV's labels."""
+    from features.catalog import manifest_path, manifest_source, read_manifest
+    from pipeline.slurm import write_listing
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        (data / name).write_bytes(b"not decoded when listed")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,species,label\na.jpg,cat,x\nb.jpg,dog,x\nc.jpg,cat,y\nd.jpg,dog,y\n")
+    _stand_in_sbatch(tmp_path, monkeypatch, "echo 9\n")
+    out = tmp_path / "c.h5"
+    cfg = CFG.replace(data=str(data), out=str(out), labels=str(labels), path_column="file", label_column="species")
+    p = plan(cfg, SlurmOptions(shards=2, log_dir=str(tmp_path / "deep" / "er" / "logs")), python="/p", cwd=tmp_path,
+             list_data=True)
+    assert submit(p) == ("9", "9") and p.extract_path.exists()
+    catalog, _ = read_manifest(manifest_path(out), None, manifest_source(str(data), str(labels), "file", "species", 0))
+    assert catalog.paths == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+    assert [catalog.label_names[i] for i in catalog.labels] == ["cat", "dog", "cat", "dog"]
+    assert write_listing(p) == 4
+
+
+def test_a_plan_without_a_listing_writes_no_manifest(tmp_path):
+    from features.catalog import manifest_path
+    from pipeline.slurm import write_listing
+
+    out = tmp_path / "c.h5"
+    given = plan(CFG.replace(out=str(out), manifest=str(tmp_path / "m.jsonl")), SlurmOptions(shards=2), python="/p",
+                 cwd=tmp_path, list_data=True)
+    assert given.listing is None and given.manifest is not None
+    assert write_listing(given) == 0 and not manifest_path(out).exists() and not (tmp_path / "m.jsonl").exists()

@@ -1794,3 +1794,135 @@ def test_abandon_after_a_failed_close_leaves_the_descriptor_alone(tmp_path: Path
     writer.file.id.locked = False
     monkeypatch.undo()
     real_close()
+
+
+# --- an update that only appends: CacheWriter.extend (new names imported inside the tests) ---------------------------
+
+def test_extend_starts_a_copy_that_grows_renumbers_and_widens_and_publishes_only_on_finalize(tmp_path: Path) -> None:
+    """The copy lies at the partial name, marked incomplete under the new attributes (none of the old file's left),
+    grown to the new row count, its path column widened with the kept paths rewritten, its label names replaced and
+    the kept labels renumbered; the cache itself is untouched until `finalize` publishes the copy."""
+    path = small(tmp_path / "c.h5", n=4)
+    with h5py.File(path, "a") as f:
+        f.attrs["stray"] = "left by an older version"
+    old = open_cache(path)
+    kept = old.read("x", np.arange(4))
+    label_map = np.array([1, 2, -1])  # a -> 1, b -> 2: a class '0' listed first; unlabelled (-1) stays -1
+    width = len("0/a-much-longer-name.jpg")
+    assert width > old.path_bytes
+    writer = CacheWriter.extend(old, old.attrs, 6, ["0", "a", "b"], label_map, width)
+    assert open_cache(path).attrs.generation == old.attrs.generation  # published: as it was
+    with h5py.File(partial_path(path), "r") as f:
+        attrs = CacheAttrs.parse(f.attrs, "partial")
+        assert (attrs.complete, attrs.generation, attrs.schema_version) == (False, "", SCHEMA_VERSION)
+        assert "stray" not in f.attrs and re.fullmatch(ISO_UTC, attrs.created)
+        assert f["features/x"].shape == (6, 4) and f["file_stamp"].shape == (6, 2) and f["view"].shape == (6,)
+        assert f["paths"].shape == (6,) and f["paths"].dtype.itemsize == width
+        assert [p.decode() for p in f["paths"][:4]] == old.paths.tolist()
+        assert f["labels"][:4].tolist() == [1, 2, 1, 2]
+        assert [n.decode() for n in f["label_names"][()]] == ["0", "a", "b"]
+        assert f["label_names"].chunks == (3,) and f["label_names"].fletcher32
+        assert f["paths"].fletcher32 and f["paths"].maxshape == (None,)
+    extra = rows(2, first=4)
+    extra[1] = ["0/a-much-longer-name.jpg", "0/b-much-longer-name.jpg"]
+    writer.write(4, *extra)
+    writer.finalize(Progress(rows_written=6, files_done=6, skipped=[]))
+    new = open_cache(path)
+    assert new.paths.tolist() == old.paths.tolist() + extra[1]
+    assert new.labels.tolist() == [1, 2, 1, 2, 0, 1] and new.label_names == ["0", "a", "b"]
+    assert np.array_equal(new.read("x", np.arange(6)), np.concatenate([kept, extra[0][0]]))
+    assert new.attrs.generation not in ("", old.attrs.generation) and not partial_path(path).exists()
+
+
+def test_extend_keeps_labels_and_path_column_when_nothing_is_renumbered_or_longer(tmp_path: Path) -> None:
+    path = small(tmp_path / "c.h5", n=4, compression="lzf")
+    old = open_cache(path)
+    writer = CacheWriter.extend(old, old.attrs, 5, ["a", "b"], np.array([0, 1, -1]), old.path_bytes)
+    with h5py.File(partial_path(path), "r") as f:
+        assert f["labels"][:4].tolist() == old.labels.tolist() and f["paths"].dtype.itemsize == old.path_bytes
+        assert f["features/x"].compression == "lzf" and f["paths"].compression == "lzf"
+    writer.close()
+
+
+def test_extend_of_a_cache_replaced_since_it_was_opened_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    path = small(tmp_path / "c.h5", n=4)
+    old = open_cache(path)
+    small(path, n=4)  # written again: a new generation
+    with pytest.raises(StaleCache, match=rf"^{re.escape(str(path))} was replaced"):
+        CacheWriter.extend(old, old.attrs, 5, ["a", "b"], np.array([0, 1, -1]), old.path_bytes)
+    assert not partial_path(path).exists()
+    started(path).close()  # the lock was released
+
+
+@pytest.mark.parametrize("compression,grown", [("none", True), ("lzf", False)])
+def test_extend_needs_room_for_the_copy_and_for_uncompressed_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  compression: str, grown: bool) -> None:
+    """Room for the whole file, plus, uncompressed (every chunk allocated as it grows), the new rows and a widened
+    path column: refused in one line before anything is copied."""
+    path = small(tmp_path / "c.h5", n=4, compression=compression)
+    old = open_cache(path)
+    size = path.stat().st_size
+    grow = store._allocated_bytes(96, old.shapes, old.attrs.dtype, old.path_bytes + 1) + 100 * (old.path_bytes + 1)
+    monkeypatch.setattr(store, "_free_bytes", lambda folder: size + (grow if grown else 0) - 1)
+    with pytest.raises(WriteFailed, match=r"^the disk is full .* free space .* and rerun the same command"):
+        CacheWriter.extend(old, old.attrs, 100, ["a", "b"], np.array([0, 1, -1]), old.path_bytes + 1)
+    assert not partial_path(path).exists()
+    monkeypatch.setattr(store, "_free_bytes", lambda folder: size + (grow if grown else 0))
+    CacheWriter.extend(old, old.attrs, 100, ["a", "b"], np.array([0, 1, -1]), old.path_bytes + 1).close()
+
+
+def test_extend_turns_a_failed_copy_into_one_line_and_removes_the_copy(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    path = small(tmp_path / "c.h5", n=4)
+    old = open_cache(path)
+
+    def fail(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "copy_file_range", fail)
+    with pytest.raises(WriteFailed, match=rf"while writing the copy {re.escape(str(partial_path(path)))} of "):
+        CacheWriter.extend(old, old.attrs, 5, ["a", "b"], np.array([0, 1, -1]), old.path_bytes)
+    assert not partial_path(path).exists() and open_cache(path).attrs.generation == old.attrs.generation
+
+
+def test_copy_file_in_the_kernel_in_pieces_else_by_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole pieces of at most 1 GiB until the size is copied; a kernel or filesystem without copy_file_range
+    (EXDEV, ENOSYS, EINVAL, EOPNOTSUPP) copies the rest by reading; any other error is raised; a source that
+    shrinks meanwhile ends the copy (the generation check refuses it)."""
+    from features.store import _copy_file
+
+    src = tmp_path / "src"
+    data = os.urandom(3 << 20) + b"tail"
+    src.write_bytes(data)
+    asked, real = [], os.copy_file_range
+
+    def pieces(fin, fout, count):
+        asked.append(count)
+        return real(fin, fout, min(count, 1 << 20))
+
+    monkeypatch.setattr(os, "copy_file_range", pieces)
+    _copy_file(src, tmp_path / "a")
+    assert (tmp_path / "a").read_bytes() == data and asked[0] == len(data) and asked[-1] == 4 and len(asked) == 4
+    for code in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        calls = []
+
+        def once_then_unsupported(fin, fout, count, code=code):
+            if calls:
+                raise OSError(code, os.strerror(code))
+            calls.append(count)
+            return real(fin, fout, 1000)
+
+        monkeypatch.setattr(os, "copy_file_range", once_then_unsupported)
+        _copy_file(src, tmp_path / f"b{code}")
+        assert (tmp_path / f"b{code}").read_bytes() == data
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        _copy_file(src, tmp_path / "c")
+    monkeypatch.setattr(os, "copy_file_range", lambda fin, fout, count: 0)
+    _copy_file(src, tmp_path / "d")
+    assert (tmp_path / "d").read_bytes() == b""
+    with pytest.raises(FileExistsError):  # never over a file already there
+        _copy_file(src, tmp_path / "a")
+    monkeypatch.setattr(os, "copy_file_range", real)
+    with pytest.raises(OSError):
+        _copy_file(src, tmp_path / "a")
