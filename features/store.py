@@ -339,7 +339,7 @@ class CacheWriter:
         try:
             detail = _no_room(path.parent, 0, need)
             if detail:
-                raise _write_failed(detail, str(partial), path, kept=False)
+                raise _write_failed(detail, str(partial), path)
             try:
                 _copy_file(path, partial)
                 f = h5py.File(partial, "r+", rdcc_nbytes=WRITE_CACHE_BYTES)
@@ -356,14 +356,11 @@ class CacheWriter:
                     del f["paths"]
                     column = _per_row(f, "paths", rows, (), _fixed_utf8([""], path_bytes).dtype, TEXT_ROWS,
                                       attrs.compression != "none")
-                    for lo in range(0, len(old.paths), TEXT_ROWS):
-                        kept = old.paths[lo : lo + TEXT_ROWS].tolist()
-                        column[lo : lo + len(kept)] = _fixed_utf8(kept, path_bytes)
-                if not np.array_equal(label_map[:len(old.label_names)], np.arange(len(old.label_names))):
-                    f["labels"][: len(old.paths)] = label_map[old.labels]
+                    column[: len(old.paths)] = _fixed_utf8(old.paths.tolist(), path_bytes)
+                f["labels"][: len(old.paths)] = label_map[old.labels]  # 4 bytes a row, renumbered or not
                 f.flush()
             except OSError as err:
-                raise _write_failed(err, f"the copy {partial} of {path}", path, kept=False) from None
+                raise _write_failed(err, f"the copy {partial} of {path}", path) from None
         except BaseException:
             if f is not None:
                 f.close()
@@ -619,6 +616,8 @@ def _per_row(f: h5py.File, name: str, n: int, row_shape: tuple[int, ...], dt, ch
 
 
 def _write_label_names(f: h5py.File, label_names: list[str]) -> None:
+    """One chunk of fixed-width strings, checksummed; none for an unlabelled cache (a chunk larger than the dataset
+    needs `maxshape`)."""
     names = _fixed_utf8(label_names)
     f.create_dataset("label_names", data=names, chunks=(max(1, len(names)),), maxshape=(None,), fletcher32=True)
 
@@ -633,11 +632,11 @@ def _copy_file(src: Path, dst: Path) -> None:
         left = os.fstat(fin.fileno()).st_size
         while left > 0:
             try:
-                done = os.copy_file_range(fin.fileno(), fout.fileno(), min(left, 1 << 30))
+                done = os.copy_file_range(fin.fileno(), fout.fileno(), left)  # Linux copies up to ~2 GiB a call
             except OSError as err:  # a filesystem or kernel without it: an ordinary copy of the rest
                 if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
                     raise
-                shutil.copyfileobj(fin, fout, 16 << 20)
+                shutil.copyfileobj(fin, fout)
                 return
             if done == 0:  # the source shrank meanwhile: the generation check after the copy refuses it
                 return
@@ -735,8 +734,8 @@ def _read(path: Path, dset: h5py.Dataset, start: int, stop: int) -> np.ndarray:
         return dset[start:stop]
     except OSError as err:
         bad = _scan_block(dset, start, stop) or list(range(start, stop))
-        raise DamagedCache(f"{path} is damaged: rows {_ranges(bad)} of {dset.name.lstrip('/')} fail their checksum "
-                           f"({err.__class__.__name__} from HDF5). {fix_hint(path)}") from None
+        raise DamagedCache(f"{path} is damaged: rows {_ranges(bad)} of {dset.name.removeprefix('/')} fail their "
+                           f"checksum ({err.__class__.__name__} from HDF5). {fix_hint(path)}") from None
 
 
 def _nonfinite_rows(block: np.ndarray) -> np.ndarray:
@@ -1044,7 +1043,7 @@ def _check_rows(cache: Cache) -> None:
 def is_relative_inside(name: str) -> bool:
     """A `/`-separated relative path that stays below its root (no leading `/`, no `..` part, nothing empty)."""
     parts = name.split("/")
-    return bool(name) and not name.startswith("/") and ".." not in parts and "" not in parts
+    return ".." not in parts and "" not in parts  # a leading `/`, and the empty name, make an empty part
 
 
 @dataclass

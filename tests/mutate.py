@@ -93,6 +93,55 @@ _REPEAT = ("a repeated row or place (diff 0) is gathered right by the one read t
 _SCRATCH = "when the scratch buffer is (re)allocated, and how large beyond the span: the rows read are the same"
 EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
     "features/store.py": [
+        *[("xǁCacheWriterǁfinalize", f"attrs = dataclasses.replace(CacheAttrs.parse(f.attrs, {arg}), num_images=n,",
+           "the name only words a parse error of attributes this writer wrote itself") for arg in ("None", "str(None)")],
+        *[("xǁCacheWriterǁclose", line, "after a failed close the flush fails, is caught, and `_abandon` returns at "
+           "once for a file marked failed: the same end state, and close never raises") for line in (
+            'if self.file.id.valid or not getattr(self, "_close_failed", False):',
+            'if self.file.id.valid and not getattr(None, "_close_failed", False):',
+            'if self.file.id.valid and not getattr(self, "XX_close_failedXX", False):',
+            'if self.file.id.valid and not getattr(self, "_CLOSE_FAILED", False):')],
+        *[("x_rows_per_chunk", f"row_bytes = int(np.prod(row_shape, {arg})) * np.dtype(dtype).itemsize",
+           "a shape's product is an integer with or without dtype=None") for arg in ("dtype=None", "")],
+        ("x_rows_per_chunk", "return int(np.clip(CHUNK_BYTES / max(row_bytes, 1), 1, MAX_ROWS_PER_CHUNK))",
+         "int() of the positive quotient floors it, as // does"),
+        ("x_rows_per_chunk", "return int(np.clip(CHUNK_BYTES // max(row_bytes, 2), 1, MAX_ROWS_PER_CHUNK))",
+         "a row holds at least one float16: row_bytes is never below 2"),
+        *[(func, line, "codec names are case-insensitive") for func, line in [
+            ("x__fixed_utf8", 'encoded = [v.encode("UTF-8") for v in values]'),
+            ("x__fixed_utf8", 'return np.array(encoded, dtype=h5py.string_dtype("UTF-8", length))'),
+            ("xǁCacheWriterǁcreate", '_per_row(f, "split", n, (), h5py.string_dtype("UTF-8", 5), TEXT_ROWS, '
+                                     "compressed)"),
+            ("xǁCacheWriterǁfinalize", 'text = h5py.string_dtype("UTF-8")')]],
+        ("x_check_ours", "with h5py.File(path, ) as f:", "h5py opens read-only by default"),
+        *[("xǁCacheWriterǁwrite", f"values.update(paths=_fixed_utf8(paths, {arg}), labels=labels,",
+           "a batch's longest path fits the column, whose width is the longest of all: stored the same")
+          for arg in ("None", "")],
+        *[("xǁCacheWriterǁwrite", f"split=_fixed_utf8(splits, {arg}), view=views, file_stamp=np.asarray(stamps, "
+                                  "np.int64).reshape(n, 2))",
+           "split names fit in 5 bytes (train, val, test, or none): stored the same at any width")
+          for arg in ("None", "", "6")],
+        *[("xǁCacheWriterǁwrite", f"split=_fixed_utf8(splits, 5), view=views, file_stamp=np.asarray(stamps, "
+                                  f"{arg}).reshape(n, 2))",
+           "stamps are Python ints: int64 with or without the dtype, cast to the int64 column anyway")
+          for arg in ("None", "")],
+        ("xǁCacheWriterǁ_close_file", 'if not fid.valid or getattr(self, "_close_failed", None):',
+         "the default only needs to be false: None is as false as False"),
+        ("xǁCacheWriterǁclose", 'if self.file.id.valid and not getattr(self, "_close_failed", None):',
+         "the default only needs to be false: None is as false as False"),
+        *[("xǁCacheWriterǁextend", f'f = h5py.File(partial, "r+", {arg})', _RDCC)
+          for arg in ("rdcc_nbytes=None", "")],
+        ("xǁCacheWriterǁextend", "if path_bytes >= old.path_bytes:",
+         "at the same width the path column is written again with the same strings"),
+        ("xǁCacheWriterǁextend", 'column = _per_row(f, "paths", rows, (), _fixed_utf8(["XXXX"], path_bytes).dtype, '
+                                 "TEXT_ROWS,", "the width is given: any string gives the same dtype"),
+        *[("xǁCacheWriterǁextend", f"column[: len(old.paths)] = _fixed_utf8(old.paths.tolist(), {arg})",
+           "narrower strings assigned into the wider column are stored the same") for arg in ("None", "")],
+        ("x__open", "return h5py.File(path, )", "h5py opens read-only by default"),
+        *[("x__text", f'if values.dtype.kind == "{kind}":', "the generic branch decodes fixed-length bytes the same "
+           "way (plain: UTF-8, backslashreplace), one element at a time") for kind in ("XXSXX", "s")],
+        ("x__text", 'return np.char.decode(values, "UTF-8", "backslashreplace").astype(str)',
+         "codec names are case-insensitive"),
         *[(f"xǁCacheWriterǁ{func}", f'f = h5py.File(partial_path(path), "{mode}", {arg})', _RDCC)
           for func, mode in (("create", "w"), ("reopen", "r+")) for arg in ("rdcc_nbytes=None", "")],
         ("xǁCacheWriterǁ_fail", 'kept = record is None or getattr(self, "_close_failed", None) or '
@@ -330,6 +379,8 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
                                 "same Python values as tolist()"),
     ],
     "pipeline/slurm.py": [
+        ("x_plan", "log_dir = log_dir if (log_dir.is_absolute()) and False else cwd / log_dir",
+         "joining an absolute path to cwd gives that absolute path"),
         ("x_parse_tasks", "indices = None", "None and [] are both refused by the `not indices` that follows"),
         ("x_tasks_for", "per_task = 1 if not max_array_size or shards < max_array_size else -(-shards // "
                         "max_array_size)", "at shards == max_array_size the ceiling of shards / max_array_size is 1"),

@@ -197,6 +197,28 @@ def test_a_vit_exports_to_onnx_with_its_position_ids_as_constants(presets):
         np.testing.assert_allclose(a, np.asarray(b), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # a classify, two training phases of a transformer and a predict process: about a minute
+def test_a_hub_backbone_fine_tunes_and_its_network_predicts_in_a_fresh_process(presets, tmp_path):
+    """Extract, classify, fine-tune (both phases) through the CLI, then `predict` in a process of its own that never
+    imported KerasHub before loading the network: the saved model names KerasHub's layers, which load with it."""
+    from pipeline.cli import main
+    from tests.conftest import run_cli
+
+    data = tmp_path / "data"
+    for k, name in enumerate(["a", "b"]):
+        write_images(data / name, 8, seed=20 + k)
+    assert main(["extract", "--backbone", f"hub:{presets['dinov2']}", "--data", str(data), "--out",
+                 str(tmp_path / "c.h5"), "--batch-size", "4"]) == 0
+    assert main(["classify", "--features", str(tmp_path / "c.h5"), "--heads", "logreg", "--out",
+                 str(tmp_path / "run"), "--no-report"]) == 0
+    assert main(["finetune", "--model", str(tmp_path / "run" / "best"), "--head-epochs", "1", "--epochs", "1",
+                 "--batch-size", "4"]) == 0
+    done = run_cli("predict", "--model", str(tmp_path / "run" / "best" / "finetune"), "--data", str(data), "--out",
+                   str(tmp_path / "p.csv"))
+    assert done.returncode == 0, done.stderr
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 1 + 16
+
+
 # ---- refusals ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture

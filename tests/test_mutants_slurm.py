@@ -358,14 +358,14 @@ def test_submit_lists_a_labels_csv_with_its_named_columns_and_makes_the_log_fold
     for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
         (data / name).write_bytes(b"not decoded when listed")
     labels = tmp_path / "labels.csv"
-    labels.write_text("file,species,label\na.jpg,cat,x\nb.jpg,dog,x\nc.jpg,cat,y\nd.jpg,dog,y\n")
+    labels.write_text("shot,species,label\na.jpg,cat,x\nb.jpg,dog,x\nc.jpg,cat,y\nd.jpg,dog,y\n")
     _stand_in_sbatch(tmp_path, monkeypatch, "echo 9\n")
     out = tmp_path / "c.h5"
-    cfg = CFG.replace(data=str(data), out=str(out), labels=str(labels), path_column="file", label_column="species")
+    cfg = CFG.replace(data=str(data), out=str(out), labels=str(labels), path_column="shot", label_column="species")
     p = plan(cfg, SlurmOptions(shards=2, log_dir=str(tmp_path / "deep" / "er" / "logs")), python="/p", cwd=tmp_path,
              list_data=True)
     assert submit(p) == ("9", "9") and p.extract_path.exists()
-    catalog, _ = read_manifest(manifest_path(out), None, manifest_source(str(data), str(labels), "file", "species", 0))
+    catalog, _ = read_manifest(manifest_path(out), None, manifest_source(str(data), str(labels), "shot", "species", 0))
     assert catalog.paths == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
     assert [catalog.label_names[i] for i in catalog.labels] == ["cat", "dog", "cat", "dog"]
     assert write_listing(p) == 4
@@ -380,3 +380,12 @@ def test_a_plan_without_a_listing_writes_no_manifest(tmp_path):
                  cwd=tmp_path, list_data=True)
     assert given.listing is None and given.manifest is not None
     assert write_listing(given) == 0 and not manifest_path(out).exists() and not (tmp_path / "m.jsonl").exists()
+
+
+def test_the_header_of_tasks_that_each_run_several_shards(tmp_path):
+    """MaxArraySize 4 and 10 shards: 4 tasks of 3 shards each (the last of 1), said in the script's first lines."""
+    p = plan(CFG, SlurmOptions(shards=10, log_dir=str(tmp_path)), python="/p", cwd=tmp_path, max_array_size=4)
+    assert p.extract_script.splitlines()[1:4] == [
+        "# Sharded extraction into features/pets.h5 (10 shards; MaxArraySize=4 allows array indices 0..3,",
+        "# so 4 tasks): array task I runs shards 3*I to 3*I+2 of 10, one after the other, resuming each if an",
+        "# earlier run of the task was interrupted. Written by `python -m pipeline slurm`."]

@@ -1886,13 +1886,13 @@ def test_extend_turns_a_failed_copy_into_one_line_and_removes_the_copy(tmp_path:
 
 
 def test_copy_file_in_the_kernel_in_pieces_else_by_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Whole pieces of at most 1 GiB until the size is copied; a kernel or filesystem without copy_file_range
+    """Pieces until the size is copied, each call asking for the rest; a kernel or filesystem without copy_file_range
     (EXDEV, ENOSYS, EINVAL, EOPNOTSUPP) copies the rest by reading; any other error is raised; a source that
     shrinks meanwhile ends the copy (the generation check refuses it)."""
     from features.store import _copy_file
 
     src = tmp_path / "src"
-    data = os.urandom(3 << 20) + b"tail"
+    data = os.urandom(3 << 20) + b"t"  # the last piece is one byte
     src.write_bytes(data)
     asked, real = [], os.copy_file_range
 
@@ -1902,7 +1902,7 @@ def test_copy_file_in_the_kernel_in_pieces_else_by_reading(tmp_path: Path, monke
 
     monkeypatch.setattr(os, "copy_file_range", pieces)
     _copy_file(src, tmp_path / "a")
-    assert (tmp_path / "a").read_bytes() == data and asked[0] == len(data) and asked[-1] == 4 and len(asked) == 4
+    assert (tmp_path / "a").read_bytes() == data and asked[0] == len(data) and asked[-1] == 1 and len(asked) == 4
     for code in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
         calls = []
 
@@ -1926,3 +1926,176 @@ def test_copy_file_in_the_kernel_in_pieces_else_by_reading(tmp_path: Path, monke
     monkeypatch.setattr(os, "copy_file_range", real)
     with pytest.raises(OSError):
         _copy_file(src, tmp_path / "a")
+
+
+# --- survivors of the full run ---------------------------------------------------------------------------------------
+
+def test_text_of_an_empty_variable_length_dataset_is_an_empty_str_array(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "t.h5", "w") as f:
+        f.create_dataset("v", shape=(0,), dtype=h5py.string_dtype())
+        got = store._text(tmp_path / "t.h5", f, "v")
+    assert got.dtype.kind == "U" and got.shape == (0,)
+
+
+def test_a_cache_without_a_skipped_dataset_opens_with_nothing_skipped(tmp_path: Path) -> None:
+    """`skipped` is optional (docs/hdf5-schema.md): a cache whose writer recorded none opens, listing none."""
+    path = small(tmp_path / "c.h5")
+    with h5py.File(path, "a") as f:
+        del f["skipped"]
+    assert open_cache(path).skipped == []
+
+
+def test_a_feature_dataset_with_another_row_count_than_the_cache_is_damaged(tmp_path: Path) -> None:
+    path = small(tmp_path / "c.h5", n=6)
+    with h5py.File(path, "a") as f:
+        f["features/x"].resize(5, axis=0)
+    with pytest.raises(DamagedCache, match=r"c\.h5: features/x has shape \(5, 4\), expected 6 rows \(num_images\)"):
+        open_cache(path)
+
+
+def test_extend_refuses_in_one_line_one_byte_short_of_room(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           file_limit: Callable[[int], None]) -> None:
+    """Uncompressed at the same path width: room for the file and the new rows' allocated chunks, exactly; under a
+    file-size limit (compressed: the file alone), up to the limit exactly."""
+    path = small(tmp_path / "c.h5", n=4)
+    old = open_cache(path)
+    need = path.stat().st_size + store._allocated_bytes(96, old.shapes, old.attrs.dtype, old.path_bytes)
+    monkeypatch.setattr(store, "_free_bytes", lambda folder: need - 1)
+    with pytest.raises(WriteFailed) as err:
+        CacheWriter.extend(old, old.attrs, 100, ["a", "b"], np.array([0, 1, -1]), old.path_bytes)
+    assert str(err.value) == (f"the disk is full or a file-size limit was reached ({need - 1} bytes are free on its "
+                              f"disk; it may need {need}) while writing {partial_path(path)}: free space (or raise "
+                              "the limit: ulimit -f) and rerun the same command.")
+    monkeypatch.setattr(store, "_free_bytes", lambda folder: need)
+    CacheWriter.extend(old, old.attrs, 100, ["a", "b"], np.array([0, 1, -1]), old.path_bytes).close()
+    monkeypatch.setattr(store, "_free_bytes", lambda folder: 1 << 40)
+    lzf = open_cache(small(tmp_path / "z.h5", n=4, compression="lzf"))
+    size = lzf.path.stat().st_size
+    file_limit(size - 1)
+    with pytest.raises(WriteFailed, match=rf"the file-size limit is {size - 1} bytes; the file has 0 and may need "):
+        CacheWriter.extend(lzf, lzf.attrs, 100, ["a", "b"], np.array([0, 1, -1]), lzf.path_bytes)
+    file_limit(size)
+    CacheWriter.extend(lzf, lzf.attrs, 100, ["a", "b"], np.array([0, 1, -1]), lzf.path_bytes).close()
+
+
+def test_extend_writes_this_schema_and_its_own_start_time_whatever_attrs_say(tmp_path: Path) -> None:
+    import dataclasses
+
+    path = small(tmp_path / "c.h5", n=4)
+    old = open_cache(path)
+    given = dataclasses.replace(old.attrs, schema_version=SCHEMA_VERSION - 1, created="2000-01-01T00:00:00+00:00")
+    CacheWriter.extend(old, given, 5, ["a", "b"], np.array([0, 1, -1]), old.path_bytes).close()
+    with h5py.File(partial_path(path), "r") as f:
+        attrs = CacheAttrs.parse(f.attrs, "partial")
+    assert attrs.schema_version == SCHEMA_VERSION and attrs.created != given.created
+    assert re.fullmatch(ISO_UTC, attrs.created)
+
+
+@pytest.mark.parametrize("compression", ["none", "lzf"])
+def test_a_widened_path_column_is_stored_as_the_cache_stores_its_rows(tmp_path: Path, compression: str) -> None:
+    path = small(tmp_path / "c.h5", n=4, compression=compression)
+    old = open_cache(path)
+    CacheWriter.extend(old, old.attrs, 5, ["a", "b"], np.array([0, 1, -1]), old.path_bytes + 3).close()
+    with h5py.File(partial_path(path), "r") as f:
+        column, features = f["paths"], f["features/x"]
+        assert column.compression == features.compression == (None if compression == "none" else "lzf")
+        assert column.chunks == (5,) and column.maxshape == (None,) and column.fletcher32
+
+
+def test_extend_names_a_failed_copy_and_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = small(tmp_path / "c.h5", n=4)
+    old = open_cache(path)
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(WriteFailed) as err:
+        CacheWriter.extend(old, old.attrs, 5, ["a", "b"], np.array([0, 1, -1]), old.path_bytes)
+    assert str(err.value) == (f"writing the copy {partial_path(path)} of {path} failed (Input/output error): check the "
+                              "disk, then rerun the same command.")
+
+
+@pytest.mark.parametrize("compression", ["none", "lzf"])
+def test_every_per_row_dataset_grows_is_checksummed_and_chunked_by_rows(tmp_path: Path, compression: str) -> None:
+    """One row: chunks of one row; the features' chunks hold rows_per_chunk rows, the metadata's TEXT_ROWS; lzf, or
+    every chunk allocated with the file."""
+    from features.store import TEXT_ROWS
+
+    for n in (1, 3):
+        writer = started(tmp_path / f"c{n}{compression}.h5", n=n, compression=compression)
+        f = writer.file
+        for name in ["features/x", "paths", "split", "labels", "view", "file_stamp"]:
+            ds = f[name]
+            rows = store.rows_per_chunk((4,), "float32") if name == "features/x" else TEXT_ROWS
+            assert ds.chunks[0] == min(rows, n) and ds.maxshape[0] is None and ds.fletcher32, name
+            assert ds.compression == (None if compression == "none" else "lzf"), name
+            early = ds.id.get_create_plist().get_alloc_time() == h5py.h5d.ALLOC_TIME_EARLY
+            assert early == (compression == "none"), name
+        writer.close()
+
+
+def test_outside_reads_of_links_and_of_virtual_sources_are_all_named(tmp_path: Path) -> None:
+    path = virtual_merge(tmp_path)
+    with h5py.File(path, "r+") as f:
+        f["a_soft"] = h5py.SoftLink("/labels")  # walked before features/: still named after its problems
+        f["features/vec"].attrs[store.SOURCE_GENERATIONS] = ["v.shard1-of-2.h5:x"]
+    with h5py.File(path) as f:
+        found = store._outside_reads(path, f)
+    assert sorted(found) == [
+        "a_soft is a SoftLink",
+        "features/vec is virtual over 'v.shard0-of-2.h5', not a cache beside it that a merge linked",
+        "features/vec reads the shard 'v.shard1-of-2.h5', which was replaced or damaged since the merge"]
+    with pytest.raises(ForeignFile) as err:
+        open_cache(path)
+    assert str(err.value) == (f"{str(path)!r} reads data from outside its own file ({'; '.join(found)}); this tool "
+                              "never writes such a file and does not read it. Re-extract the cache from its images.")
+
+
+def test_an_unlabelled_cache_has_no_label_names(tmp_path: Path) -> None:
+    writer = started(tmp_path / "c.h5", n=2, label_names=[])
+    assert writer.file["label_names"].shape == (0,) and writer.file["label_names"].chunks == (1,)
+    writer.close()
+
+
+def test_create_starts_an_incomplete_file_of_this_schema_whatever_attrs_say(tmp_path: Path) -> None:
+    writer = started(tmp_path / "c.h5", schema_version=SCHEMA_VERSION - 1, complete=True, generation="old")
+    attrs = CacheAttrs.parse(writer.file.attrs, "partial")
+    assert (attrs.schema_version, attrs.complete, attrs.generation) == (SCHEMA_VERSION, False, "")
+    writer.close()
+
+
+class _FullDisk:
+    """A dataset whose writes fail as on a full disk (anything else is the real dataset's)."""
+
+    def __init__(self, dset: h5py.Dataset):
+        self.dset = dset
+
+    def __setitem__(self, key, value) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.dset, name)
+
+
+def test_a_write_that_fails_names_its_rows_and_the_row_the_rerun_resumes_from(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.h5"
+    writer = started(path, n=8)
+    writer.write(0, *rows(4))
+    Progress(rows_written=4, files_done=4).save(path)
+    real = CacheWriter._uncached
+    monkeypatch.setattr(CacheWriter, "_uncached", lambda self, name: _FullDisk(real(self, name)))
+    with pytest.raises(WriteFailed) as err:
+        writer.write(4, *rows(4, first=4))
+    assert str(err.value) == (f"the disk is full or a file-size limit was reached (No space left on device) while "
+                              f"writing rows 4-7 of {partial_path(path)}: free space (or raise the limit: ulimit -f) "
+                              "and rerun the same command; it resumes from row 4.")
+    writer.close()
+
+
+def test_finalize_without_room_names_what_it_was_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.h5"
+    writer = started(path, n=4)
+    writer.write(0, *rows(4))
+    monkeypatch.setattr(store, "_free_bytes", lambda folder: 0)
+    with pytest.raises(WriteFailed, match=rf"while writing the end \(skipped files, attributes\) of "
+                                          rf"{re.escape(str(partial_path(path)))}: free space"):
+        writer.finalize(Progress(rows_written=4, files_done=4))
+    writer.close()

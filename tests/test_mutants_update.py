@@ -343,3 +343,82 @@ def test_a_failed_read_of_kept_rows_names_only_the_damage_among_them(
     with _KeptRows(old) as rows, pytest.raises(DamagedCache) as err:
         rows.read_into("x", np.array([3, 6]), np.array([0, 1]), np.zeros((2, *SHAPE), np.float32))
     assert str(err.value).startswith(f"{path} is damaged: rows 4-5 of features/x fail their checksum")
+
+
+# ---- appending: appendable, updated_writer, assemble from `first` -------------------------------------------------
+
+def test_appendable_only_when_every_old_row_comes_first_in_order_then_only_new_rows(tmp_path: Path) -> None:
+    from features.update import appendable
+
+    old = open_cache(write_cache(tmp_path / "old.h5", {"x": features_of(3, 0)}, [0, 0, 0], label_names=["a"],
+                                 paths=["a/0.jpg", "a/1.jpg", "a/2.jpg"]))
+    new = catalog(["a/0.jpg", "a/1.jpg", "a/2.jpg", "a/3.jpg"], [0] * 4, ["a"])
+    assert appendable(old, np.array([0, 1, 2, -1]), new)
+    assert not appendable(old, np.array([0, 1, 2]), catalog(new.paths[:3], [0] * 3, ["a"]))  # nothing added
+    assert not appendable(old, np.array([0, 1, -1, -1]), new)  # the last old row changed
+    assert not appendable(old, np.array([0, 2, 1, -1]), new)  # not in the old order
+    assert not appendable(old, np.array([-1, 0, 1, 2]), new)  # the new row comes first
+    assert not appendable(old, np.array([0, 1, 2, 2]), new)  # an old row twice
+
+
+def test_a_virtual_merge_is_never_appended_to(tmp_path: Path) -> None:
+    from features.update import appendable
+    from pipeline.merge import merge
+
+    for i in range(2):
+        write_cache(tmp_path / f"v.shard{i}-of-2.h5", {"x": features_of(2, i)}, [0, 0], label_names=["a"],
+                    paths=[f"a/{i}{k}.jpg" for k in range(2)], shard=f"{i}/2", num_candidates=4)
+    old = open_cache(merge(tmp_path / "v.h5", virtual=True).path)
+    new = catalog([*old.paths.tolist(), "a/9.jpg"], [0] * 5, ["a"])
+    assert not appendable(old, np.array([0, 1, 2, 3, -1]), new)
+    copied = open_cache(merge(tmp_path / "v.h5", out=tmp_path / "c.h5").path)
+    assert appendable(copied, np.array([0, 1, 2, 3, -1]), new)
+
+
+@pytest.mark.parametrize("added,extends", [(["a/3.jpg"], True), (["a/1b.jpg"], False), ([], False)])
+def test_updated_writer_copies_the_old_cache_only_to_append(tmp_path: Path, added: list[str], extends: bool) -> None:
+    """Appendable, with computed rows: a copy of the old cache holding its rows, the path column as wide as the
+    longest new path, and the number of rows already there; else a new file of the new rows' count, from row 0."""
+    from features.update import updated_writer
+
+    X = features_of(3, 0)
+    old = open_cache(write_cache(tmp_path / "old.h5", {"x": X}, [0, 0, 0], label_names=["a"],
+                                 paths=["a/0.jpg", "a/1.jpg", "a/2.jpg"]))
+    paths = sorted(["a/0.jpg", "a/1.jpg", "a/2.jpg", *added])
+    new = catalog(paths, [0] * len(paths), ["a", "b"], stamps=[(5, 6) if p in added else UNKNOWN for p in paths])
+    delta = open_cache(write_cache(tmp_path / "delta.h5", {"x": features_of(1, 1)}, [0], label_names=["a"],
+                                   paths=added)) if added else None
+    writer, first = updated_writer(old, old.attrs, new, reusable_rows(old, new), delta)
+    try:
+        f = writer.file
+        assert first == (3 if extends else 0)
+        assert f["features/x"].shape[0] == len(paths) and [n.decode() for n in f["label_names"][()]] == ["a", "b"]
+        if extends:
+            np.testing.assert_array_equal(f["features/x"][:3], X)
+            assert f["paths"].dtype.itemsize == max(old.path_bytes, delta.path_bytes)
+    finally:
+        writer.close()
+
+
+def test_assemble_from_first_writes_only_the_appended_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from features.update import updated_writer
+
+    monkeypatch.setattr(features.store, "CHUNK_BYTES", 2 * 48)
+    X, D = features_of(3, 0), features_of(2, 1)
+    old = open_cache(write_cache(tmp_path / "old.h5", {"x": X}, [0, 0, 0], label_names=["a"],
+                                 paths=["a/0.jpg", "a/1.jpg", "a/2.jpg"]))
+    delta = open_cache(write_cache(tmp_path / "delta.h5", {"x": D}, [1, 1], label_names=["a", "b"],
+                                   paths=["b/3.jpg", "b/40.jpg"]))
+    new = catalog(["a/0.jpg", "a/1.jpg", "a/2.jpg", "b/3.jpg", "b/40.jpg"], [0, 0, 0, 1, 1], ["a", "b"],
+                  stamps=[UNKNOWN] * 3 + [(1, 2), (3, 4)])
+    spy = Writes(monkeypatch)
+    writer, first = updated_writer(old, old.attrs, new, reusable_rows(old, new), delta)
+    try:
+        assert assemble(writer, new, reusable_rows(old, new), old, delta, [], first) == 5
+    finally:
+        writer.close()
+    out = open_cache(old.path)
+    assert spy.calls == [(3, 2)] and first == 3
+    np.testing.assert_array_equal(out.read("x"), np.concatenate([X, D]))
+    assert out.paths.tolist() == new.paths and out.labels.tolist() == [0, 0, 0, 1, 1]
+    assert out.file_stamps.tolist()[3:] == [[1, 2], [3, 4]] and out.attrs.num_images == 5
