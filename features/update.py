@@ -66,13 +66,13 @@ def reusable_rows(old: Cache, catalog: Catalog) -> np.ndarray:
     return reuse
 
 
-def appendable(old: Cache, reuse: np.ndarray, catalog: Catalog) -> bool:
+def appendable(old: Cache, reuse: np.ndarray) -> bool:
     """Whether the updated cache begins with every row of `old`, in its order, followed by new rows only: files were
     only added, and all sort after `old`'s (a new tar shard, a folder of a later date). Then it is `old` with rows
     appended (`CacheWriter.extend`), equal row for row to a fresh extraction. Not for a virtual merge (a copy of it
     would write into its sources)."""
-    m = len(old.paths)
-    if len(reuse) <= m or not np.array_equal(reuse[:m], np.arange(m)) or (reuse[m:] >= 0).any():
+    m = len(old.paths)  # every old row used once, first: the rows after them are new (`reuse` names each row once)
+    if len(reuse) <= m or not np.array_equal(reuse[:m], np.arange(m)):
         return False
     with h5py.File(old.path, "r") as f:
         return not any(f[f"features/{layer}"].is_virtual for layer in old.shapes)
@@ -82,7 +82,7 @@ def updated_writer(old: Cache, attrs: CacheAttrs, catalog: Catalog, reuse: np.nd
                    delta: Cache | None) -> tuple[CacheWriter, int]:
     """The writer of the updated cache and the number of rows already in it: a copy of `old` to append the computed
     rows to where `appendable` (the kept rows are not rewritten), else a new file that `assemble` fills."""
-    if delta is not None and len(delta.paths) and appendable(old, reuse, catalog):
+    if delta is not None and len(delta.paths) and appendable(old, reuse):
         label_map = _label_map(old.label_names, catalog.label_names)
         width = max(old.path_bytes, delta.path_bytes)
         return CacheWriter.extend(old, attrs, len(old.paths) + len(delta.paths), catalog.label_names, label_map,

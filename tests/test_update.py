@@ -249,7 +249,7 @@ def test_only_files_added_after_every_row_of_a_plain_cache_are_appended(tiny_bac
 
     def can_append() -> bool:
         catalog = discover(data)
-        return appendable(old, reusable_rows(old, catalog), catalog)
+        return appendable(old, reusable_rows(old, catalog))
 
     assert not can_append()  # nothing added
     (data / "bees" / "img_900.jpg").write_bytes((data / "bees" / "img_001.jpg").read_bytes())
@@ -265,4 +265,4 @@ def test_only_files_added_after_every_row_of_a_plain_cache_are_appended(tiny_bac
         extract(cfg.replace(out=str(tmp_path / "v.h5"), shard=f"{i}/2"), verbose=False)
     virtual = open_cache(merge(tmp_path / "v.h5", virtual=True).path)
     catalog = discover(data)
-    assert not appendable(virtual, reusable_rows(virtual, catalog), catalog)
+    assert not appendable(virtual, reusable_rows(virtual, catalog))
