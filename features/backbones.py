@@ -136,12 +136,12 @@ def sha256_file(path: str | Path) -> str:
     """The file's SHA-256, computed once per process for each version of the file (a backbone of a few GB is named
     by its hash in the cache identity, the export key and the model record, several times a run)."""
     st = os.stat(path)
-    return _sha256(os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return _sha256(os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=64)
 def _sha256(path: str, *stamp: int) -> str:
-    """`stamp` (device, inode, size, mtime ns) is only the key: a file rewritten since is hashed again."""
+    """`stamp` (inode, size, mtime ns) is only the key: a file rewritten or replaced since is hashed again."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

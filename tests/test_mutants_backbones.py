@@ -110,20 +110,33 @@ def test_sha256_of_a_file_larger_than_one_read_block(tmp_path):
 
 
 def test_a_file_is_hashed_once_per_version(tmp_path, monkeypatch):
-    """Asked again, the hash comes from memory; a file rewritten in place (same name, new size or mtime) or replaced
-    (new inode, here with the same size) is hashed anew."""
+    """Asked again, the hash comes from memory; a file whose inode, size or modification time alone differs (each
+    changed here with the other two kept) is hashed anew."""
     path = tmp_path / "w.bin"
     path.write_bytes(b"one")
     opened = []
     real_open = open
     monkeypatch.setattr("builtins.open", lambda p, *a, **k: opened.append(p) or real_open(p, *a, **k))
+
+    def rewrite(data: bytes, replace: bool = False) -> None:
+        """New contents: in place (same inode) or by replacing the file (new inode), with the old mtime kept."""
+        mtime = path.stat().st_mtime_ns
+        if replace:
+            (tmp_path / "new").write_bytes(data)
+            os.replace(tmp_path / "new", path)
+        else:
+            path.write_bytes(data)
+        os.utime(path, ns=(mtime, mtime))
+
     first = sha256_file(path)
     assert sha256_file(path) == sha256_file(str(path)) == first and len(opened) == 1
-    path.write_bytes(b"three")
+    rewrite(b"three")  # the size alone
     assert sha256_file(path) == hashlib.sha256(b"three").hexdigest() and len(opened) == 2
-    (tmp_path / "new").write_bytes(b"other")
-    os.replace(tmp_path / "new", path)
+    rewrite(b"other", replace=True)  # the inode alone
     assert sha256_file(path) == hashlib.sha256(b"other").hexdigest() and len(opened) == 3
+    path.write_bytes(b"fifth")  # the mtime alone
+    os.utime(path, ns=(1, path.stat().st_mtime_ns + 1000))
+    assert sha256_file(path) == hashlib.sha256(b"fifth").hexdigest() and len(opened) == 4
 
 
 def _zip(path):
