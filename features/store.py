@@ -331,8 +331,8 @@ class CacheWriter:
         path, partial = old.path, partial_path(old.path)
         lock = cls._claim(path)
         discard_partial(path)
-        grow = rows - len(old.paths)
-        need = os.stat(path).st_size + (0 if attrs.compression != "none" else
+        grow, compressed = rows - len(old.paths), attrs.compression != "none"
+        need = os.stat(path).st_size + (0 if compressed else
                                         _allocated_bytes(grow, old.shapes, attrs.dtype, path_bytes)
                                         + (rows * path_bytes if path_bytes > old.path_bytes else 0))
         f = None
@@ -355,7 +355,7 @@ class CacheWriter:
                 if path_bytes > old.path_bytes:
                     del f["paths"]
                     column = _per_row(f, "paths", rows, (), _fixed_utf8([""], path_bytes).dtype, TEXT_ROWS,
-                                      attrs.compression != "none")
+                                      compressed)
                     column[: len(old.paths)] = _fixed_utf8(old.paths.tolist(), path_bytes)
                 f["labels"][: len(old.paths)] = label_map[old.labels]  # 4 bytes a row, renumbered or not
                 f.flush()
@@ -761,6 +761,7 @@ class Cache:
     dtypes: dict[str, np.dtype] = field(default_factory=dict, repr=False)
     file_stamps: np.ndarray | None = field(default=None, repr=False)  # (N, 2) size, mtime_ns; -1 where unknown
     path_bytes: int = 1  # width of the fixed-length `paths` strings
+    virtual: bool = False  # features are virtual datasets over sibling caches (`merge --virtual`)
 
     @functools.cached_property
     def images(self) -> np.ndarray:
@@ -1017,7 +1018,8 @@ def open_cache(path: str | Path) -> Cache:
         cache = Cache(path=path, attrs=attrs, shapes=shapes,
                       labels=labels, label_names=text["label_names"].tolist(), split=text["split"],
                       paths=text["paths"], view=view, skipped=skipped, file_stamps=stamps,
-                      dtypes={k: v.dtype for k, v in features.items()}, path_bytes=file["paths"].dtype.itemsize)
+                      dtypes={k: v.dtype for k, v in features.items()}, path_bytes=file["paths"].dtype.itemsize,
+                      virtual=any(v.is_virtual for v in features.values()))
     _check_rows(cache)
     return cache
 

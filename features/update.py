@@ -72,10 +72,7 @@ def appendable(old: Cache, reuse: np.ndarray) -> bool:
     appended (`CacheWriter.extend`), equal row for row to a fresh extraction. Not for a virtual merge (a copy of it
     would write into its sources)."""
     m = len(old.paths)  # every old row used once, first: the rows after them are new (`reuse` names each row once)
-    if len(reuse) <= m or not np.array_equal(reuse[:m], np.arange(m)):
-        return False
-    with h5py.File(old.path, "r") as f:
-        return not any(f[f"features/{layer}"].is_virtual for layer in old.shapes)
+    return not old.virtual and len(reuse) > m and np.array_equal(reuse[:m], np.arange(m))
 
 
 def updated_writer(old: Cache, attrs: CacheAttrs, catalog: Catalog, reuse: np.ndarray,

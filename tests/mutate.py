@@ -206,7 +206,6 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
          "bool, int, float and str all have a __name__: getattr's default is never used"),
     ],
     "features/update.py": [
-        ("x_appendable", "with h5py.File(old.path, ) as f:", "h5py opens read-only by default"),
         ("x_assemble", "computed = np.full(n, -2, np.int64)", _COMPUTED),
         ("x_assemble", "computed = np.full(n, -1, None)",
          "float64 -1.0 and row numbers are exact in float64, and read_blocks turns the rows it gets into int64"),

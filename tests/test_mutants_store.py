@@ -2099,3 +2099,8 @@ def test_finalize_without_room_names_what_it_was_writing(tmp_path: Path, monkeyp
                                           rf"{re.escape(str(partial_path(path)))}: free space"):
         writer.finalize(Progress(rows_written=4, files_done=4))
     writer.close()
+
+
+def test_a_cache_says_whether_its_features_are_virtual(tmp_path: Path) -> None:
+    assert open_cache(virtual_merge(tmp_path)).virtual is True
+    assert open_cache(small(tmp_path / "c.h5")).virtual is False
