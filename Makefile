@@ -118,13 +118,15 @@ clean:
 	rm -rf build dist *.egg-info .pytest_cache mutants
 	find . -path './$(VENV)' -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
-# Your data: the feature caches ($FEATURE_CACHE_DIR, else cache/) and the classify/audit runs (results/).
-# Lists each folder with its size, then deletes it; refuses a folder that holds this one or your home folder.
+# Your data: the feature caches ($FEATURE_CACHE_DIR, else cache/), the classify/audit runs (results/) and predict's
+# CSVs with their caches (predictions/). Lists each folder with its size, then deletes it; refuses a folder that holds
+# this one or your home folder.
 CACHE_DIR = $(or $(FEATURE_CACHE_DIR),cache)
 RESULTS_DIR = results
+PREDICTIONS_DIR = predictions
 clean-data:
 	@found=(); here=$$(pwd -P); home=$$(cd ~ 2>/dev/null && pwd -P); \
-	for d in '$(CACHE_DIR)' '$(RESULTS_DIR)'; do \
+	for d in '$(CACHE_DIR)' '$(RESULTS_DIR)' '$(PREDICTIONS_DIR)'; do \
 	  [ -e "$$d" ] || [ -L "$$d" ] || continue; \
 	  real=$$(cd "$$d" 2>/dev/null && pwd -P) || { echo "error: '$$d' is not a folder; delete it yourself if it should go" >&2; exit 2; }; \
 	  for keep in "$$here" "$$home"; do \
@@ -132,8 +134,8 @@ clean-data:
 	  done; \
 	  found+=("$$d"); \
 	done; \
-	echo "caches live in $(CACHE_DIR)/ ($(if $(FEATURE_CACHE_DIR),from FEATURE_CACHE_DIR,the default; set FEATURE_CACHE_DIR to move them)), results in $(RESULTS_DIR)/"; \
-	if [ $${#found[@]} -eq 0 ]; then echo "nothing to delete: neither exists"; exit 0; fi; \
+	echo "caches live in $(CACHE_DIR)/ ($(if $(FEATURE_CACHE_DIR),from FEATURE_CACHE_DIR,the default; set FEATURE_CACHE_DIR to move them)), results in $(RESULTS_DIR)/, predictions in $(PREDICTIONS_DIR)/"; \
+	if [ $${#found[@]} -eq 0 ]; then echo "nothing to delete: none of them exists"; exit 0; fi; \
 	echo "deleting (your data; make clean keeps it):"; \
 	for d in "$${found[@]}"; do echo "  $$d/  $$(du -sh -- "$$d" | cut -f1), $$(find "$$d" -type f | wc -l | tr -d ' ') files"; done; \
 	rm -rf -- "$${found[@]}"; echo "deleted."

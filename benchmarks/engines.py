@@ -182,15 +182,20 @@ VARIANTS = {"fixed: weights int8 per channel, 7-bit (reduce_range)": {},
             "weights uint8 per channel, full 8-bit": {"weight_type": "QUInt8", "reduce_range": False}}
 
 
-def session(path: Path):
-    """An ONNX Runtime session set up as `features.engines.onnx_forward` sets it up; returns a forward pass."""
+def session(path: Path, remove: bool = False):
+    """An ONNX Runtime session set up as `features.engines.onnx_forward` sets it up; returns a forward pass.
+    `remove`: `path` is a temporary graph, deleted once loaded."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = len(os.sched_getaffinity(0))
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    try:
+        s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    finally:
+        if remove:
+            path.unlink(missing_ok=True)
     name, sub = s.get_inputs()[0].name, s.get_inputs()[0].shape[0]
     return lambda pixels: np.concatenate([s.run(None, {name: pixels[i:i + sub]})[0]
                                           for i in range(0, len(pixels) - len(pixels) % sub, sub)])
@@ -223,7 +228,7 @@ def settings_case(sources, n: int | None, sizes: Sizes, work: Path, log) -> list
     forwards = {"float32": session(export)}
     for label, variant in VARIANTS.items():
         log(f"settings: quantizing with {label}")
-        forwards[label] = session(quantize(export, None, calib, variant))
+        forwards[label] = session(quantize(export, None, calib, variant), remove=True)
     outputs = {label: forward(pixels) for label, forward in forwards.items()}  # also the warm-up
     best = dict.fromkeys(forwards, float("inf"))
     for r in range(sizes.steady_rounds):

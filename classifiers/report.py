@@ -25,9 +25,12 @@ METRICS = {"accuracy": ("accuracy", False), "balanced_accuracy": ("balanced accu
 # the metric's order is broken by these, then by the names, so equal scores rank the same whatever the row order
 TIE_BREAK = [("balanced_accuracy", False), ("log_loss", True), ("fit_s", True), ("backbone", True), ("layer", True),
              ("reduce", True), ("head", True), ("augment", True), ("cache", True)]
-SHOWN = ["choice", "backbone", "layer", "reduce", "head", "augment", "scheme", "accuracy", "ci_low", "ci_high",
-         "accuracy_std", "augment_gain",
+SHOWN = ["choice", "backbone", "layer", "reduce", "cache", "head", "augment", "scheme", "accuracy", "ci_low",
+         "ci_high", "accuracy_std", "augment_gain",
          "balanced_accuracy", "macro_f1", "top5", "log_loss", "fit_s", "predict_s", "error"]
+# in a results folder: every file its classify run wrote there, which is all that a rerun may replace; a run of
+# several datasets has one, at its top, for all of them
+MANIFEST = "manifest.json"
 # an augmented row is compared with the clean row of the same data, features and head
 SAME_MODEL = ["data_id", "backbone", "layer", "reduce", "head", "scheme"]
 
@@ -177,8 +180,11 @@ def why_chosen(table: pd.DataFrame, metric: str | None = None) -> str:
 
 def shown(table: pd.DataFrame, top: int | None = None) -> pd.DataFrame:
     """The columns a person reads, by rank (the first `top` ranks and always the chosen row), `choice` marking the
-    chosen and the tied rows, empty columns (metrics, augment on clean runs) dropped, numbers rounded."""
-    table = by_rank(table.assign(choice=_marks(table)))
+    chosen and the tied rows, `cache` (its file name) only where `feature_sets` needs it, empty columns (metrics,
+    augment on clean runs) dropped, numbers rounded."""
+    shared = _alike(table)[1]
+    cache = table.reindex(columns=["cache"])["cache"].where(shared).map(lambda c: Path(c).stem, na_action="ignore")
+    table = by_rank(table.assign(choice=_marks(table), cache=cache))
     if top is not None:
         table = table[(np.arange(len(table)) < top) | (table["choice"] == "chosen").to_numpy()]
     view = table.reindex(columns=["rank"] + SHOWN).replace("", np.nan).dropna(axis=1, how="all")
@@ -213,6 +219,22 @@ def plot_leaderboard(run_dir: Path) -> Path:
     return save_figure(leaderboard_figure(pd.read_csv(run_dir / "leaderboard.csv")), run_dir / "accuracy.png")
 
 
+def _alike(table: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """(backbone / layer / reduce (/ augment) of each row, whether several caches share it)."""
+    extra = table.reindex(columns=["augment", "cache"]).fillna("").astype(str)
+    label = (table["backbone"].astype(str) + " / " + table["layer"].astype(str) + " / " + table["reduce"].astype(str)
+             + extra["augment"].where(extra["augment"] == "", " / " + extra["augment"]))
+    return label, label.groupby(label).transform(lambda same: extra.loc[same.index, "cache"].nunique() > 1).astype(bool)
+
+
+def feature_sets(table: pd.DataFrame, sep: str = " / ") -> pd.Series:
+    """Each row's feature set as a reader tells them apart: backbone / layer / reduce (/ augment), and the cache's
+    file name where several caches share those (the same layer at two image sizes, say)."""
+    label, shared = _alike(table)
+    stems = table.reindex(columns=["cache"])["cache"].fillna("").astype(str).map(lambda c: Path(c).stem)
+    return label.where(~shared, label + sep + stems)
+
+
 def accuracy_limits(table: pd.DataFrame) -> tuple[float, float]:
     """The accuracy axis of accuracy.png: every bar's interval (error bar) inside it with a small margin."""
     err = _error_bars(table)
@@ -226,11 +248,7 @@ def leaderboard_figure(table: pd.DataFrame):
     group per backbone / layer / reduce (and augment; and the cache where several share that), one bar per head;
     the accuracy axis includes every interval; the chosen model's bar is outlined in black."""
     table = table[table["accuracy"].notna()].reset_index(drop=True)
-    extra = table.reindex(columns=["augment", "cache"]).fillna("").astype(str)
-    label = (table["backbone"] + " / " + table["layer"] + " / " + table["reduce"]
-             + extra["augment"].where(extra["augment"] == "", " / " + extra["augment"]))
-    shared = label.groupby(label).transform(lambda same: extra.loc[same.index, "cache"].nunique() > 1)
-    table["features"] = label.where(~shared.astype(bool), label + "\n" + extra["cache"].map(lambda c: Path(c).stem))
+    table["features"] = feature_sets(table, "\n")
     groups, heads = list(dict.fromkeys(table["features"])), sorted(table["head"].unique())
     lines = max(group.count("\n") + 1 for group in groups)
     step = max(0.22 * len(heads), 0.2 * lines + 0.1)  # inches per group: its bars, or its label's lines
@@ -326,7 +344,7 @@ def write_report(run_dir: Path, table: pd.DataFrame, record: dict, run: dict, no
         + f", {len(record['class_names'])} classes; seed {run['seed']}.",
         *([f"- Features: {reduced}"] if reduced else []),
         f"- Tried {len(table)} combinations ({table['head'].nunique()} heads × "
-        f"{table[['backbone', 'layer', 'reduce', 'augment']].drop_duplicates().shape[0]} feature sets) in "
+        f"{feature_sets(table).nunique()} feature sets) in "
         f"{run['seconds']:.1f} s; "
         f"peak memory {format_bytes(run['peak_bytes'])} above start (budget {format_bytes(run['budget_bytes'])}).",
         f"- Use it: `make predict MODEL={published / 'best'} DATA=<image folder>`", "",
@@ -357,18 +375,19 @@ def summary(run_dir: Path, top: int = 10) -> str:
     record = json.loads((run_dir / "best" / "model.json").read_text())
     run = json.loads((run_dir / "run.json").read_text())
     best, reduced = best_row(table), _reduced(record)
+    manifest = next((p for p in (run_dir / MANIFEST, run_dir.parent / MANIFEST) if p.exists()), run_dir / MANIFEST)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         board = shown(table, top).to_string(index=False)
     return "\n".join([
         board, "",
-        f"best: {best['head']} on {best['backbone']}/{best['layer']}/{best['reduce']}: accuracy "
+        f"best: {best['head']} on {feature_sets(table).loc[best.name]}: accuracy "
         f"{_fmt(best['accuracy'], best['accuracy_std'])} ({record['scheme']}), "
         f"balanced {_fmt(best['balanced_accuracy'])}, macro-F1 {_fmt(best['macro_f1'])}",
         *([f"features: {reduced}"] if reduced else []),
         f"{len(table)} combinations in {run['seconds']:.1f} s; peak memory {format_bytes(run['peak_bytes'])} "
         f"(budget {format_bytes(run['budget_bytes'])})",
         *([f"why:     {why_chosen(table)}"] if "tied" in table else []),
-        f"results: {run_dir}/  (every file it wrote is listed in manifest.json; docs/classify.md#outputs says what "
+        f"results: {run_dir}/  (every file it wrote is listed in {manifest}; docs/classify.md#outputs says what "
         "each is)",
         f"next:    make predict MODEL={run_dir / 'best'} DATA=<image folder>",
         f"check:   {warnings_line(run_dir, run['notes'])}",

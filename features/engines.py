@@ -34,7 +34,7 @@ from filelock import FileLock
 
 from features.errors import UsageError
 from features.model import installed_version, pool_features
-from features.schema import GRAPH, CacheAttrs
+from features.schema import GRAPH, CacheAttrs, by_file
 
 if TYPE_CHECKING:
     from features.quantize import Calibration
@@ -263,7 +263,7 @@ def export_versions() -> dict[str, str]:
 def export_path(folder: Path, attrs: CacheAttrs) -> Path:
     """<folder>/<hash>.onnx, the hash over what determines the graph (the schema's `graph` attributes, the converter
     versions and the activation budget that sets its sub-batch)."""
-    identity = attrs.select(GRAPH)
+    identity = by_file(attrs.select(GRAPH))  # a user's model file by its hash: predict spells its path otherwise
     identity.update({k: v for k, v in export_versions().items() if k != "onnxruntime_version"})
     identity["activation_budget"] = ACTIVATION_BUDGET  # decides the exported sub-batch
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]

@@ -38,6 +38,8 @@ FEATURES = "feature_cache_features_{}"  # its outputs, one per cut layer, in the
 STORAGE_TYPES = {"float32": 1, "float16": 10}  # onnx.TensorProto.FLOAT, FLOAT16
 FLOAT_TYPES = (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16: tensors worth cutting at
 ELEMENT_BYTES = {1: 4, 10: 2, 11: 8, 16: 2}
+LAYOUT_OPS = {"Squeeze", "Unsqueeze", "Reshape", "Flatten", "Transpose", "Identity"}  # move values, compute nothing
+ENGINE_REASON = "rule: an ONNX file as the backbone runs on ONNX Runtime only"  # what --engine auto records
 NOT_KERAS = ("backbone '{}' is an ONNX graph, which runs on ONNX Runtime in extraction only; {} needs a Keras model. "
              "Use a registered name or a .keras file for it.")
 
@@ -223,7 +225,7 @@ def default_layer(spec: BackboneSpec, model=None) -> str:
     model = model or load_model(spec.file)
     names = tensor_names(model)
     wanted = spec.default_layer or model.graph.output[0].name
-    return wanted if wanted in names else next((n for n, t in names.items() if t == wanted), wanted)
+    return _layer_of(wanted, names, model) or wanted
 
 
 def _check_size(spec: BackboneSpec, model, size: int) -> None:
@@ -234,20 +236,54 @@ def _check_size(spec: BackboneSpec, model, size: int) -> None:
 
 
 def resolve_layers(spec: BackboneSpec, layers: list[str], size: int) -> list[str]:
-    """The cut layers as layer names (a tensor's own name is accepted too), checked against the graph before any
-    image is read; none asked: the default layer."""
+    """The cut layers as layer names (a tensor's own name, or a Keras layer's name in an export of a Keras model, is
+    accepted too), checked against the graph before any image is read; none asked: the default layer."""
     model = load_model(spec.file)
     _check_size(spec, model, size)
     names = tensor_names(model)
-    by_tensor = {tensor: name for name, tensor in names.items()}
     resolved = []
     for layer in layers or [default_layer(spec, model)]:
-        name = layer if layer in names else by_tensor.get(layer)
+        name = _layer_of(layer, names, model)
         if name is None:
             raise UsageError(f"layer '{layer}' is not a tensor of backbone '{spec.name}' ({len(names)} tensors; see "
                              f"'make layers BACKBONE={spec.name}').{_suggest(layer, names)}")
         resolved.append(name)
     return resolved
+
+
+def _layer_of(layer: str, names: dict[str, str], model) -> str | None:
+    """`layer` as one of `names` (layer name -> tensor): itself, the layer of a tensor's own name, or a Keras layer's
+    output (`_scope_output`); None where it is none of these."""
+    if layer in names:
+        return layer
+    return next((name for name, tensor in names.items() if tensor == layer), None) or _scope_output(layer, names, model)
+
+
+def _scope_output(layer: str, names: dict[str, str], model) -> str | None:
+    """A Keras layer's name as its output in a tf2onnx export, where exactly one scope has that name: the last tensor
+    made inside the scope (`avg_pool` -> `functional_1.avg_pool_1.Mean:0`), followed through the layout operations
+    the converter appends outside any scope (a Squeeze back to Keras' shape, the graph's Identity). What a `.keras`
+    sidecar's default_layer and LAYER mean in that model's export. None where no scope or several match."""
+    pattern = re.compile(rf"{re.escape(layer)}(_[0-9]+)?")
+    last: dict[str, str] = {}
+    for name in names:  # graph order is topological: a scope's last tensor is the layer's output
+        parts = name.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if pattern.fullmatch(part):
+                last[".".join(parts[: i + 1])] = name
+    if len(last) != 1:
+        return None
+    found = next(iter(last.values()))
+    by_tensor = {tensor: name for name, tensor in names.items()}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for tensor in node.input:
+            consumers.setdefault(tensor, []).append(node)
+    while True:
+        after = consumers.get(names[found], [])
+        if len(after) != 1 or after[0].op_type not in LAYOUT_OPS or "." in by_tensor.get(after[0].output[0], "."):
+            return found
+        found = by_tensor[after[0].output[0]]
 
 
 def _suggest(layer: str, names: dict[str, str]) -> str:

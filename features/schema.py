@@ -183,22 +183,26 @@ def names(*roles: str) -> tuple[str, ...]:
     return tuple(f.name for f in FIELDS if f.metadata["roles"] & set(roles))
 
 
+def by_file(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` as they are compared: a user's model file by its hash (`backbone_file_sha256`), not by the path it
+    was given as (`models/x.keras` and `/abs/models/x.keras` are the same backbone)."""
+    return {k: v for k, v in values.items() if not (k == "backbone" and values.get("backbone_file_sha256"))}
+
+
 def identity_diff(found: CacheAttrs, wanted: CacheAttrs, roles: tuple[str, ...] = IDENTITY,
                   ignore: tuple[str, ...] = ()) -> list[str]:
-    """'name: found -> wanted' for every attribute of `roles` that differs."""
+    """'name: found -> wanted' for every attribute of `roles` that differs, compared `by_file`."""
+    a, b = (by_file({k: getattr(attrs, k) for k in names(*roles)}) for attrs in (found, wanted))
     return [f"{k}: {getattr(found, k)!r} -> {getattr(wanted, k)!r}" for k in names(*roles)
-            if k not in ignore and getattr(found, k) != getattr(wanted, k)]
+            if k not in ignore and (k in a or k in b) and a.get(k) != b.get(k)]
 
 
 def recipe(values: Mapping[str, Any]) -> dict[str, Any]:
     """The `recipe` attributes of `values` (a cache's, or those a model.json recorded; absent ones as None) as they
-    are compared: a user's `.keras` backbone by its file hash, not by the path it was given as."""
+    are compared (`by_file`)."""
     defaults = {f.name: f.default for f in FIELDS if f.default is not dataclasses.MISSING}
-    found = {name: defaults.get(name) if values.get(name) is None else values[name]  # older records: the default
-             for name in names(RECIPE)}
-    if found["backbone_file_sha256"]:
-        del found["backbone"]
-    return found
+    return by_file({name: defaults.get(name) if values.get(name) is None else values[name]  # older records: default
+                    for name in names(RECIPE)})
 
 
 def backbone_label(backbone: str) -> str:

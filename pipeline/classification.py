@@ -33,10 +33,10 @@ from classifiers.heads import HeadSpec, resolve_heads
 from classifiers.memory import PeakMemory, parse_bytes
 from classifiers.reduce import ReduceSpec, get_reduce, resolve_reduce
 from classifiers.saved import write_json
-from classifiers.report import METRICS, plot_leaderboard, rank, save_model, write_leaderboard, write_report
+from classifiers.report import MANIFEST, METRICS, plot_leaderboard, rank, save_model, write_leaderboard, write_report
 from pipeline.page import write_index, write_page
 from features.errors import UsageError, check_name_lengths
-from features.schema import IDENTITY, MODEL, names
+from features.schema import IDENTITY, MODEL, PER_SHARD, by_file, identity_diff, names
 
 
 
@@ -81,8 +81,9 @@ class Experiment:
     notes: list[str]
 
 
-def select_caches(caches: list[Cache], named: set[Path]) -> tuple[list[list[Cache]], list[str]]:
-    """The caches to rank, grouped by the data they were made from, and a note on each one passed over.
+def select_caches(caches: list[Cache], named: set[Path]) -> tuple[list[list[Cache]], list[tuple[str, str]]]:
+    """The caches to rank, grouped by the data they were made from, and a note on each one passed over: (the data id
+    of the cache used in its place, or "" where none is, the note).
 
     Different backbones, layers and reductions of the same images share a leaderboard: that comparison is the point.
     Passed over unless named explicitly (`named`): unlabelled caches (made for prediction) and shards (their merge is
@@ -90,20 +91,23 @@ def select_caches(caches: list[Cache], named: set[Path]) -> tuple[list[list[Cach
     copy of a selected cache (equal identity and rows), so no dataset counts twice.
     """
     notes, kept, seen = [], [], {}
-    merged = {c.attrs.source_fingerprint for c in caches if not c.attrs.shard}
+    wholes = [c for c in caches if not c.attrs.shard]
     for cache in caches:
         explicit = cache.path in named
+        merged = next((whole for whole in wholes if cache.attrs.shard and not identity_diff(
+            whole.attrs, cache.attrs, ignore=names(PER_SHARD))), None)  # the same extraction, all its shards
         if not (cache.labels >= 0).any() and not explicit:
-            notes.append(f"skipped {cache.path}: it has no labels (made for prediction); name it in FEATURES to "
-                         "classify it anyway")
-        elif cache.attrs.shard and (cache.attrs.source_fingerprint in merged or not explicit):
-            notes.append(f"skipped {cache.path}: shard {cache.attrs.shard} of an extraction"
-                         + (", whose merged cache is used" if cache.attrs.source_fingerprint in merged else
-                            "; merge its shards (make merge SHARDS_OF=...) to rank the whole dataset"))
+            notes.append(("", f"skipped {cache.path}: it has no labels (made for prediction: make predict DATA=...)"))
+        elif cache.attrs.shard and (merged or not explicit):
+            notes.append((merged.data_id if merged else "", f"skipped {cache.path}: shard {cache.attrs.shard} of an "
+                          + (f"extraction whose merged cache {merged.path} is used" if merged else
+                             "extraction; merge its shards (make merge SHARDS_OF=...) to rank the whole dataset")))
         else:
-            identity = (cache.data_id, json.dumps([getattr(cache.attrs, n) for n in names(*IDENTITY)], default=str))
+            identity = (cache.data_id, json.dumps(by_file({n: getattr(cache.attrs, n) for n in names(*IDENTITY)}),
+                                                  default=str))
             if identity in seen:
-                notes.append(f"skipped {cache.path}: the same features as {seen[identity]} (used instead)")
+                notes.append((cache.data_id, f"skipped {cache.path}: the same features as {seen[identity]} (used "
+                                             "instead)"))
                 continue
             seen[identity] = cache.path
             kept.append(cache)
@@ -140,13 +144,15 @@ def plan_jobs(cfg: ClassifyConfig) -> tuple[list[HeadSpec], list[Experiment], li
     named = {Path(part.strip()) for part in (cfg.features or "").split(",")
              if part.strip() and not glob.has_magic(part)}  # named explicitly: used as named
     groups, passed = select_caches(caches, named)
-    notes += passed
+    ranked = {group[0].data_id for group in groups}
+    notes += [note for data_id, note in passed if data_id not in ranked]  # the run's; a dataset's go in its report
     if not groups:
-        raise UsageError(f"none of the {len(caches)} selected caches can be ranked: " + "; ".join(passed[:3])
+        raise UsageError(f"none of the {len(caches)} selected caches can be ranked: "
+                         + "; ".join(note for _, note in passed[:3])
                          + ". Extract a labelled cache, or name the one to use in FEATURES.")
     experiments = []
     for name, group in zip(_experiment_names(groups), groups):
-        jobs, own = [], []
+        jobs, own = [], [note for data_id, note in passed if data_id == group[0].data_id]
         for cache in group:
             layers = layers_in(cache, cfg.layer)
             if not layers:
@@ -168,8 +174,6 @@ def plan_jobs(cfg: ClassifyConfig) -> tuple[list[HeadSpec], list[Experiment], li
     return heads, experiments, notes
 
 
-# in a results folder: every file its classify run wrote there, which is all that a rerun may replace
-MANIFEST = "manifest.json"
 
 
 def _run_dir(cfg: ClassifyConfig) -> tuple[Path, Path]:

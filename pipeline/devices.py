@@ -55,7 +55,7 @@ def extract_on_devices(cfg: ExtractConfig, verbose: bool = True, gpus: list[str]
     if len(chosen) > 1 and parse_shard(cfg.shard) is None:
         return _workers(cfg, chosen, verbose)
     if not chosen:
-        print("devices: no GPU visible to TensorFlow; extracting with one worker on the CPU.")
+        print("devices: no GPU visible; extracting with one worker on the CPU.")
     else:
         note = "" if len(chosen) == 1 else " (a shard runs as one worker; use more shards for more GPUs)"
         print(f"devices: one worker on GPU {chosen[0]}{note}.")

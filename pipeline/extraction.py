@@ -212,8 +212,10 @@ def ticking(what: str, show: bool = True) -> Iterator[None]:
 
 def engine_attrs(attrs: CacheAttrs, engine: str, reason: str | None = None) -> CacheAttrs:
     """`attrs` with the engine that runs (an identity attribute), why where `reason` is given (else as resolved) and,
-    for onnx, the converter and runtime versions."""
+    for onnx, the runtime and converter versions (no converter for a user's .onnx file: it runs as it is)."""
     versions = export_versions() if engine == "onnx" else dict.fromkeys(export_versions(), "")
+    if Path(attrs.backbone).suffix == ".onnx":
+        versions["tf2onnx_version"] = ""
     return dataclasses.replace(attrs, engine=engine, **versions, **({"engine_reason": reason} if reason else {}))
 
 
@@ -274,6 +276,7 @@ def extract(cfg: ExtractConfig, verbose: bool = True, engines: Path | None = Non
     for note in catalog.notes if verbose else ():
         print(f"note: {note}")
     spec = get_backbone(cfg.backbone, cfg.preprocess)
+    requested = cfg.engine
     if spec.onnx:  # a user's ONNX graph: ONNX Runtime only, cut at its tensors (features/onnx_backbone.py)
         onnx_backbone.check_options(spec, cfg.engine, cfg.precision, cfg.jit, cfg.weights)
         cfg = cfg.replace(engine="onnx")
@@ -299,6 +302,8 @@ def extract(cfg: ExtractConfig, verbose: bool = True, engines: Path | None = Non
 
     attrs, calib = resolve_run(cfg, attrs, export, None if cfg.overwrite else recorded_attrs(out), shard is not None,
                                len(catalog), whole)
+    if spec.onnx and requested == AUTO:
+        attrs = dataclasses.replace(attrs, engine_reason=onnx_backbone.ENGINE_REASON)
 
     @functools.cache
     def cut_model():  # built on first use: never for a complete cache, nor to run a kept ONNX export

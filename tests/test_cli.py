@@ -104,10 +104,12 @@ def test_every_make_variable_is_documented():
 def make_tree(root: Path) -> None:
     shutil.copy(MAKEFILE, root / "Makefile")
     for folder in ["build/lib", "feature_cache.egg-info", "pkg/__pycache__", ".pytest_cache/v", "mutants/pkg",
-                   "cache/engines", "results/20250101-120000/best", ".venv/lib/__pycache__", "data/ants"]:
+                   "cache/engines", "results/20250101-120000/best", ".venv/lib/__pycache__", "data/ants",
+                   "predictions/run__best"]:
         (root / folder).mkdir(parents=True)
     for file in ["pkg/m.py", "pkg/__pycache__/m.cpython-311.pyc", "cache/a.h5", "cache/engines/x.onnx",
-                 "results/20250101-120000/best/model.json", ".venv/lib/__pycache__/x.pyc", "data/ants/1.jpg"]:
+                 "results/20250101-120000/best/model.json", ".venv/lib/__pycache__/x.pyc", "data/ants/1.jpg",
+                 "predictions/run__best/new.csv", "predictions/run__best/new.h5"]:
         (root / file).write_text("x")
 
 
@@ -125,7 +127,7 @@ def test_make_clean_removes_build_artefacts_only(tmp_path):
     for gone in ["build", "feature_cache.egg-info", "pkg/__pycache__", ".pytest_cache", "mutants"]:
         assert gone not in left
     for kept in ["cache/a.h5", "cache/engines/x.onnx", "results/20250101-120000/best/model.json", "pkg/m.py",
-                 ".venv/lib/__pycache__/x.pyc", "data/ants/1.jpg"]:
+                 ".venv/lib/__pycache__/x.pyc", "data/ants/1.jpg", "predictions/run__best/new.csv"]:
         assert kept in left
 
 
@@ -135,10 +137,12 @@ def test_make_clean_data_lists_then_deletes_caches_and_results(tmp_path):
     done = run_make(tmp_path, "clean-data")
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert "caches live in cache/ (the default; set FEATURE_CACHE_DIR to move them), results in results/" in out
+    assert ("caches live in cache/ (the default; set FEATURE_CACHE_DIR to move them), results in results/, "
+            "predictions in predictions/") in out
     assert re.search(r"^  cache/  \S+, 2 files$", out, re.M) and re.search(r"^  results/  \S+, 1 files$", out, re.M)
+    assert re.search(r"^  predictions/  \S+, 2 files$", out, re.M)
     assert out.index("deleting") < out.index("deleted.")
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "results").exists()
+    assert not any((tmp_path / d).exists() for d in ("cache", "results", "predictions"))
     assert (tmp_path / "data" / "ants" / "1.jpg").exists() and (tmp_path / "build").exists()
     again = run_make(tmp_path, "clean-data")
     assert again.returncode == 0 and "nothing to delete" in again.stdout
@@ -224,7 +228,8 @@ NOISE = re.compile(r"E0000|cuInit|absl|oneDNN|tensorflow/|cudart_stub|cpu_featur
 
 
 def test_an_extraction_through_the_cli_prints_no_tensorflow_noise(tmp_path):
-    """TF_CPP_MIN_LOG_LEVEL unset, as in a user's shell: stderr has the progress bar and nothing from TensorFlow."""
+    """TF_CPP_MIN_LOG_LEVEL unset, as in a user's shell: stderr has the progress bar, the ONNX export's line with
+    its elapsed time, and nothing from TensorFlow."""
     for k, name in enumerate(["cats", "dogs"]):
         write_images(tmp_path / "data" / name, 3, seed=k)
     done = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--data", str(tmp_path / "data"),
@@ -235,6 +240,7 @@ def test_an_extraction_through_the_cli_prints_no_tensorflow_noise(tmp_path):
     assert (tmp_path / "c.h5").exists()
     noisy = [line for line in re.split(r"[\r\n]", done.stderr) if NOISE.search(line)]
     assert noisy == []
+    assert re.search(r"exporting the model to ONNX \(random weights: not kept\): 00:\d\d", done.stderr)  # no silent wait
 
 
 def test_filtered_stderr_drops_what_tensorflow_would_and_keeps_the_rest(capfd, monkeypatch):

@@ -30,11 +30,11 @@ def crowded(tmp_path_factory):
     _, X, y, split, paths = _dataset(folder, "ants__net__l1+l2.h5", 40, 0, "/data/ants", layers=("l1", "l2"),
                                      source_fingerprint="ants")
     merged = write_cache(folder / "ants__other.h5", {"avg": X + 1}, y, label_names=["a", "b"], split=split,
-                         paths=paths, data_root="/data/ants", backbone="othernet", source_fingerprint="ants2")
+                         paths=paths, data_root="/data/ants", backbone="othernet", source_fingerprint="ants")
     for i, rows in enumerate([np.arange(len(y))[0::2], np.arange(len(y))[1::2]]):
         write_cache(folder / f"ants__other.shard{i}-of-2.h5", {"avg": X[rows] + 1}, y[rows], label_names=["a", "b"],
                     split=split[rows], paths=[paths[r] for r in rows], data_root="/data/ants", backbone="othernet",
-                    source_fingerprint="ants2", shard=f"{i}/2")
+                    source_fingerprint="ants", shard=f"{i}/2")
     shutil.copy(merged, folder / "copy-of-other.h5")
     _dataset(folder, "bees__net__avg.h5", 12, 1, "/data/bees", source_fingerprint="bees")
     write_cache(folder / "new-images.h5", {"avg": X[:5]}, [-1] * 5, label_names=[], paths=paths[:5],
@@ -55,9 +55,13 @@ def test_plain_classify_ranks_each_dataset_on_its_own(crowded, tmp_path, monkeyp
     assert set(bees["cache"].map(lambda p: p.split("/")[-1])) == {"bees__net__avg.h5"} and len(bees) == 2
     assert "ants/report.html" in (run / "index.html").read_text()
     err = capsys.readouterr().err
-    for skipped in ("new-images.h5: it has no labels", "ants__other.shard0-of-2.h5: shard 0/2 of an extraction, "
-                    "whose merged cache is used", "copy-of-other.h5: the same features as"):
+    for skipped in ("new-images.h5: it has no labels", "ants__other.shard0-of-2.h5: shard 0/2 of an extraction "
+                    f"whose merged cache {crowded / 'ants__other.h5'} is used", "copy-of-other.h5: the same features as"):
         assert skipped in err, err
+    ants_notes = json.loads((run / "ants" / "run.json").read_text())["notes"]  # what its report lists
+    assert any("shard0-of-2.h5" in n for n in ants_notes) and any("copy-of-other.h5" in n for n in ants_notes)
+    assert not any("new-images.h5" in n for n in ants_notes)  # the run's note, on the index page
+    assert "new-images.h5" in (run / "index.html").read_text()
     record = json.loads((run / "ants" / "best" / "model.json").read_text())
     assert record["data_root"] == "/data/ants"
     assert str(run / "ants" / "best") in (run / "ants" / "report.md").read_text()
@@ -70,6 +74,7 @@ def test_the_cli_prints_one_summary_per_dataset_and_the_index(crowded, tmp_path,
     assert main(["classify", "--heads", "logreg", "--out", str(tmp_path / "r"), "--no-report"]) == 0
     out = capsys.readouterr().out
     assert "== dataset ants ==" in out and "== dataset bees ==" in out
+    assert out.count(f"every file it wrote is listed in {tmp_path / 'r' / 'manifest.json'}") == 2  # the run's one
     assert out.rstrip().endswith(f"index: {tmp_path / 'r' / 'index.html'}")
 
 
@@ -77,6 +82,10 @@ def test_a_named_shard_or_unlabelled_cache_is_used_or_refused_as_named(crowded, 
     shard = crowded / "ants__other.shard0-of-2.h5"
     run = classify(ClassifyConfig(features=str(shard), heads="logreg", out=str(tmp_path / "s"), report=False))
     assert pd.read_csv(run / "leaderboard.csv")["cache"].str.endswith("shard0-of-2.h5").all()
+    beside = classify(ClassifyConfig(features=f"{shard},{crowded / 'ants__net__l1+l2.h5'}", heads="logreg",
+                                     out=str(tmp_path / "b"), report=False))  # not its merge: half the images
+    used = [pd.read_csv(r / "leaderboard.csv")["cache"].iloc[0] for r in dataset_runs(beside)]
+    assert sorted(p.split("/")[-1] for p in used) == ["ants__net__l1+l2.h5", "ants__other.shard0-of-2.h5"]
     line = fails_in_one_line(capsys, ["classify", "--features", str(crowded / "new-images.h5"), "--heads", "logreg",
                                       "--out", str(tmp_path / "u")])
     assert "new-images has no labelled images" in line
@@ -122,7 +131,7 @@ def test_each_datasets_report_fits_the_window_and_says_what_to_use_first(crowded
     """The issue's scenario end to end in Chromium: plain classify over the crowded cache folder, then every
     dataset's report.html fits 1280 and 800 px with the model, its interval, the predict command and the warnings
     on its first screen; the index links them."""
-    from tests.test_report import SCREEN_HEIGHT, WIDTHS, _browse, _chromium
+    from tests.test_report import SCREEN_HEIGHT, WIDTHS, _browse, _chromium, assert_outputs_documented
 
     chromium = _chromium()
     pytest.importorskip("playwright", reason="the layout is measured with Playwright (pip install playwright)")
@@ -135,10 +144,11 @@ def test_each_datasets_report_fits_the_window_and_says_what_to_use_first(crowded
         for width in WIDTHS:
             seen = found["layout"][width]
             assert seen["scroll"] <= seen["viewport"] == width
-            assert seen["card_top"] is not None and seen["card_top"] < SCREEN_HEIGHT
+            assert seen["card_top"] is not None and seen["card_bottom"] <= SCREEN_HEIGHT
             card = " ".join(seen["card"].split())
             assert f"accuracy {best['accuracy']:.3f} (95% CI {best['ci_low']:.3f}–{best['ci_high']:.3f})" in card
             assert f"make predict MODEL={folder}/best DATA=<new images>" in card
             assert "cross-split near-duplicate" in card and "likely label error" in card
     index = (run / "index.html").read_text()
     assert 'href="ants/report.html"' in index and 'href="bees/report.html"' in index
+    assert_outputs_documented(run)

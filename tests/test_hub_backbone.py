@@ -157,7 +157,7 @@ def test_make_layers_lists_the_cut_points_with_the_class_token_as_default(preset
 
 def test_extract_through_both_engines_gives_the_keras_features(presets, photos, tmp_path):
     spec = get_backbone(f"hub:{presets['dinov2']}")
-    layers = ["cls_token", "block1_patch_mean"]
+    layers = ["cls_token", "patch_mean", "block1_patch_mean"]
     got = {}
     for engine in ("tf", "onnx"):
         out = extract(ExtractConfig(backbone=spec.name, data=str(photos), out=str(tmp_path / f"{engine}.h5"),

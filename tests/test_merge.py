@@ -164,7 +164,7 @@ def test_select_gpus_by_index_and_errors_name_the_visible_ones():
 
 def test_cpu_only_runs_one_worker_and_says_so(sharded, tmp_path, capsys):
     result = extract_on_devices(sharded.cfg.replace(out=str(tmp_path / "cpu.h5")), verbose=False, gpus=[])
-    assert "no GPU visible to TensorFlow; extracting with one worker on the CPU" in capsys.readouterr().out
+    assert "no GPU visible; extracting with one worker on the CPU" in capsys.readouterr().out
     assert_identical(result.path, sharded.single)
 
 

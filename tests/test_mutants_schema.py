@@ -206,3 +206,16 @@ def test_recipe_reads_a_recorded_none_as_the_default() -> None:
     found = recipe({"calibration": None, "image_size": 0, "backbone": "vgg19", "backbone_file_sha256": ""})
     assert found["calibration"] == "" and found["image_size"] == 0 and found["backbone"] == "vgg19"
     assert found["backbone_file_sha256"] == ""
+
+
+def test_a_model_file_is_compared_by_its_hash_not_the_path_it_was_given_as() -> None:
+    relative = CacheAttrs.example(backbone="models/x.keras", backbone_file_sha256="ab" * 32)
+    absolute = dataclasses.replace(relative, backbone="/home/u/models/x.keras")
+    other = dataclasses.replace(absolute, backbone_file_sha256="cd" * 32)
+    assert schema.identity_diff(relative, absolute) == []
+    assert [d.split(":")[0] for d in schema.identity_diff(relative, other)] == ["backbone_file_sha256"]
+    registry = CacheAttrs.example(backbone="vgg19")
+    assert [d.split(":")[0] for d in schema.identity_diff(registry, dataclasses.replace(registry, backbone="vgg16"))] \
+        == ["backbone"]
+    assert schema.by_file(relative.select(GRAPH)) == schema.by_file(absolute.select(GRAPH))
+    assert "backbone" in schema.by_file(registry.select(GRAPH))

@@ -236,6 +236,8 @@ def test_extraction_runs_without_tensorflow_and_gives_onnx_runtimes_features(tmp
     with h5py.File(out) as f:
         attrs = {k: plain(v) for k, v in f.attrs.items()}
     assert attrs["engine"] == "onnx" and attrs["weights"] == f"sha256:{sha256_file(path)}"
+    assert attrs["engine_reason"] == "rule: an ONNX file as the backbone runs on ONNX Runtime only"
+    assert attrs["tf2onnx_version"] == "" and attrs["onnxruntime_version"]  # no converter touched the user's file
     assert attrs["backbone_file_sha256"] == sha256_file(path)
     assert attrs["layers"] == ["relu1.Relu_output_0", "logits"]
     assert attrs["preprocessing"].startswith("caffe: ") and attrs["preprocessing"].endswith(
@@ -411,8 +413,8 @@ def test_a_keras_model_exported_with_tf2onnx_gives_the_same_features(tmp_path, p
     x = keras.layers.DepthwiseConv2D(3, activation="relu6", name="dw")(x)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     keras.Model(inp, keras.layers.Dense(3, name="top")(x)).save(tmp_path / "small.keras")
-    sidecar = {"preprocess": "mean=127,std=128", "input_size": SIZE}
-    (tmp_path / "small.json").write_text(json.dumps(sidecar))
+    sidecar = {"preprocess": "mean=127,std=128", "input_size": SIZE, "default_layer": "avg_pool"}
+    (tmp_path / "small.json").write_text(json.dumps(sidecar))  # the .keras sidecar, copied: a Keras layer's name
     assert_onnx_file_gives_the_keras_features(tmp_path / "small.keras", "avg_pool", SIZE, photos, tmp_path, sidecar)
 
 
@@ -421,5 +423,5 @@ def test_the_shipped_lite0_exported_to_onnx_gives_its_keras_features(tmp_path, p
     """Issue 27's check: Lite0 cut at avg_pool, exported with tf2onnx, with the documented sidecar (README, 'Your own
     ONNX model'), extracts the features of the .keras file within 1e-4."""
     difference = assert_onnx_file_gives_the_keras_features(LITE0, "avg_pool", 224, photos, tmp_path, {
-        "preprocess": "mean=127,std=128", "input_size": 224})
+        "preprocess": "mean=127,std=128", "input_size": 224, "default_layer": "avg_pool"})
     print(f"Lite0 .onnx vs .keras: max abs difference {difference:.2e}")

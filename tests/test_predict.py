@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,8 @@ from classifiers.testing import separable, write_cache
 from features.errors import UsageError
 from pipeline.classification import ClassifyConfig, classify
 from pipeline.cli import main
+from pipeline.config import ExtractConfig
+from pipeline.extraction import extract
 from pipeline.prediction import PredictConfig, predict, summary
 
 
@@ -117,3 +120,22 @@ def test_predict_mistakes_give_one_clear_line(trained, tmp_path, capsys):
     assert "No saved model at" in capsys.readouterr().err
     assert main(["predict", "--model", str(run / "best"), "--data", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_predict_runs_the_graph_exported_for_training_however_the_backbone_path_is_spelled(
+        tiny_backbone, class_folder, tmp_path, monkeypatch):
+    """The training cache names its .keras backbone as given (relative, as `make extract BACKBONE=models/x.keras`);
+    predict finds the file by its hash at an absolute path: the same file, so the same kept ONNX graph, never a
+    second export."""
+    (tmp_path / "models").mkdir()
+    for suffix in (".keras", ".json"):
+        shutil.copy(tiny_backbone.with_suffix(suffix), tmp_path / "models")
+    monkeypatch.chdir(tmp_path)
+    extract(ExtractConfig(backbone="models/tiny.keras", data=str(class_folder), engine="onnx", out="cache/c.h5",
+                          batch_size=4, workers=1), verbose=False)
+    exported = sorted((tmp_path / "cache" / "engines").glob("*.onnx"))
+    run = classify(ClassifyConfig(features="cache/c.h5", heads="logreg", cv=3, out="results/r", report=False))
+    assert json.loads((run / "best" / "model.json").read_text())["backbone_abspath"] == str(
+        tmp_path / "models" / "tiny.keras")
+    predict(PredictConfig(model=str(run / "best"), data=str(class_folder), out=str(tmp_path / "p" / "p.csv")))
+    assert len(exported) == 1 and sorted((tmp_path / "cache" / "engines").glob("*.onnx")) == exported

@@ -123,7 +123,7 @@ SCREEN_HEIGHT = 900
 
 def _browse(chromium: str, page: Path, screenshot: Path | None) -> dict:
     """Console errors, number of gallery thumbnails and of images that did not decode, read by Playwright; and at
-    each of WIDTHS the page's scroll width, the summary card's top and its text."""
+    each of WIDTHS the page's scroll width, the summary card's top, bottom and text."""
     from playwright.sync_api import sync_playwright
 
     errors, layout = [], {}
@@ -138,6 +138,8 @@ def _browse(chromium: str, page: Path, screenshot: Path | None) -> dict:
             layout[width] = {"scroll": tab.evaluate("document.documentElement.scrollWidth"),
                              "viewport": tab.evaluate("window.innerWidth"),
                              "card_top": card.bounding_box()["y"] if card.count() else None,
+                             "card_bottom": (card.bounding_box()["y"] + card.bounding_box()["height"]
+                                             if card.count() else None),
                              "card": card.inner_text() if card.count() else "",
                              "text": tab.evaluate("document.body.innerText")}
         found = {"errors": errors, "layout": layout,
@@ -183,7 +185,7 @@ def test_report_fits_1280_and_800_pixels_and_its_first_screen_says_what_to_use(p
     for width in WIDTHS:
         seen = found["layout"][width]
         assert seen["scroll"] <= seen["viewport"] == width, (width, seen["scroll"])  # no sideways page scroll
-        assert seen["card_top"] is not None and seen["card_top"] < SCREEN_HEIGHT  # in the first screen
+        assert seen["card_top"] is not None and seen["card_bottom"] <= SCREEN_HEIGHT  # all of it on the first screen
         card = " ".join(seen["card"].split())
         assert f"{best['head']} on {best['backbone']} / {best['layer']}" in card
         assert f"accuracy {best['accuracy']:.3f} (95% CI {best['ci_low']:.3f}–{best['ci_high']:.3f})" in card
@@ -365,3 +367,49 @@ def test_summary_card_says_what_to_use_and_counts_what_to_worry_about(tmp_path, 
     assert "dropped class(es) 'wasps' (1 image)" in _text(page.split('id="notes"', 1)[1])
     assert "`" not in _text(page) and "**" not in _text(page)
     assert page.count('<tr class="chosen">') == 1
+
+
+def test_one_layer_from_two_caches_counts_as_two_feature_sets_named_by_their_files(tmp_path):
+    """The same backbone, layer and reduction of one dataset at two image sizes: two feature sets, told apart by the
+    cache's file name in the leaderboard, the chart's labels and report.md's count; one cache needs no such column."""
+    X, y = separable(20, 2, 8, seed=4, spread=2.0)
+    for size, scale in ((64, 1.0), (96, 1.5)):
+        write_cache(tmp_path / f"ants_at_{size}.h5", {"avg": X * scale}, y, image_size=size)
+    run = classify(ClassifyConfig(features=str(tmp_path / "ants_at_*.h5"), heads="logreg,knn", cv=3,
+                                  out=str(tmp_path / "run"), report=False))
+    assert "2 heads × 2 feature sets" in (run / "report.md").read_text()
+    board = shown(pd.read_csv(run / "leaderboard.csv"))
+    assert sorted(board["cache"].unique()) == ["ants_at_64", "ants_at_96"]
+    single = pd.read_csv(run / "leaderboard.csv")
+    single = single[single["cache"].str.endswith("ants_at_64.h5")]
+    assert "cache" not in shown(single).columns
+
+
+def documented_outputs() -> list[str]:
+    """The file patterns of docs/classify.md's Outputs table (`<name>` as a wildcard): the one list of what a classify
+    run writes."""
+    text = (ROOT / "docs" / "classify.md").read_text()
+    table = text[text.index("## Outputs"):].split("\n## ")[0]
+    cells = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    return [re.sub(r"<[^>]+>", "*", name).rstrip("/") for cell in cells for name in re.findall(r"`([^`]+)`", cell)]
+
+
+def assert_outputs_documented(run: Path) -> None:
+    """Every file a run's manifest lists matches a row of docs/classify.md's Outputs table (in a run of several
+    datasets, a dataset folder's files as that row says: the files above)."""
+    from fnmatch import fnmatch
+
+    from pipeline.classification import dataset_runs
+
+    patterns = documented_outputs()
+    assert "*" in patterns  # the `<dataset>/` row
+    folders = [f"{r.relative_to(run).as_posix()}/" for r in dataset_runs(run) if r != run]
+    listed = json.loads((run / "manifest.json").read_text())["files"]
+    inner = [next((f[len(d):] for d in folders if f.startswith(d)), f) for f in listed]
+    undocumented = [f for f in inner if not any(fnmatch(f, p) or fnmatch(f, p + "/*") for p in patterns if p != "*")]
+    assert listed and undocumented == [], undocumented
+
+
+def test_every_file_a_run_writes_is_in_the_documented_list(planted):
+    _, run, _, _ = planted
+    assert_outputs_documented(run)
