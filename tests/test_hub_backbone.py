@@ -117,7 +117,7 @@ def test_class_token_and_patch_mean_at_the_last_block_and_at_each_block(presets,
 
 def test_the_image_towers_of_clip_and_siglip_and_a_cnn():
     """CLIP and SigLIP are two-tower models: their image tower is cut; SigLIP has no class token but its own pooled
-    output. A CNN keeps its own layers, its last feature map last."""
+    output. A CNN keeps its own layers, its last feature map last. Each exports to ONNX with the Keras features."""
     import keras_hub
 
     from features.hub_backbone import with_cut_points
@@ -134,7 +134,11 @@ def test_the_image_towers_of_clip_and_siglip_and_a_cnn():
                               stackwise_num_blocks=[1, 1], stackwise_num_strides=[1, 2], block_type="basic_block")
     found = {}
     for name, backbone in [("clip", clip), ("siglip", siglip), ("resnet", resnet)]:
-        found[name] = {row[0]: row[2] for row in layer_shapes(with_cut_points(backbone), SIZE)}
+        model = with_cut_points(backbone)
+        found[name] = {row[0]: row[2] for row in layer_shapes(model, SIZE)}
+        last = list(found[name])[-1]
+        assert_onnx_export_equals_keras(cut(model, [*{"cls_token", "pooled", "patch_mean"} & set(found[name]), last]),
+                                        lambda x: x / 127.5 - 1)
     assert {"cls_token", "patch_mean", "block2_cls_token"} <= set(found["clip"])
     assert {"pooled", "patch_mean", "block1_patch_mean"} <= set(found["siglip"]) and "cls_token" not in found["siglip"]
     assert found["siglip"]["pooled"] == found["clip"]["block1_patch_mean"] == (HIDDEN,)
@@ -178,13 +182,18 @@ def test_extract_through_both_engines_gives_the_keras_features(presets, photos, 
 def test_a_vit_exports_to_onnx_with_its_position_ids_as_constants(presets):
     """ViT keeps its position ids as a tensor attribute, which a trace captures as an input that tf2onnx would leave
     unfed in the graph; the export has one input and the Keras model's features within 1e-5."""
+    spec = get_backbone(f"hub:{presets['vit']}")
+    assert_onnx_export_equals_keras(cut(build_base(spec, "default", SIZE), ["cls_token", "block2_patch_mean"]),
+                                    spec.preprocess.fn)
+
+
+def assert_onnx_export_equals_keras(model, preprocess) -> None:
+    """`model` exported to ONNX (with `preprocess`) has one input and gives the Keras forward pass within 1e-5."""
     import onnxruntime as ort
 
     from features.engines import Graph, export_onnx
 
-    spec = get_backbone(f"hub:{presets['vit']}")
-    model = cut(build_base(spec, "default", SIZE), ["cls_token", "block2_patch_mean"])
-    graph = Graph(lambda: model, spec.preprocess.fn, 2, SIZE)
+    graph = Graph(lambda: model, preprocess, 2, SIZE)
     pixels = np.random.default_rng(2).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
     path = export_onnx(graph, None)
     try:
