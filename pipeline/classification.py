@@ -174,8 +174,6 @@ def plan_jobs(cfg: ClassifyConfig) -> tuple[list[HeadSpec], list[Experiment], li
     return heads, experiments, notes
 
 
-
-
 def _run_dir(cfg: ClassifyConfig) -> tuple[Path, Path]:
     """(the results folder, the hidden folder the run is written into first): `_publish` swaps the complete run in
     as a whole, so a rerun leaves no stale model beside the new leaderboard and a crash leaves the old run intact.

@@ -425,3 +425,27 @@ def test_the_shipped_lite0_exported_to_onnx_gives_its_keras_features(tmp_path, p
     difference = assert_onnx_file_gives_the_keras_features(LITE0, "avg_pool", 224, photos, tmp_path, {
         "preprocess": "mean=127,std=128", "input_size": 224, "default_layer": "avg_pool"})
     print(f"Lite0 .onnx vs .keras: max abs difference {difference:.2e}")
+
+
+def test_a_keras_layer_name_is_its_output_only_where_one_scope_has_that_name():
+    """tf2onnx names tensors `<model>/<layer>_<n>/<op>:0`; a Keras name is the last tensor of its one scope, followed
+    through unscoped layout operations only (not into the next layer, not through arithmetic)."""
+    from types import SimpleNamespace
+
+    from features.onnx_backbone import _layer_of, tensor_names
+
+    def node(op, inputs, output):
+        return SimpleNamespace(op_type=op, input=inputs, output=[output])
+
+    model = SimpleNamespace(graph=SimpleNamespace(node=[
+        node("Conv", ["x"], "m/conv_1/Conv:0"), node("Relu", ["m/conv_1/Conv:0"], "m/conv_1/Relu:0"),
+        node("Conv", ["m/conv_1/Relu:0"], "m/conv_2/Conv:0"),
+        node("GlobalAveragePool", ["m/conv_2/Conv:0"], "m/avg_pool_1/Mean:0"),
+        node("Squeeze", ["m/avg_pool_1/Mean:0"], "Squeeze:0"), node("Identity", ["Squeeze:0"], "Identity:0"),
+        node("Mul", ["Identity:0"], "Mul:0")]))
+    names = tensor_names(model)
+    assert _layer_of("avg_pool", names, model) == "Identity:0"  # through Squeeze and Identity, not the Mul
+    assert _layer_of("conv_1", names, model) == "m.conv_1.Relu:0"  # the scope's last tensor, not the next layer's
+    assert _layer_of("conv", names, model) is None  # conv_1 and conv_2: two scopes
+    assert _layer_of("Mean", names, model) is None  # an op's name is not a scope
+    assert _layer_of("m/conv_2/Conv:0", names, model) == "m.conv_2.Conv:0"  # a tensor's own name
