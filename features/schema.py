@@ -194,7 +194,7 @@ def identity_diff(found: CacheAttrs, wanted: CacheAttrs, roles: tuple[str, ...] 
     """'name: found -> wanted' for every attribute of `roles` that differs, compared `by_file`."""
     a, b = (by_file({k: getattr(attrs, k) for k in names(*roles)}) for attrs in (found, wanted))
     return [f"{k}: {getattr(found, k)!r} -> {getattr(wanted, k)!r}" for k in names(*roles)
-            if k not in ignore and (k in a or k in b) and a.get(k) != b.get(k)]
+            if k not in ignore and a.get(k) != b.get(k)]
 
 
 def recipe(values: Mapping[str, Any]) -> dict[str, Any]:
