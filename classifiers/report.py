@@ -182,9 +182,8 @@ def shown(table: pd.DataFrame, top: int | None = None) -> pd.DataFrame:
     """The columns a person reads, by rank (the first `top` ranks and always the chosen row), `choice` marking the
     chosen and the tied rows, `cache` (its file name) only where `feature_sets` needs it, empty columns (metrics,
     augment on clean runs) dropped, numbers rounded."""
-    shared = _alike(table)[1]
-    cache = table.reindex(columns=["cache"])["cache"].where(shared).map(lambda c: Path(c).stem, na_action="ignore")
-    table = by_rank(table.assign(choice=_marks(table), cache=cache))
+    _, shared, stems = _alike(table)
+    table = by_rank(table.assign(choice=_marks(table), cache=stems.where(shared)))
     if top is not None:
         table = table[(np.arange(len(table)) < top) | (table["choice"] == "chosen").to_numpy()]
     view = table.reindex(columns=["rank"] + SHOWN).replace("", np.nan).dropna(axis=1, how="all")
@@ -219,19 +218,19 @@ def plot_leaderboard(run_dir: Path) -> Path:
     return save_figure(leaderboard_figure(pd.read_csv(run_dir / "leaderboard.csv")), run_dir / "accuracy.png")
 
 
-def _alike(table: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
-    """(backbone / layer / reduce (/ augment) of each row, whether several caches share it)."""
+def _alike(table: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """(backbone / layer / reduce (/ augment) of each row, whether several caches share it, its cache's file name)."""
     extra = table.reindex(columns=["augment", "cache"]).fillna("").astype(str)
     label = (table["backbone"].astype(str) + " / " + table["layer"].astype(str) + " / " + table["reduce"].astype(str)
              + extra["augment"].where(extra["augment"] == "", " / " + extra["augment"]))
-    return label, label.groupby(label).transform(lambda same: extra.loc[same.index, "cache"].nunique() > 1).astype(bool)
+    shared = label.groupby(label).transform(lambda same: extra.loc[same.index, "cache"].nunique() > 1).astype(bool)
+    return label, shared, extra["cache"].map(lambda c: Path(c).stem)
 
 
 def feature_sets(table: pd.DataFrame, sep: str = " / ") -> pd.Series:
     """Each row's feature set as a reader tells them apart: backbone / layer / reduce (/ augment), and the cache's
     file name where several caches share those (the same layer at two image sizes, say)."""
-    label, shared = _alike(table)
-    stems = table.reindex(columns=["cache"])["cache"].fillna("").astype(str).map(lambda c: Path(c).stem)
+    label, shared, stems = _alike(table)
     return label.where(~shared, label + sep + stems)
 
 

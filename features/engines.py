@@ -34,7 +34,7 @@ from filelock import FileLock
 
 from features.errors import UsageError
 from features.model import installed_version, pool_features
-from features.schema import GRAPH, CacheAttrs, by_file
+from features.schema import GRAPH, CacheAttrs
 
 if TYPE_CHECKING:
     from features.quantize import Calibration
@@ -263,7 +263,7 @@ def export_versions() -> dict[str, str]:
 def export_path(folder: Path, attrs: CacheAttrs) -> Path:
     """<folder>/<hash>.onnx, the hash over what determines the graph (the schema's `graph` attributes, the converter
     versions and the activation budget that sets its sub-batch)."""
-    identity = by_file(attrs.select(GRAPH))  # a user's model file by its hash: predict spells its path otherwise
+    identity = attrs.compared(GRAPH)  # a user's model file by its hash: predict spells its path otherwise
     identity.update({k: v for k, v in export_versions().items() if k != "onnxruntime_version"})
     identity["activation_budget"] = ACTIVATION_BUDGET  # decides the exported sub-batch
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -297,13 +297,17 @@ def check_engine(name: str, precision: str, jit: bool) -> None:
                          f"quantization). Use --engine onnx or auto, or drop {' and '.join(onnx_only)}.")
 
 
-def engine_rule(name: str, precision: str, jit: bool, gpus: int, export: Path | None) -> tuple[str, str]:
-    """(engine, why) decided without running anything: an explicit name; for auto, the engine that alone implements
-    an option, TensorFlow on a GPU or for a graph known not to export; else AUTO (a measurement decides, see
-    `measured_forward`) with no reason yet."""
+def engine_rule(name: str, precision: str, jit: bool, gpus: int, export: Path | None,
+                onnx_file: bool = False) -> tuple[str, str]:
+    """(engine, why) decided without running anything: an explicit name; for auto, ONNX Runtime for a user's `.onnx`
+    backbone (`onnx_file`: the only engine that runs it), the engine that alone implements an option, TensorFlow on a
+    GPU or for a graph known not to export; else AUTO (a measurement decides, see `measured_forward`) with no reason
+    yet."""
     check_engine(name, precision, jit)
     if name != AUTO:
         return name, f"requested: --engine {name}"
+    if onnx_file:
+        return "onnx", "rule: an ONNX file as the backbone runs on ONNX Runtime only"
     tf_only, onnx_only = _given(TF_ONLY, precision, jit), _given(ONNX_ONLY, precision, jit)
     if onnx_only:
         return "onnx", f"rule: {' and '.join(onnx_only)} runs on ONNX Runtime"

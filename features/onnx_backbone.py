@@ -39,7 +39,6 @@ STORAGE_TYPES = {"float32": 1, "float16": 10}  # onnx.TensorProto.FLOAT, FLOAT16
 FLOAT_TYPES = (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16: tensors worth cutting at
 ELEMENT_BYTES = {1: 4, 10: 2, 11: 8, 16: 2}
 LAYOUT_OPS = {"Squeeze", "Unsqueeze", "Reshape", "Flatten", "Transpose", "Identity"}  # move values, compute nothing
-ENGINE_REASON = "rule: an ONNX file as the backbone runs on ONNX Runtime only"  # what --engine auto records
 NOT_KERAS = ("backbone '{}' is an ONNX graph, which runs on ONNX Runtime in extraction only; {} needs a Keras model. "
              "Use a registered name or a .keras file for it.")
 

@@ -168,8 +168,12 @@ class CacheAttrs:
         """The attributes as h5py writes them."""
         return dataclasses.asdict(self)
 
-    def select(self, role: str) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in names(role)}
+    def select(self, *roles: str) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in names(*roles)}
+
+    def compared(self, *roles: str) -> dict[str, Any]:
+        """The attributes of `roles` as two caches' are compared (`by_file`)."""
+        return by_file(self.select(*roles))
 
 
 FIELDS = dataclasses.fields(CacheAttrs)
@@ -192,7 +196,7 @@ def by_file(values: dict[str, Any]) -> dict[str, Any]:
 def identity_diff(found: CacheAttrs, wanted: CacheAttrs, roles: tuple[str, ...] = IDENTITY,
                   ignore: tuple[str, ...] = ()) -> list[str]:
     """'name: found -> wanted' for every attribute of `roles` that differs, compared `by_file`."""
-    a, b = (by_file({k: getattr(attrs, k) for k in names(*roles)}) for attrs in (found, wanted))
+    a, b = found.compared(*roles), wanted.compared(*roles)
     return [f"{k}: {getattr(found, k)!r} -> {getattr(wanted, k)!r}" for k in names(*roles)
             if k not in ignore and a.get(k) != b.get(k)]
 

@@ -36,7 +36,7 @@ from classifiers.saved import write_json
 from classifiers.report import MANIFEST, METRICS, plot_leaderboard, rank, save_model, write_leaderboard, write_report
 from pipeline.page import write_index, write_page
 from features.errors import UsageError, check_name_lengths
-from features.schema import IDENTITY, MODEL, PER_SHARD, by_file, identity_diff, names
+from features.schema import IDENTITY, MODEL, PER_SHARD, identity_diff, names
 
 
 
@@ -94,8 +94,8 @@ def select_caches(caches: list[Cache], named: set[Path]) -> tuple[list[list[Cach
     wholes = [c for c in caches if not c.attrs.shard]
     for cache in caches:
         explicit = cache.path in named
-        merged = next((whole for whole in wholes if cache.attrs.shard and not identity_diff(
-            whole.attrs, cache.attrs, ignore=names(PER_SHARD))), None)  # the same extraction, all its shards
+        merged = next((whole for whole in wholes if not identity_diff(whole.attrs, cache.attrs, ignore=names(
+            PER_SHARD))), None) if cache.attrs.shard else None  # a whole cache of the same extraction: its merge
         if not (cache.labels >= 0).any() and not explicit:
             notes.append(("", f"skipped {cache.path}: it has no labels (made for prediction: make predict DATA=...)"))
         elif cache.attrs.shard and (merged or not explicit):
@@ -103,8 +103,7 @@ def select_caches(caches: list[Cache], named: set[Path]) -> tuple[list[list[Cach
                           + (f"extraction whose merged cache {merged.path} is used" if merged else
                              "extraction; merge its shards (make merge SHARDS_OF=...) to rank the whole dataset")))
         else:
-            identity = (cache.data_id, json.dumps(by_file({n: getattr(cache.attrs, n) for n in names(*IDENTITY)}),
-                                                  default=str))
+            identity = (cache.data_id, json.dumps(cache.attrs.compared(*IDENTITY), default=str))
             if identity in seen:
                 notes.append((cache.data_id, f"skipped {cache.path}: the same features as {seen[identity]} (used "
                                              "instead)"))

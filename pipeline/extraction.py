@@ -232,7 +232,8 @@ def recorded_attrs(out: Path) -> CacheAttrs | None:
 
 
 def resolve_run(cfg: ExtractConfig, attrs: CacheAttrs, export: Path, recorded: CacheAttrs | None, sharded: bool,
-                candidates: int, whole: Callable[[], Catalog]) -> tuple[CacheAttrs, Calibration | None]:
+                candidates: int, whole: Callable[[], Catalog], onnx_file: bool = False
+                ) -> tuple[CacheAttrs, Calibration | None]:
     """`attrs` with the engine and why, and the int8 calibration (None for other precisions).
 
     The engine: `engine_rule`'s; under auto, the engine of a cache being continued (`recorded`) with its reason, else
@@ -240,7 +241,7 @@ def resolve_run(cfg: ExtractConfig, attrs: CacheAttrs, export: Path, recorded: C
     a run of fewer than MEASURE_MIN_BATCHES batches, else AUTO: timed when the forward pass is built (`_compute`).
     The calibration: the given one, else the continued cache's (same K), else K images of the whole set (`whole()`).
     """
-    engine, reason = engine_rule(cfg.engine, cfg.precision, cfg.jit, gpu_count(), export)
+    engine, reason = engine_rule(cfg.engine, cfg.precision, cfg.jit, gpu_count(), export, onnx_file)
     if cfg.engine == AUTO and recorded is not None and engine_fits(recorded.engine, cfg.precision, cfg.jit):
         engine = recorded.engine
         reason = recorded.engine_reason or f"recorded: the cache was written with {engine} before reasons were kept"
@@ -276,10 +277,8 @@ def extract(cfg: ExtractConfig, verbose: bool = True, engines: Path | None = Non
     for note in catalog.notes if verbose else ():
         print(f"note: {note}")
     spec = get_backbone(cfg.backbone, cfg.preprocess)
-    requested = cfg.engine
-    if spec.onnx:  # a user's ONNX graph: ONNX Runtime only, cut at its tensors (features/onnx_backbone.py)
+    if spec.onnx:  # a user's ONNX graph: ONNX Runtime only (`engine_rule`), cut at its tensors (features/onnx_backbone.py)
         onnx_backbone.check_options(spec, cfg.engine, cfg.precision, cfg.jit, cfg.weights)
-        cfg = cfg.replace(engine="onnx")
     size = cfg.image_size or spec.input_size
     base = None  # built only when needed (see cut_model)
     layers = cfg.layer or ([spec.default_layer] if spec.default_layer else [])
@@ -301,9 +300,7 @@ def extract(cfg: ExtractConfig, verbose: bool = True, engines: Path | None = Non
             if cfg.manifest else full
 
     attrs, calib = resolve_run(cfg, attrs, export, None if cfg.overwrite else recorded_attrs(out), shard is not None,
-                               len(catalog), whole)
-    if spec.onnx and requested == AUTO:
-        attrs = dataclasses.replace(attrs, engine_reason=onnx_backbone.ENGINE_REASON)
+                               len(catalog), whole, spec.onnx)
 
     @functools.cache
     def cut_model():  # built on first use: never for a complete cache, nor to run a kept ONNX export
