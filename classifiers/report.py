@@ -18,6 +18,7 @@ from sklearn.metrics import confusion_matrix  # noqa: E402
 from classifiers import saved  # noqa: E402
 from classifiers.memory import format_bytes  # noqa: E402
 from classifiers.stats import ALPHA, choose  # noqa: E402
+from features.engines import reduced_precision  # noqa: E402
 
 # what a leaderboard can be ranked by: column -> (words for a reader, lower is better)
 METRICS = {"accuracy": ("accuracy", False), "balanced_accuracy": ("balanced accuracy", False),
@@ -33,21 +34,6 @@ SHOWN = ["choice", "backbone", "layer", "reduce", "cache", "head", "augment", "s
 MANIFEST = "manifest.json"
 # an augmented row is compared with the clean row of the same data, features and head
 SAME_MODEL = ["data_id", "backbone", "layer", "reduce", "head", "scheme"]
-
-
-def reduced_precision(precision: str, calibration: str = "") -> str | None:
-    """The warning that features were computed in reduced precision (`features.engines.PRECISIONS` other than
-    float32), said wherever a person looks (extract summary, report.html's first screen, report.md, classify summary):
-    such features differ from float32 ones, and a model trained on them predicts well only on features made alike.
-    None for full precision. A cache does not record its own deviation; the figure is the one docs/engines.md
-    measured."""
-    if precision == "int8":
-        return (f"int8: REDUCED-PRECISION features (ONNX Runtime static quantization, calibrated on "
-                f"{calibration.rsplit(':K=', 1)[-1]} images, {calibration[:15]}…); on the models measured they "
-                "differ from float32 features by 2-21% (mean relative deviation; docs/engines.md)")
-    if precision == "mixed":
-        return "mixed: REDUCED-PRECISION features (float16 compute)"
-    return None
 
 
 def _with_augment(table: pd.DataFrame) -> pd.DataFrame:

@@ -185,6 +185,22 @@ PRECISIONS = ("float32", "mixed", "int8")
 TF_ONLY = {"precision": "mixed", "jit": True}  # options that only the tf engine implements
 ONNX_ONLY = {"precision": "int8"}  # options that only the onnx engine implements (ONNX Runtime's quantization)
 
+
+def reduced_precision(precision: str, calibration: str = "") -> str | None:
+    """The warning that features were computed in reduced precision (`PRECISIONS` other than
+    float32), said wherever a person looks (extract summary, report.html's first screen, report.md, classify summary):
+    such features differ from float32 ones, and a model trained on them predicts well only on features made alike.
+    None for full precision. A cache does not record its own deviation; the figure is the one docs/engines.md
+    measured."""
+    if precision == "int8":
+        return (f"int8: REDUCED-PRECISION features (ONNX Runtime static quantization, calibrated on "
+                f"{calibration.rsplit(':K=', 1)[-1]} images, {calibration[:15]}…); on the models measured they "
+                "differ from float32 features by 2-21% (mean relative deviation; docs/engines.md)")
+    if precision == "mixed":
+        return "mixed: REDUCED-PRECISION features (float16 compute)"
+    return None
+
+
 # auto on a CPU: both engines are timed once per graph and kind of machine, on synthetic batches of the run's shape
 # (one untimed call each, then rounds of one call each in alternating order, the fastest call counting), only for runs
 # of at least MEASURE_MIN_BATCHES batches: the timing costs about 5 batches' compute, once; a shorter run follows the

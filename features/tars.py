@@ -301,6 +301,118 @@ def _member_problem(name: str, info: tarfile.TarInfo) -> str:
     return ""
 
 
+class _Unusual(Exception):
+    """A header `_headers` leaves to `tarfile`: anything but plain ASCII ustar, GNU long-name and pax headers."""
+
+
+BLOCK = tarfile.BLOCKSIZE
+ZERO_BLOCK = bytes(BLOCK)
+PAX_RECORD = re.compile(rb"(\d+) ([^=\n]+)=")
+PAX_KEPT = {b"path", b"linkpath", b"size"}  # what a sample needs; other keys (mtime, uid, ...) are left unread
+PLAIN_TYPES = frozenset((tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.LNKTYPE, tarfile.SYMTYPE,
+                         tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE))
+
+
+def _text(field: bytes) -> str:
+    """tarfile's `nts` for ASCII: up to the first NUL; non-ASCII is `tarfile`'s to decode."""
+    text = field.split(b"\0", 1)[0]
+    if not text.isascii():
+        raise _Unusual
+    return text.decode("ascii")
+
+
+def _number(field: bytes) -> int:
+    """tarfile's `nti` for octal fields (base-256 ones, for files over 8 GiB, are `tarfile`'s)."""
+    try:
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise _Unusual from None
+
+
+def _pax(data: bytes) -> dict[bytes, bytes]:
+    """The records of an extended header that `PAX_KEPT` names; anything `tarfile` would parse otherwise (a
+    charset, sparse files, a record it would stop at) is `_Unusual`."""
+    found, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        match = PAX_RECORD.match(data, pos)
+        if not match or not data.isascii():
+            raise _Unusual
+        length, key = int(match.group(1)), match.group(2)
+        end = match.start(1) + length
+        if length == 0 or data[end - 1:end] != b"\n" or key.startswith(b"GNU.sparse") or key == b"hdrcharset":
+            raise _Unusual
+        if key in PAX_KEPT:
+            found[key] = data[match.end():end - 1]
+        pos = end
+    return found
+
+
+def _headers(fd: int) -> tuple[list[tarfile.TarInfo], int]:
+    """The members of a tar, as `list(tarfile.open(...))` gives them (name, type, size, offset_data, linkname), and
+    the offset it stopped at, with one `pread` per header: indexing 30,300 samples in 4 shards took 1.0 s instead of
+    `tarfile`'s 2.4 s, which was ~12% of their whole extraction at 32 px and what every update paid again. Raises
+    `_Unusual` wherever `tarfile` must decide (`scan` then indexes the shard with it)."""
+    infos, offset, extra, size = [], 0, {}, os.fstat(fd).st_size
+    while True:
+        buf = os.pread(fd, BLOCK, offset)
+        if len(buf) < BLOCK or buf == ZERO_BLOCK:  # the end (tarfile stops here too; `scan` checks what follows)
+            if offset == 0 or offset > size or extra:  # nothing, a last member cut short, a header without member
+                raise _Unusual
+            return infos, offset
+        if _number(buf[148:156]) != 256 + sum(buf) - sum(buf[148:156]):  # the unsigned checksum, field as spaces
+            raise _Unusual
+        kind, length, data = buf[156:157], _number(buf[124:136]), offset + BLOCK
+        offset = data + -(-length // BLOCK) * BLOCK
+        if kind in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+            if extra.get(kind) is not None or length > MAX_LABEL_BYTES:
+                raise _Unusual
+            body = os.pread(fd, length, data)
+            extra[kind] = _pax(body) if kind == tarfile.XHDTYPE else _text(body)
+            continue
+        if kind not in PLAIN_TYPES:
+            raise _Unusual
+        info = tarfile.TarInfo(_text(buf[0:100]))
+        info.type, info.size, info.linkname = kind, length, _text(buf[157:257])
+        if kind == tarfile.AREGTYPE and info.name.endswith("/"):
+            info.type = tarfile.DIRTYPE
+        if info.isdir():
+            info.name = info.name.rstrip("/")
+        prefix = _text(buf[345:500])
+        if prefix:
+            info.name = f"{prefix}/{info.name}"
+        if tarfile.GNUTYPE_LONGNAME in extra:
+            info.name = extra[tarfile.GNUTYPE_LONGNAME]
+            if info.isdir():
+                info.name = info.name.removesuffix("/")
+        if tarfile.GNUTYPE_LONGLINK in extra:
+            info.linkname = extra[tarfile.GNUTYPE_LONGLINK]
+        pax = extra.get(tarfile.XHDTYPE, {})
+        if b"path" in pax:
+            info.name = pax[b"path"].decode("ascii").rstrip("/")
+        if b"linkpath" in pax:
+            info.linkname = pax[b"linkpath"].decode("ascii")
+        if b"size" in pax:  # decimal, unlike the header's octal
+            if not pax[b"size"].isdigit():
+                raise _Unusual
+            info.size = int(pax[b"size"])
+            offset = data + -(-info.size // BLOCK) * BLOCK
+        if not info.isreg():
+            offset = data  # tarfile skips the data of regular files only
+        info.offset_data = data
+        infos.append(info)
+        extra = {}
+
+
+def _tarfile_headers(fd: int, rel: str) -> tuple[list[tarfile.TarInfo], int]:
+    """`_headers` by `tarfile`: any tar it reads, with its own rules for damage."""
+    with open(fd, "rb", closefd=False) as file:
+        try:
+            archive = tarfile.open(fileobj=file, mode="r:")
+            return list(archive), archive.offset
+        except (tarfile.TarError, EOFError, OSError, UnicodeError) as err:
+            raise _unreadable(rel, str(err) or type(err).__name__) from None
+
+
 def scan(root: Path, rel: str, read_labels: bool = True) -> ShardIndex:
     """Index the shard `root/rel` in one pass over its headers: its samples (one image each, with its label unless
     `read_labels` is False) and its members that make no sample, with the reason. An unreadable shard (not a tar,
@@ -313,18 +425,16 @@ def scan(root: Path, rel: str, read_labels: bool = True) -> ShardIndex:
     try:
         st = os.fstat(fd)
         shard = Shard(path.absolute(), rel, st)
-        with open(fd, "rb", closefd=False) as file:
-            try:
-                archive = tarfile.open(fileobj=file, mode="r:")
-                infos = list(archive)
-            except (tarfile.TarError, EOFError, OSError, UnicodeError) as err:
-                raise _unreadable(rel, str(err) or type(err).__name__) from None
+        try:
+            infos, end = _headers(fd)
+        except _Unusual:
+            infos, end = _tarfile_headers(fd, rel)
         # tarfile stops silently at a damaged or cut-short header past the first one: what follows the last member
         # must be the end of the file or an end-of-archive block of zeros, else members would be lost unseen
-        tail = os.pread(fd, tarfile.BLOCKSIZE, archive.offset)
-        if tail and tail != bytes(tarfile.BLOCKSIZE):
-            raise _unreadable(rel, f"the header at byte {archive.offset} is damaged or cut short (the members after "
-                                   "it cannot be found)")
+        tail = os.pread(fd, BLOCK, end)
+        if tail and tail != ZERO_BLOCK:
+            raise _unreadable(rel, f"the header at byte {end} is damaged or cut short (the members after it cannot "
+                                   "be found)")
         members: dict[str, tarfile.TarInfo] = {}
         ignored: list[tuple[str, str]] = []
         for info in infos:

@@ -22,7 +22,7 @@ import numpy as np
 
 from features.catalog import Catalog
 from features.schema import CacheAttrs, DamagedCache, StaleCache
-from features.store import COPY_BLOCK_BYTES, Cache, CacheWriter, Progress, fix_hint
+from features.store import COPY_BLOCK_BYTES, Cache, CacheWriter, Progress, check_generation, fix_hint
 
 
 def update_path(out: Path) -> Path:
@@ -148,15 +148,23 @@ class _KeptRows:
     def __enter__(self) -> "_KeptRows":
         self.file = h5py.File(self.old.path, "r")
         self.scratch: dict[str, np.ndarray] = {}
-        found = CacheAttrs.parse(self.file.attrs, str(self.old.path)).generation
-        if found != self.old.attrs.generation:
+        try:
+            check_generation(self.old.path, self.file, self.old.attrs.generation)
+        except StaleCache:
             self.file.close()
-            raise StaleCache(f"{self.old.path} was replaced (updated, overwritten or merged) while this update was "
-                             "reading it; run the command again.")
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         self.file.close()
+
+    def _buffer(self, name: str, rows: int, dset: h5py.Dataset) -> np.ndarray:
+        """A scratch array of at least `rows` rows, kept for the next block: no block allocates memory of its own
+        (first touching memory is what a block's copy spends most on, on a VM; see COPY_BLOCK_BYTES)."""
+        buffer = self.scratch.get(name)
+        if buffer is None or len(buffer) < rows:
+            buffer = self.scratch[name] = np.empty((rows, *dset.shape[1:]), dset.dtype)
+        return buffer
 
     def read_into(self, layer: str, src: np.ndarray, dst: np.ndarray, out: np.ndarray) -> None:
         """out[dst] = rows `src` of `layer`; both ascending (rows keep their order), else the checked reader."""
@@ -168,15 +176,14 @@ class _KeptRows:
         if stop - first > 2 * len(out):  # many removed rows in between: the checked reader, in blocks of its own
             out[dst] = self.old.read(layer, src)
             return
-        scratch = self.scratch.get(layer)
-        if scratch is None or len(scratch) < stop - first:
-            scratch = self.scratch[layer] = np.empty((max(stop - first, len(out)), *dset.shape[1:]), dset.dtype)
+        scratch = self._buffer(layer, max(stop - first, len(out)), dset)
+        gathered = self._buffer(f"{layer} gathered", len(out), dset)
         try:
             dset.read_direct(scratch, np.s_[first:stop], np.s_[0:stop - first])
         except OSError:
             out[dst] = self.old.read(layer, src)  # raises naming the rows whose checksum fails
             return
-        out[dst] = scratch[src - first]
+        out[dst] = np.take(scratch, src - first, axis=0, out=gathered[: len(src)])
         with np.errstate(all="ignore"):  # rows not filled yet hold anything; only the kept ones are looked at
             sums = out.reshape(len(out), -1).sum(axis=1, dtype=np.float64)[dst]
         if not np.isfinite(sums).all():

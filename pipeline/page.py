@@ -32,7 +32,8 @@ from classifiers.audit import Audit, audit_cache
 from classifiers.curve import learning_curve, plot_curve
 from classifiers.data import READ_SHARE
 from classifiers.saved import write_json
-from classifiers.report import METRICS, best_row, ranked_by, reduced_precision, shown, why_chosen
+from classifiers.report import METRICS, best_row, ranked_by, shown, why_chosen
+from features.engines import reduced_precision
 from features.store import Cache
 from features.errors import UsageError
 

@@ -5,9 +5,11 @@ from collections import Counter
 
 import numpy as np
 
-from classifiers.report import reduced_precision
+from features.engines import reduced_precision
 from features.store import read_attrs
 from pipeline.extraction import ExtractResult
+
+SHOWN_REASONS = 5  # the most common reasons for skipping on the summary's line (a reason may name its file)
 
 
 def human_bytes(n: float) -> str:
@@ -43,8 +45,9 @@ def print_extract_summary(r: ExtractResult) -> None:
     if attrs and (reduced := reduced_precision(attrs.precision, attrs.calibration)):
         lines.append(f"precision: {reduced}")
     if r.skipped:
-        reasons = Counter(reason for _, reason in r.skipped)
-        lines.append("skipped: " + "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common()))
+        reasons = Counter(reason for _, reason in r.skipped).most_common()
+        others = f"; {len(reasons) - SHOWN_REASONS} other reasons" if len(reasons) > SHOWN_REASONS else ""
+        lines.append("skipped: " + "; ".join(f"{n} x {reason}" for reason, n in reasons[:SHOWN_REASONS]) + others)
         lines += [f"  {path}: {reason}" for path, reason in r.skipped[:8]]
         if len(r.skipped) > 8:
             lines.append(f"  ... and {len(r.skipped) - 8} more (dataset 'skipped' in the file)")

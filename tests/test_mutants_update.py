@@ -245,7 +245,7 @@ def test_a_cache_replaced_since_it_was_opened_is_refused_in_one_line(tmp_path: P
     write_cache(path, {"x": features_of(3, 1)}, [0, 0, 0], label_names=["a"])
     with pytest.raises(StaleCache) as err:
         _KeptRows(old).__enter__()
-    assert str(err.value) == (f"{path} was replaced (updated, overwritten or merged) while this update was reading "
+    assert str(err.value) == (f"{path} was replaced (updated, overwritten or merged) while this command was reading "
                               "it; run the command again.")
 
 

@@ -204,6 +204,64 @@ def test_labels_from_json_txt_class_lists_and_a_csv(tmp_path):
     assert [found.label_names[i] for i in found.labels] == ["wasp", "ant", "bee"] and found.layout == "tars"
 
 
+def headers_of(path: Path, reader) -> tuple[list[tuple], int]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        infos, end = reader(fd)
+    finally:
+        os.close(fd)
+    return [(i.name, i.type, i.size, i.offset_data, i.linkname, i.isreg(), i.isdir()) for i in infos], end
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_the_fast_header_reader_lists_what_tarfile_lists(tmp_path, fmt):
+    """Every kind of member `scan` looks at, in the three formats writers use (webdataset and img2dataset write pax,
+    with a float mtime: an extended header before every member): `_headers` equals `tarfile`, offsets included."""
+    path = tmp_path / "a.tar"
+    long_dir = "d" * 60 + "/" + "e" * 50  # over 100 characters: ustar prefix, GNU long name or pax path
+    with tarfile.open(path, "w", format=fmt) as archive:
+        for name, data, kind, mtime in [("000.jpg", b"x" * 700, tarfile.REGTYPE, 1_700_000_000.25),
+                                        ("./000.cls", b"cats", tarfile.REGTYPE, 0), ("dir", b"", tarfile.DIRTYPE, 0),
+                                        (f"{long_dir}/", b"", tarfile.DIRTYPE, 0),
+                                        (f"{long_dir}/001.jpg", b"y" * 512, tarfile.REGTYPE, 5),
+                                        ("empty.txt", b"", tarfile.REGTYPE, 0),
+                                        ("link.jpg", b"", tarfile.SYMTYPE, 0), ("hard.jpg", b"", tarfile.LNKTYPE, 0)]:
+            if fmt == tarfile.USTAR_FORMAT and isinstance(mtime, float):
+                mtime = int(mtime)
+            info = tarfile.TarInfo(name)
+            info.size, info.type, info.mtime = len(data), kind, mtime
+            info.linkname = "000.jpg" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+            if fmt == tarfile.PAX_FORMAT and name == "000.jpg":  # records a reader skips, and a decimal size
+                info.pax_headers = {"comment": "a=b c", "size": str(len(data))}
+            archive.addfile(info, io.BytesIO(data))
+    fast, tarred = headers_of(path, tars._headers), headers_of(path, lambda fd: tars._tarfile_headers(fd, "a.tar"))
+    assert fast == tarred and len(fast[0]) == 8 and [m[0] for m in fast[0][3:5]] == [long_dir, f"{long_dir}/001.jpg"]
+    with open(path, "ab") as f:  # a damaged header after the members: both stop before it, `scan` refuses it
+        f.write(b"\x01" * 512)
+    assert headers_of(path, tars._headers)[1] == headers_of(path, lambda fd: tars._tarfile_headers(fd, "a"))[1]
+
+
+def test_headers_the_fast_reader_cannot_match_exactly_are_left_to_tarfile(tmp_path):
+    """Non-ASCII names, global pax headers and bad checksums: `_Unusual`, and `scan` indexes the shard with tarfile."""
+    jpeg = write_images(tmp_path / "img", 1, seed=1)[0].read_bytes()
+    cases = {"utf8": [("café.jpg", jpeg), ("café.cls", b"cats")]}
+    for name, members in cases.items():
+        path = write_tar(tmp_path / f"{name}.tar", members)
+        with pytest.raises(tars._Unusual):
+            headers_of(path, tars._headers)
+        assert [s.path for s in tars.scan(tmp_path, path.name).samples] == [f"{name}.tar/café.jpg"]
+    path = write_tar(tmp_path / "sum.tar", [("000.jpg", jpeg), ("000.cls", b"cats")])
+    with open(path, "r+b") as f:  # the checksum field of the first header, off by one
+        f.seek(148)
+        field = f.read(8)
+        f.seek(148)
+        f.write(field.replace(b"0", b"1", 1) if b"0" in field[:6] else field)
+    with pytest.raises(tars._Unusual):
+        headers_of(path, tars._headers)
+    with pytest.raises(UsageError, match="tar shard 'sum.tar' cannot be read"):
+        tars.scan(tmp_path, "sum.tar")
+
+
 def test_odd_members_are_skipped_and_listed_with_the_reason(case, tmp_path):
     root, _, _, _ = case
     jpeg = write_images(tmp_path / "img", 2, seed=1)[1].read_bytes()
@@ -235,6 +293,20 @@ def test_odd_members_are_skipped_and_listed_with_the_reason(case, tmp_path):
     skipped = dict(result.skipped)
     assert result.images == 1 and "not a decodable image" in skipped["train-000.tar/003.jpg"]
     assert "train-000.tar/004.jpg" in skipped and skipped["train-000.tar/002"] == reasons["train-000.tar/002"]
+
+
+def test_the_summary_counts_the_commonest_reasons_for_skipping_and_how_many_others(case, tmp_path, capsys):
+    """A reason may name its members, so a shard of many label-only samples has as many reasons as samples: the
+    summary's line stays one line (it held 29,000 reasons, 3.6 MB, for a bench's shards of hard links)."""
+    from pipeline.summary import SHOWN_REASONS, print_extract_summary
+
+    jpeg = write_images(tmp_path / "img", 1, seed=1)[0].read_bytes()
+    orphans = SHOWN_REASONS + 3
+    d = write_tar(tmp_path / "d" / "train-000.tar", [("000.jpg", jpeg), ("000.cls", b"cats"),
+                                                    *[(f"{i:03d}.cls", b"dogs") for i in range(1, orphans + 1)]])
+    print_extract_summary(run(case, d.parent, str(tmp_path / "few.h5")))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("skipped: "))
+    assert line.count(" x a sample with no image") == SHOWN_REASONS and line.endswith("; 3 other reasons")
 
 
 def test_a_tar_among_images_is_listed_not_read(case, tmp_path):
