@@ -225,31 +225,104 @@ def test_the_fast_header_reader_lists_what_tarfile_lists(tmp_path, fmt):
                                         (f"{long_dir}/", b"", tarfile.DIRTYPE, 0),
                                         (f"{long_dir}/001.jpg", b"y" * 512, tarfile.REGTYPE, 5),
                                         ("empty.txt", b"", tarfile.REGTYPE, 0),
-                                        ("link.jpg", b"", tarfile.SYMTYPE, 0), ("hard.jpg", b"", tarfile.LNKTYPE, 0)]:
+                                        ("link.jpg", b"", tarfile.SYMTYPE, 0), ("hard.jpg", b"", tarfile.LNKTYPE, 0),
+                                        ("far.jpg", b"", tarfile.SYMTYPE, 0),  # a link over 100 characters long
+                                        ("old/", b"", tarfile.AREGTYPE, 0)]:  # a folder as V7 tar wrote it
             if fmt == tarfile.USTAR_FORMAT and isinstance(mtime, float):
                 mtime = int(mtime)
             info = tarfile.TarInfo(name)
             info.size, info.type, info.mtime = len(data), kind, mtime
             info.linkname = "000.jpg" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
-            if fmt == tarfile.PAX_FORMAT and name == "000.jpg":  # records a reader skips, and a decimal size
-                info.pax_headers = {"comment": "a=b c", "size": str(len(data))}
+            if name == "far.jpg":
+                if fmt == tarfile.USTAR_FORMAT:  # ustar has no room for it
+                    continue
+                info.linkname = f"{long_dir}/001.jpg"
+            if fmt == tarfile.PAX_FORMAT and name == "000.jpg":  # a record a reader skips
+                info.pax_headers = {"comment": "a=b c"}
             archive.addfile(info, io.BytesIO(data))
     fast, tarred = headers_of(path, tars._headers), headers_of(path, lambda fd: tars._tarfile_headers(fd, "a.tar"))
-    assert fast == tarred and len(fast[0]) == 8 and [m[0] for m in fast[0][3:5]] == [long_dir, f"{long_dir}/001.jpg"]
+    assert fast == tarred and [m[0] for m in fast[0][3:5]] == [long_dir, f"{long_dir}/001.jpg"]
+    assert len(fast[0]) == (9 if fmt == tarfile.USTAR_FORMAT else 10) and fast[0][-1][0] == "old" and fast[0][-1][6]
     with open(path, "ab") as f:  # a damaged header after the members: both stop before it, `scan` refuses it
         f.write(b"\x01" * 512)
     assert headers_of(path, tars._headers)[1] == headers_of(path, lambda fd: tars._tarfile_headers(fd, "a"))[1]
 
 
+def test_whenever_the_fast_reader_answers_tarfile_answers_the_same(tmp_path):
+    """300 random archives (three formats, names of 1-150 characters in folders, files, folders, links, pax records),
+    each read as written or with one random byte changed or cut short: where `_headers` gives members instead of
+    `_Unusual`, `tarfile` reads the archive and gives the same members and end."""
+    rng = np.random.default_rng(7)
+    alphabet = np.array(list("abcxyz0129_-."))
+    kinds = [tarfile.REGTYPE, tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE]
+    answered = 0
+    for i in range(300):
+        fmt = [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT][i % 3]
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w", format=fmt) as archive:
+            for _ in range(rng.integers(1, 6)):
+                parts = ["".join(rng.choice(alphabet, rng.integers(1, 60))) for _ in range(rng.integers(1, 4))]
+                info = tarfile.TarInfo("/".join(parts)[:150].strip("/") or "x")
+                info.type = kinds[rng.integers(len(kinds))]
+                data = rng.bytes(int(rng.integers(0, 1500))) if info.type == tarfile.REGTYPE else None
+                info.linkname = "x" if info.issym() or info.islnk() else ""
+                # a link or folder may declare a size; no data follows it, and readers skip none
+                info.size = len(data) if data is not None else int(rng.integers(0, 1500))
+                info.mtime = float(rng.integers(0, 2**31)) + (0.5 if fmt == tarfile.PAX_FORMAT else 0)
+                try:
+                    archive.addfile(info, io.BytesIO(data) if data is not None else None)
+                except ValueError:  # a name ustar cannot hold
+                    continue
+        data = bytearray(raw.getvalue())
+        if i % 4 == 1:
+            data[rng.integers(len(data))] ^= 1 << int(rng.integers(8))
+        elif i % 4 == 2:
+            data = data[: rng.integers(1, len(data))]
+        path = tmp_path / f"{i}.tar"
+        path.write_bytes(bytes(data))
+        try:
+            fast = headers_of(path, tars._headers)
+        except tars._Unusual:
+            continue
+        answered += 1
+        assert fast == headers_of(path, lambda fd: tars._tarfile_headers(fd, path.name)), i
+    assert answered > 150
+
+
 def test_headers_the_fast_reader_cannot_match_exactly_are_left_to_tarfile(tmp_path):
-    """Non-ASCII names, global pax headers and bad checksums: `_Unusual`, and `scan` indexes the shard with tarfile."""
+    """Non-ASCII names (in a pax record or, GNU, in the header), a global pax header, a pax size (members over
+    8 GiB) or sparse record, an unknown member type, a number that does not parse, a bad checksum, a long name
+    twice: `_Unusual`, and `scan` gets from tarfile what it always got."""
     jpeg = write_images(tmp_path / "img", 1, seed=1)[0].read_bytes()
-    cases = {"utf8": [("café.jpg", jpeg), ("café.cls", b"cats")]}
-    for name, members in cases.items():
-        path = write_tar(tmp_path / f"{name}.tar", members)
+    cases = {  # name: (format, the archive's pax headers, the image's name, its pax headers, its type)
+        "utf8": (tarfile.PAX_FORMAT, {}, "café.jpg", {}, tarfile.REGTYPE),
+        "gnu_utf8": (tarfile.GNU_FORMAT, {}, "café.jpg", {}, tarfile.REGTYPE),
+        "global": (tarfile.PAX_FORMAT, {"comment": "all"}, "000.jpg", {}, tarfile.REGTYPE),
+        "size": (tarfile.PAX_FORMAT, {}, "000.jpg", {"size": str(len(jpeg))}, tarfile.REGTYPE),
+        "sparse": (tarfile.PAX_FORMAT, {}, "000.jpg", {"GNU.sparse.name": "001.jpg"}, tarfile.REGTYPE),
+        "unknown": (tarfile.GNU_FORMAT, {}, "000.jpg", {}, b"Z")}
+    inner = write_tar(tmp_path / "inner" / "in.tar", [("inner.jpg", jpeg)]).read_bytes()  # what a Z member holds
+    for name, (fmt, everywhere, image, own, kind) in cases.items():
+        path = tmp_path / f"{name}.tar"
+        with tarfile.open(path, "w", format=fmt, pax_headers=everywhere) as archive:
+            for member, data in [(image, inner if name == "unknown" else jpeg), ("000.cls", b"cats")]:
+                info = tarfile.TarInfo(member)
+                info.size, info.pax_headers = len(data), own if member == image else {}
+                info.type = kind if member == image else tarfile.REGTYPE
+                archive.addfile(info, io.BytesIO(data))
         with pytest.raises(tars._Unusual):
             headers_of(path, tars._headers)
-        assert [s.path for s in tars.scan(tmp_path, path.name).samples] == [f"{name}.tar/café.jpg"]
+        index = tars.scan(tmp_path, path.name)
+        expected = {"sparse": "001.jpg", "unknown": None}.get(name, image)
+        assert [s.path for s in index.samples] == ([f"{name}.tar/{expected}"] if expected else []), name
+    raw = bytearray(write_tar(tmp_path / "x.tar", [("000.jpg", jpeg)]).read_bytes())
+    raw[136:148] = b"zz" + raw[138:148]  # an mtime that is no number, with its checksum made right
+    raw[148:156] = b"%06o\0 " % (256 + sum(raw[:148]) + sum(raw[156:512]))
+    (tmp_path / "mtime.tar").write_bytes(bytes(raw))
+    with pytest.raises(tars._Unusual):
+        headers_of(tmp_path / "mtime.tar", tars._headers)
+    with pytest.raises(UsageError, match="'mtime.tar' cannot be read: invalid header"):
+        tars.scan(tmp_path, "mtime.tar")
     path = write_tar(tmp_path / "sum.tar", [("000.jpg", jpeg), ("000.cls", b"cats")])
     with open(path, "r+b") as f:  # the checksum field of the first header, off by one
         f.seek(148)
@@ -260,6 +333,13 @@ def test_headers_the_fast_reader_cannot_match_exactly_are_left_to_tarfile(tmp_pa
         headers_of(path, tars._headers)
     with pytest.raises(UsageError, match="tar shard 'sum.tar' cannot be read"):
         tars.scan(tmp_path, "sum.tar")
+    long_name = "n" * 120 + ".jpg"  # two GNU long names in a row: tarfile keeps the first, so must `scan`
+    raw = write_tar(tmp_path / "one.tar", [(long_name, jpeg)]).read_bytes()  # L header, its name, the member
+    first = raw[:1024].replace(b"n" * 120, b"m" * 120)
+    (tmp_path / "twice.tar").write_bytes(first + raw)
+    with pytest.raises(tars._Unusual):
+        headers_of(tmp_path / "twice.tar", tars._headers)
+    assert tars.scan(tmp_path, "twice.tar").samples[0].path == "twice.tar/" + "m" * 120 + ".jpg"
 
 
 def test_odd_members_are_skipped_and_listed_with_the_reason(case, tmp_path):
