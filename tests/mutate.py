@@ -90,7 +90,6 @@ _INT64 = "numpy >= 2 makes int64 the default integer on every 64-bit platform"
 _COUNT = "np.fromiter's count only sizes the array in advance; without it the same values come out"
 _REPEAT = ("a repeated row or place (diff 0) is gathered right by the one read too; kept rows never repeat (distinct "
            "old rows into ascending places)")
-_SCRATCH = "when the scratch buffer is (re)allocated, and how large beyond the span: the rows read are the same"
 EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
     "features/store.py": [
         *[("xǁCacheWriterǁfinalize", f"attrs = dataclasses.replace(CacheAttrs.parse(f.attrs, {arg}), num_images=n,",
@@ -246,14 +245,6 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
          _REPEAT),
         ("xǁ_KeptRowsǁread_into", "if len(src) > 1 and ((np.diff(src) <= 0).any() or (np.diff(dst) < 0).any()):",
          _REPEAT),
-        ("xǁ_KeptRowsǁread_into", "scratch = None", _SCRATCH),
-        ("xǁ_KeptRowsǁread_into", "scratch = self.scratch.get(None)", _SCRATCH),
-        ("xǁ_KeptRowsǁread_into", "if scratch is None or len(scratch) <= stop - first:", _SCRATCH),
-        ("xǁ_KeptRowsǁread_into", "if scratch is None or len(scratch) < stop + first:", _SCRATCH),
-        ("xǁ_KeptRowsǁread_into", "scratch = self.scratch[layer] = np.empty((max(stop + first, len(out)), "
-                                  "*dset.shape[1:]), dset.dtype)", _SCRATCH),
-        *[("xǁ_KeptRowsǁread_into", f"scratch = self.scratch[layer] = np.empty((max(stop - first, len(out)), "
-                                    f"*dset.shape[1:]), {arg})", _FLOAT64) for arg in ("None", "")],
         ("xǁ_KeptRowsǁread_into", "with np.errstate(all=None):  # rows not filled yet hold anything; only the kept "
                                   "ones are looked at", "None keeps numpy's default (warn), which raises nothing: "
                                                         "the sums are the same"),

@@ -419,3 +419,25 @@ def test_assemble_from_first_writes_only_the_appended_rows(tmp_path: Path, monke
     np.testing.assert_array_equal(out.read("x"), np.concatenate([X, D]))
     assert out.paths.tolist() == new.paths and out.labels.tolist() == [0, 0, 0, 1, 1]
     assert out.file_stamps.tolist()[3:] == [[1, 2], [3, 4]] and out.attrs.num_images == 5
+
+
+def test_blocks_reuse_one_scratch_and_one_gather_buffer_per_layer_of_its_dtype(tmp_path: Path) -> None:
+    """Two blocks per layer: each layer's kept rows are read into one scratch buffer (as long as the longest span,
+    at least a block) and gathered into one buffer of a block, both of the layer's dtype, allocated by the first
+    block and reused, unmoved, by the next: on a VM first touching memory cost more than the copy itself."""
+    X, Y = features_of(10, 0), np.arange(50, dtype=np.float32).reshape(10, 5)
+    old = open_cache(write_cache(tmp_path / "two.h5", {"x": X, "y": Y}, [0] * 10, label_names=["a"]))
+    with _KeptRows(old) as rows:
+        for layer, values in (("x", X), ("y", Y)):
+            held = None
+            for src in (np.array([0, 1, 3, 4]), np.array([5, 6, 7, 9])):
+                out = np.zeros((4, *values.shape[1:]), values.dtype)
+                rows.read_into(layer, src, np.arange(4), out)
+                np.testing.assert_array_equal(out, values[src])
+                scratch, gathered = rows.scratch[layer], rows.scratch[f"{layer} gathered"]
+                np.testing.assert_array_equal(gathered, values[src])  # the gather went into the kept buffer
+                assert (len(scratch), len(gathered), scratch.dtype, gathered.dtype) == (5, 4, values.dtype,
+                                                                                        values.dtype)
+                assert held is None or (held[0] is scratch and held[1] is gathered)
+                held = scratch, gathered
+    assert sorted(rows.scratch) == ["x", "x gathered", "y", "y gathered"]
