@@ -43,7 +43,7 @@ WRITE_CACHE_BYTES = CHUNK_BYTES
 TEXT_ROWS = CHUNK_BYTES // 256  # rows per chunk of the per-row metadata (paths, split, labels, view, file_stamp)
 # rows are copied and verified in blocks of about this size: memory does not grow with the data, and a larger block
 # costs more to touch for the first time than it saves in calls (an update of 100k rows took 8.4 s with 64 MiB
-# blocks, 5.0 s with 8 MiB, on a VM where first touching memory costs ~20 ms a MiB)
+# blocks, 5.0 s with 8 MiB, on a VM where first touching memory costs 4-23 ms a MiB)
 COPY_BLOCK_BYTES = 8 << 20
 COMPRESSIONS = ("none", "lzf")
 STORAGE_DTYPES = ("float16", "float32")
