@@ -22,7 +22,7 @@ The growth exponent of a stage is log(t2/t1) / log(N2/N1) between the two larges
 Targets: every exponent <= 1.1 (the `shard task` is compared with 0: its N does not change), update +1% <= 3% of the
 full run. Apart from N, one merge of 1,000 tiny shards (2 images each, written by one process) by copy and virtual.
 
-    python -m benchmarks --sections 10                                  # N = 10k, 100k, 300k (hours on 2 cores)
+    python -m benchmarks --sections 10                                  # N = 10k, 100k, 300k (40 min on 2 cores)
     python -m benchmarks --sections 10 --scale-images 100000,1000000   # 1M on request
 """
 from __future__ import annotations
