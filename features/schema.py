@@ -293,9 +293,11 @@ SOURCE_GENERATIONS = "source_generations"
 DATASETS = (
     DatasetSpec("features/<layer>", "(N, …)", "`dtype`", True,
                 "activations of that layer, one row per image; attrs `layer`, `shape` (per image). In a virtual merge "
-                "(`merge --virtual`) a virtual dataset over the shards' rows, whose files must lie beside it, with "
-                f"the attribute `{SOURCE_GENERATIONS}` (`<file>:<generation>` per shard): a shard replaced since is "
-                "refused; rows of a shard that cannot be opened read as NaN (its fill value), never as zeros"),
+                "(`merge --virtual`) a virtual dataset over the shards' rows, and in an updated cache one over the "
+                "hidden parts `.<name>.part-<generation>` (its earlier version, the rows the update computed), whose "
+                "files must lie beside it, with the attribute "
+                f"`{SOURCE_GENERATIONS}` (`<file>:<generation>` per source): a source replaced since is "
+                "refused; rows of a source that cannot be opened read as NaN (its fill value), never as zeros"),
     DatasetSpec("paths", "(N,)", "fixed-length UTF-8", True,
                 "image path relative to `data_root`, `/`-separated, never absolute and without `..`"),
     DatasetSpec("labels", "(N,)", "int32", True, "index into `label_names`; `-1` = unlabelled"),

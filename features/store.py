@@ -76,6 +76,21 @@ def progress_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial.progress.json")
 
 
+def part_path(path: Path, generation: str) -> Path:
+    """Where a complete cache whose rows the cache `path` links (an update's kept rows or computed ones, see
+    features/update.py) lies: beside it, hidden and without the .h5 suffix (no discovery takes it for a cache of its
+    own), named by its generation (one name per version: never written twice)."""
+    return path.with_name(f".{path.name}.part-{generation}")
+
+
+class Linked(NamedTuple):
+    """A complete cache that a virtual cache reads rows of: its file (beside it), generation and row count."""
+
+    path: Path
+    generation: str
+    rows: int
+
+
 def discard_partial(path: Path) -> None:
     """Forget an interrupted write of `path`: its partial file, progress record and log of skipped files."""
     partial_path(path).unlink(missing_ok=True)
@@ -320,58 +335,6 @@ class CacheWriter:
             raise
         return cls(path, f, layers, lock)
 
-    @classmethod
-    def extend(cls, old: Cache, attrs: CacheAttrs, rows: int, label_names: list[str], label_map: np.ndarray,
-               path_bytes: int) -> "CacheWriter":
-        """Start the partial file of `old.path` as a copy of the complete cache `old`, whose rows stay the first rows
-        of one of `rows` rows: an update that only adds files sorting after all of `old`'s (a new tar shard, a folder
-        of a later date) then writes only the new rows. The kernel copies the file (`copy_file_range`: a
-        copy-on-write filesystem shares the blocks instead of copying them); the copy is marked incomplete under
-        `attrs`, its per-row datasets grow to `rows`, its path column to `path_bytes` wide strings where the new
-        paths are longer (the kept paths are written again: a few bytes a row), and its label names become
-        `label_names`, the kept rows' labels renumbered by `label_map` (old index -> new). `old.path` is untouched
-        until `finalize` publishes the copy."""
-        path, partial = old.path, partial_path(old.path)
-        lock = cls._claim(path)
-        discard_partial(path)
-        grow, compressed = rows - len(old.paths), attrs.compression != "none"
-        need = os.stat(path).st_size + (0 if compressed else
-                                        _allocated_bytes(grow, old.shapes, attrs.dtype, path_bytes)
-                                        + (rows * path_bytes if path_bytes > old.path_bytes else 0))
-        f = None
-        try:
-            detail = _no_room(path.parent, 0, need)
-            if detail:
-                raise _write_failed(detail, str(partial), path)
-            try:
-                _copy_file(path, partial)
-                f = h5py.File(partial, "r+", rdcc_nbytes=WRITE_CACHE_BYTES)
-                check_generation(path, f, old.attrs.generation)  # the copy is of the cache `old` was read from
-                for key in list(f.attrs):  # none of `old`'s is left behind: the attributes are a fresh run's
-                    del f.attrs[key]
-                f.attrs.update(dataclasses.replace(attrs, schema_version=SCHEMA_VERSION, complete=False,
-                                                   generation="", created=utc_now()).to_h5())
-                for name in [f"features/{layer}" for layer in old.shapes] + list(PER_ROW):
-                    f[name].resize(rows, axis=0)
-                del f["label_names"]
-                _write_label_names(f, label_names)
-                if path_bytes > old.path_bytes:
-                    del f["paths"]
-                    column = _per_row(f, "paths", rows, (), _fixed_utf8([""], path_bytes).dtype, TEXT_ROWS,
-                                      compressed)
-                    column[: len(old.paths)] = _fixed_utf8(old.paths.tolist(), path_bytes)
-                f["labels"][: len(old.paths)] = label_map[old.labels]  # 4 bytes a row, renumbered or not
-                f.flush()
-            except OSError as err:
-                raise _write_failed(err, f"the copy {partial} of {path}", path) from None
-        except BaseException:
-            if f is not None:
-                f.close()
-            discard_partial(path)
-            lock.close()
-            raise
-        return cls(path, f, list(old.shapes), lock)
-
     def write(self, row: int, features: list[np.ndarray], paths: list[str], labels: list[int], splits: list[str],
               views: list[int], stamps: list[tuple[int, int]]) -> None:
         """Write rows [row, row+n) and flush them, so a progress record saved afterwards never claims unwritten rows.
@@ -484,28 +447,40 @@ class CacheWriter:
             fid.locked = True
             raise
 
-    def link_features(self, sources: list[Cache], shapes: dict[str, tuple[int, ...]],
-                      dtypes: dict[str, np.dtype]) -> None:
-        """features/<layer> as a virtual dataset over the rows of caches beside the target, named by their bare file
+    def link_features(self, files: list[Linked], source: np.ndarray, row: np.ndarray,
+                      shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype]) -> None:
+        """features/<layer> as a virtual dataset whose row i is row `row[i]` of the cache `files[source[i]]`: one
+        mapping per run of consecutive rows of one file (a merge's shards one after the other; an update's kept rows
+        and new ones, `features.update.link_plan`). The files lie beside the target and are named by their bare
         names (HDF5 looks for them beside the virtual file, so the folder can move as a whole; readers accept no
         other source). Reads go to the sources' chunks, whose checksums are verified as usual; the sources'
         generations are recorded, so a source replaced later is refused rather than read."""
-        for source in sources:
-            if source.path.resolve().parent != self.path.resolve().parent:
-                raise UsageError(f"a virtual merge links caches in its own folder only; {source.path} is not beside "
+        for linked in files:
+            if linked.path.resolve().parent != self.path.resolve().parent:
+                raise UsageError(f"a virtual merge links caches in its own folder only; {linked.path} is not beside "
                                  f"{self.path}. Merge without --virtual (a copy), or write --out beside the shards.")
+        n = len(source)
+        starts = np.flatnonzero(np.r_[True, (np.diff(source) != 0) | (np.diff(row) != 1)]) if n else np.array([], int)
+        lengths = np.diff(np.r_[starts, n])
         for layer, shape in shapes.items():
-            layout = h5py.VirtualLayout(shape=(sum(len(s.paths) for s in sources), *shape), dtype=dtypes[layer])
-            start = 0
-            for source in sources:
-                n = len(source.paths)
-                layout[start : start + n] = h5py.VirtualSource(source.path.name, f"features/{layer}", shape=(n, *shape))
-                start += n
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_layout(h5py.h5d.VIRTUAL)
             # NaN where a source cannot be read (missing, or more shards than the open-file limit): never zeros that
             # pass as features; every reader refuses NaN rows
-            ds = self.file.create_virtual_dataset(f"features/{layer}", layout, fillvalue=np.nan)
-            ds.attrs.update({"layer": layer, "shape": shape,
-                             SOURCE_GENERATIONS: [f"{s.path.name}:{s.attrs.generation}" for s in sources]})
+            dcpl.set_fill_value(np.array([np.nan], dtypes[layer]))
+            space = h5py.h5s.create_simple((n, *shape))
+            sources = [h5py.h5s.create_simple((linked.rows, *shape)) for linked in files]
+            name = f"features/{layer}".encode()
+            for at, count in zip(starts.tolist(), lengths.tolist()):
+                k = int(source[at])
+                space.select_hyperslab((at, *[0] * len(shape)), (count, *shape))
+                sources[k].select_hyperslab((int(row[at]), *[0] * len(shape)), (count, *shape))
+                dcpl.set_virtual(space, files[k].path.name.encode(), name, sources[k])
+            space.select_all()
+            h5py.h5d.create(self.file.id, name, h5py.h5t.py_create(np.dtype(dtypes[layer]), logical=1), space,
+                            dcpl=dcpl).close()
+            self.file[name.decode()].attrs.update({"layer": layer, "shape": shape, SOURCE_GENERATIONS: [
+                f"{linked.path.name}:{linked.generation}" for linked in files]})
 
     def finalize(self, progress: Progress, created: str | None = None) -> None:
         """Trim to the rows written, record the skipped files, mark the file complete under a new generation, and
@@ -547,6 +522,7 @@ class CacheWriter:
             where = f"{self.path} (renaming {partial_path(self.path).name} to it)"
             raise _write_failed(err, where, self.path) from None
         progress_path(self.path).unlink(missing_ok=True)
+        prune_parts(self.path)
         self.close()
 
     def _finalize_growth(self, progress: Progress) -> int:
@@ -623,27 +599,6 @@ def _write_label_names(f: h5py.File, label_names: list[str]) -> None:
     needs `maxshape`)."""
     names = _fixed_utf8(label_names)
     f.create_dataset("label_names", data=names, chunks=(max(1, len(names)),), maxshape=(None,), fletcher32=True)
-
-
-def _copy_file(src: Path, dst: Path) -> None:
-    """Copy `src` to a new file `dst` inside the kernel (`copy_file_range`), which shares the blocks on a
-    copy-on-write filesystem (XFS, Btrfs, NFS 4.2) and copies them without passing through this process elsewhere."""
-    import errno
-    import shutil
-
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
-        left = os.fstat(fin.fileno()).st_size
-        while left > 0:
-            try:
-                done = os.copy_file_range(fin.fileno(), fout.fileno(), left)  # Linux copies up to ~2 GiB a call
-            except OSError as err:  # a filesystem or kernel without it: an ordinary copy of the rest
-                if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                shutil.copyfileobj(fin, fout)
-                return
-            if done == 0:  # the source shrank meanwhile: the generation check after the copy refuses it
-                return
-            left -= done
 
 
 def _free_bytes(folder: Path) -> int:
@@ -874,7 +829,7 @@ def read_blocks(path: Path, layer: str, rows: np.ndarray, block_rows: int, rng: 
                 raise DamagedCache(f"{path}: rows {_ranges(rows[positions][bad])} of features/{layer} could not be "
                                    "read from its shard files beside it (missing, unreadable, or more shards than the "
                                    "open-file limit allows). Raise the limit (ulimit -n), or merge again without "
-                                   "--virtual.")
+                                   "--virtual (an updated cache: rerun its extraction with --overwrite).")
             if len(bad):
                 raise DamagedCache(f"{path} holds NaN or inf in rows {_ranges(rows[positions][bad])} of "
                                    f"features/{layer}. {fix_hint(path)}")
@@ -936,6 +891,74 @@ def _virtual_problems(path: Path, name: str, dset: h5py.Dataset) -> list[str]:
         elif (found := read_attrs(sibling)) is None or found.generation != pinned[source]:
             problems.append(f"{name} reads the shard {source!r}, which was replaced or damaged since the merge")
     return problems
+
+
+def concatenation(sources: list[Cache]) -> tuple[list[Linked], np.ndarray, np.ndarray]:
+    """The rows of `sources` one after the other, as `CacheWriter.link_features` maps them (a virtual merge)."""
+    lengths = [len(source.paths) for source in sources]
+    return ([Linked(s.path, s.attrs.generation, n) for s, n in zip(sources, lengths)],
+            np.repeat(np.arange(len(sources)), lengths), np.concatenate([np.arange(n) for n in lengths]))
+
+
+def prune_parts(path: Path) -> None:
+    """Remove the parts (`part_path`) of the cache `path` that it no longer reads: those of an earlier version, or of
+    an update that stopped before publishing. Only complete caches of this tool under that name are removed."""
+    keep: set[str] = set()
+    if path.is_file():
+        with h5py.File(path, "r") as file:
+            for dset in file["features"].values():
+                keep.update(str(v).rsplit(":", 1)[0] for v in plain(dset.attrs.get(SOURCE_GENERATIONS, [])))
+    prefix = f".{path.name}.part-"
+    for found in path.parent.iterdir():
+        if found.name.startswith(prefix) and found.name not in keep and read_attrs(found) is not None:
+            found.unlink(missing_ok=True)
+
+
+def linked_rows(cache: Cache) -> tuple[list[Linked], np.ndarray, np.ndarray] | None:
+    """Where each row of a virtual cache's features lies: (files, source, row) with row i in row `row[i]` of
+    `files[source[i]]`, as `CacheWriter.link_features` wrote it; None when the file maps anything else (layers mapped
+    differently, a mapping that is not a run of whole rows, rows mapped twice or not at all), which an update then
+    reads through HDF5 instead of linking again."""
+    runs: list[tuple[int, str, int, int]] | None = None
+    with h5py.File(cache.path, "r") as file:
+        check_generation(cache.path, file, cache.attrs.generation)
+        for layer in cache.layers:
+            dset = file[f"features/{layer}"]
+            if not dset.is_virtual:
+                return None
+            pinned = dict(str(v).rsplit(":", 1) for v in plain(dset.attrs.get(SOURCE_GENERATIONS, [])))
+            dcpl, found, sizes = dset.id.get_create_plist(), [], {}
+            for i in range(dcpl.get_virtual_count()):
+                space, src = dcpl.get_virtual_vspace(i), dcpl.get_virtual_srcspace(i)
+                name = dcpl.get_virtual_filename(i)
+                if (name not in pinned or dcpl.get_virtual_dsetname(i) != f"features/{layer}"
+                        or space.get_select_type() != h5py.h5s.SEL_HYPERSLABS
+                        or src.get_select_type() != h5py.h5s.SEL_HYPERSLABS
+                        or space.get_select_hyper_nblocks() != 1 or src.get_select_hyper_nblocks() != 1):
+                    return None
+                (v0, *vrest), (v1, *vend) = space.get_select_bounds()
+                (s0, *srest), (s1, *send) = src.get_select_bounds()
+                full = tuple(d - 1 for d in dset.shape[1:])
+                if any(vrest + srest) or tuple(vend) != full or tuple(send) != full or v1 - v0 != s1 - s0:
+                    return None
+                sizes[name] = max(sizes.get(name, 0), s1 + 1)  # rows it reads (HDF5 keeps no extent of its own)
+                found.append((v0, name, s0, v1 - v0 + 1))
+            found.sort()
+            if runs is None:
+                runs = found
+            elif found != runs:
+                return None
+    if not runs:
+        return None
+    starts, names, rows, counts = (np.array(c) for c in zip(*runs))
+    if starts[0] != 0 or (starts[1:] != (starts + counts)[:-1]).any() or (starts + counts)[-1] != len(cache.paths):
+        return None
+    order = list(dict.fromkeys(names.tolist()))
+    files = [Linked(cache.path.parent / name, pinned[name], sizes[name]) for name in order]
+    index = {name: k for k, name in enumerate(order)}
+    source = np.repeat([index[name] for name in names.tolist()], counts)
+    row = np.concatenate([np.arange(r, r + c) for r, c in zip(rows.tolist(), counts.tolist())])
+    return files, source, row
 
 
 def _check_sizes(path: Path, file: h5py.File, n: int) -> None:

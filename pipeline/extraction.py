@@ -36,7 +36,7 @@ from features.quantize import Calibration, calibration, check_identity, quantize
 from features.schema import UPDATABLE, CacheAttrs, ConfigMismatch, identity_diff, names
 from features.store import (COMPRESSIONS, STORAGE_DTYPES, CacheWriter, Progress, check_ours, discard_partial,
                             existing_cache, open_cache, partial_path, progress_path, read_attrs)
-from features.update import assemble, reusable_rows, update_path, updated_writer
+from features.update import assemble, computed_rows, reusable_rows, update_path, write_linked
 from pipeline import quiet
 from pipeline.config import ExtractConfig, default_out, shard_out
 
@@ -381,14 +381,20 @@ def _update(cfg: ExtractConfig, out: Path, attrs: CacheAttrs, catalog: Catalog, 
         delta = open_cache(delta_path) if delta_path.exists() else None  # absent when no new file could be used
         skipped = [list(s) for s in delta.skipped] if state == "complete" else computed.skipped
     attrs = engine_attrs(attrs, computed.engine)
-    writer, first = updated_writer(old, attrs, catalog, reuse, delta)
-    if first and verbose:
-        print(f"update: the new files all sort after its rows; appending {len(delta.paths)} rows to a copy of {out} "
-              "(its rows are not rewritten).")
-    try:
-        rows = assemble(writer, catalog, reuse, old, delta, skipped, first)
-    finally:
-        writer.close()
+    computed_at = computed_rows(catalog, reuse, delta)
+    linked = write_linked(out, attrs, catalog, reuse, computed_at, old, delta, skipped)
+    if linked is not None:
+        rows, files = linked
+        if verbose and rows:
+            print(f"update: no row copied; {out.name} reads its features from {len(files)} file(s) beside it "
+                  f"({', '.join(f.path.name for f in files[:3])}{', ...' if len(files) > 3 else ''}): move or copy "
+                  "the folder, not the file alone.")
+    else:
+        writer = CacheWriter.create(out, attrs, old.shapes, catalog.paths, catalog.label_names)
+        try:
+            rows = assemble(writer, catalog, reuse, computed_at, old, delta, skipped)
+        finally:
+            writer.close()
     delta_path.unlink(missing_ok=True)
     if rows == 0:
         raise UsageError(f"none of the {len(catalog)} files under '{cfg.data}' could be used; {out} is left as it was.")

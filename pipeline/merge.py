@@ -20,7 +20,7 @@ from pathlib import Path
 
 from features.errors import UsageError
 from features.schema import PER_SHARD, ROLES, CacheAttrs, ConfigMismatch, IncompleteCache, identity_diff, names
-from features.store import CacheWriter, Progress, copy_rows, existing_cache, open_cache, partial_path, read_attrs
+from features.store import CacheWriter, Progress, concatenation, copy_rows, existing_cache, open_cache, partial_path, read_attrs
 from pipeline.config import ExtractConfig, default_out, shard_out
 
 OPEN_FILES_RESERVE = 64  # files a process keeps open besides a virtual merge's shards (libraries, the cache itself)
@@ -170,8 +170,7 @@ def _write(out: Path, shards: list[Path], attrs: list[CacheAttrs], wanted: Cache
     writer = CacheWriter.create(out, wanted, {} if virtual else shapes, paths + [" " * width], first.label_names)
     try:
         if virtual:
-            writer.link_features(sources, shapes,
-                                 {layer: first.dtypes[layer] for layer in layers})
+            writer.link_features(*concatenation(sources), shapes, {layer: first.dtypes[layer] for layer in layers})
         start = 0
         for source in sources:
             start = copy_rows(source, writer, start)

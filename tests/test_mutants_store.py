@@ -21,7 +21,7 @@ from features import store
 from features.errors import UsageError
 from features.schema import (SCHEMA_VERSION, CacheAttrs, DamagedCache, ForeignFile, IncompleteCache, SchemaMismatch,
                              StaleCache, WriteFailed)
-from features.store import (Cache, CacheWriter, Damage, Progress, Rows, check_ours, copy_rows, discard_partial,
+from features.store import (Cache, CacheWriter, Damage, Progress, Rows, check_ours, concatenation, copy_rows, discard_partial,
                             existing_cache, fix_hint, is_relative_inside, open_cache, partial_path, progress_path,
                             read_attrs, read_blocks, rows_per_chunk, verify)
 
@@ -921,7 +921,7 @@ def test_a_virtual_merge_with_an_unreadable_shard_is_one_line(tmp_path: Path) ->
     assert str(err.value) == (
         f"{path}: rows 4-7 of features/vec could not be read from its shard files beside it (missing, unreadable, or "
         "more shards than the open-file limit allows). Raise the limit (ulimit -n), or merge again without "
-        "--virtual.")
+        "--virtual (an updated cache: rerun its extraction with --overwrite).")
     assert cache.shapes == {"vec": (3,)} and cache.dtypes == {"vec": np.dtype("float32")}
 
 
@@ -932,7 +932,7 @@ def test_link_features_refuses_sources_in_another_folder(tmp_path: Path) -> None
     writer = started(tmp_path / "b" / "m.h5", n=4, layers={})
     try:
         with pytest.raises(UsageError) as err:
-            writer.link_features([source], {"vec": (3,)}, {"vec": np.dtype("float32")})
+            writer.link_features(*concatenation([source]), {"vec": (3,)}, {"vec": np.dtype("float32")})
     finally:
         writer.close()
     assert str(err.value) == (f"a virtual merge links caches in its own folder only; {source.path} is not beside "
@@ -1634,7 +1634,7 @@ def test_readable_of_a_reopened_virtual_merge_checks_the_rows_after_its_virtual_
     shard = open_cache(write_cache(tmp_path / "s.h5", {"vec": X}, y))
     path = tmp_path / "m.h5"
     writer = started(path, n=4, layers={})
-    writer.link_features([shard], {"vec": (3,)}, {"vec": np.dtype("float32")})
+    writer.link_features(*concatenation([shard]), {"vec": (3,)}, {"vec": np.dtype("float32")})
     writer.write(0, [], *rows(4)[1:])
     writer.close()
     with h5py.File(partial_path(path), "r+") as f:
@@ -1704,7 +1704,7 @@ def test_link_features_places_each_source_after_the_previous_ones(tmp_path: Path
         sources.append(open_cache(write_cache(tmp_path / f"s{i}.h5", {"vec": X}, np.arange(n) % 2, dtype="float16")))
     writer = started(tmp_path / "m.h5", n=6, layers={})
     try:
-        writer.link_features(sources, {"vec": (3,)}, {"vec": np.dtype("float16")})
+        writer.link_features(*concatenation(sources), {"vec": (3,)}, {"vec": np.dtype("float16")})
     finally:
         writer.close()
     with h5py.File(partial_path(tmp_path / "m.h5")) as f:
@@ -1797,137 +1797,60 @@ def test_abandon_after_a_failed_close_leaves_the_descriptor_alone(tmp_path: Path
     real_close()
 
 
-# --- an update that only appends: CacheWriter.extend (new names imported inside the tests) ---------------------------
+# --- linked caches: parts, their map, and pruning ----------------------------------------------------------------
 
-def test_extend_starts_a_copy_that_grows_renumbers_and_widens_and_publishes_only_on_finalize(tmp_path: Path) -> None:
-    """The copy lies at the partial name, marked incomplete under the new attributes (none of the old file's left),
-    grown to the new row count, its path column widened with the kept paths rewritten, its label names replaced and
-    the kept labels renumbered; the cache itself is untouched until `finalize` publishes the copy."""
-    path = small(tmp_path / "c.h5", n=4)
-    with h5py.File(path, "a") as f:
-        f.attrs["stray"] = "left by an older version"
-    old = open_cache(path)
-    kept = old.read("x", np.arange(4))
-    label_map = np.array([1, 2, -1])  # a -> 1, b -> 2: a class '0' listed first; unlabelled (-1) stays -1
-    width = len("0/a-much-longer-name.jpg")
-    assert width > old.path_bytes
-    writer = CacheWriter.extend(old, old.attrs, 6, ["0", "a", "b"], label_map, width)
-    assert open_cache(path).attrs.generation == old.attrs.generation  # published: as it was
-    with h5py.File(partial_path(path), "r") as f:
-        attrs = CacheAttrs.parse(f.attrs, "partial")
-        assert (attrs.complete, attrs.generation, attrs.schema_version) == (False, "", SCHEMA_VERSION)
-        assert "stray" not in f.attrs and re.fullmatch(ISO_UTC, attrs.created)
-        assert f["features/x"].shape == (6, 4) and f["file_stamp"].shape == (6, 2) and f["view"].shape == (6,)
-        assert f["paths"].shape == (6,) and f["paths"].dtype.itemsize == width
-        assert [p.decode() for p in f["paths"][:4]] == old.paths.tolist()
-        assert f["labels"][:4].tolist() == [1, 2, 1, 2]
-        assert [n.decode() for n in f["label_names"][()]] == ["0", "a", "b"]
-        assert f["label_names"].chunks == (3,) and f["label_names"].fletcher32
-        assert f["paths"].fletcher32 and f["paths"].maxshape == (None,)
-    extra = rows(2, first=4)
-    extra[1] = ["0/a-much-longer-name.jpg", "0/b-much-longer-name.jpg"]
-    writer.write(4, *extra)
-    writer.finalize(Progress(rows_written=6, files_done=6, skipped=[]))
-    new = open_cache(path)
-    assert new.paths.tolist() == old.paths.tolist() + extra[1]
-    assert new.labels.tolist() == [1, 2, 1, 2, 0, 1] and new.label_names == ["0", "a", "b"]
-    assert np.array_equal(new.read("x", np.arange(6)), np.concatenate([kept, extra[0][0]]))
-    assert new.attrs.generation not in ("", old.attrs.generation) and not partial_path(path).exists()
+def test_a_part_is_hidden_beside_its_cache_named_by_generation_without_an_h5_suffix() -> None:
+    from features.store import part_path
+
+    assert part_path(Path("d/x.h5"), "ab12") == Path("d/.x.h5.part-ab12")
 
 
-def test_extend_keeps_labels_and_path_column_when_nothing_is_renumbered_or_longer(tmp_path: Path) -> None:
-    path = small(tmp_path / "c.h5", n=4, compression="lzf")
-    old = open_cache(path)
-    writer = CacheWriter.extend(old, old.attrs, 5, ["a", "b"], np.array([0, 1, -1]), old.path_bytes)
-    with h5py.File(partial_path(path), "r") as f:
-        assert f["labels"][:4].tolist() == old.labels.tolist() and f["paths"].dtype.itemsize == old.path_bytes
-        assert f["features/x"].compression == "lzf" and f["paths"].compression == "lzf"
-    writer.close()
+def linked_cache(tmp_path: Path, runs: list[tuple[int, int, int]]) -> Path:
+    """x.h5 of len(rows) rows linked to the caches p0, p1 (4 rows each) by (source, first row, rows) runs."""
+    from features.store import Linked
+
+    sources = [open_cache(small(tmp_path / f"p{k}", n=4)) for k in range(2)]
+    source = np.concatenate([[k] * n for k, _, n in runs])
+    row = np.concatenate([np.arange(r, r + n) for _, r, n in runs])
+    meta = CacheAttrs.example(layers=["x"], compression="none", num_candidates=len(source))
+    writer = CacheWriter.create(tmp_path / "x.h5", meta, {}, [f"a/img{i}.jpg" for i in range(len(source))], ["a", "b"])
+    writer.link_features([Linked(c.path, c.attrs.generation, 4) for c in sources], source, row, {"x": (4,)},
+                         {"x": np.dtype("float32")})
+    writer.write(0, [], *rows(len(source))[1:])
+    writer.finalize(Progress(rows_written=len(source), files_done=len(source)))
+    return tmp_path / "x.h5"
 
 
-def test_extend_of_a_cache_replaced_since_it_was_opened_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
-    path = small(tmp_path / "c.h5", n=4)
-    old = open_cache(path)
-    small(path, n=4)  # written again: a new generation
-    with pytest.raises(StaleCache, match=rf"^{re.escape(str(path))} was replaced"):
-        CacheWriter.extend(old, old.attrs, 5, ["a", "b"], np.array([0, 1, -1]), old.path_bytes)
-    assert not partial_path(path).exists()
-    started(path).close()  # the lock was released
+def test_link_features_maps_runs_of_rows_and_linked_rows_reads_them_back(tmp_path: Path) -> None:
+    from features.store import linked_rows
+
+    path = linked_cache(tmp_path, [(1, 2, 2), (0, 0, 1), (0, 3, 1), (1, 0, 1)])
+    cache = open_cache(path)
+    p0, p1 = (open_cache(tmp_path / f"p{k}").read("x") for k in range(2))
+    np.testing.assert_array_equal(cache.read("x"), np.stack([p1[2], p1[3], p0[0], p0[3], p1[0]]))
+    files, source, row = linked_rows(cache)
+    assert [f.path.name for f in files] == ["p1", "p0"] and [f.rows for f in files] == [4, 4]
+    assert source.tolist() == [0, 0, 1, 1, 0] and row.tolist() == [2, 3, 0, 3, 0]
+    with h5py.File(path, "r") as f:
+        assert f["features/x"].id.get_create_plist().get_virtual_count() == 4  # one mapping per run
 
 
-@pytest.mark.parametrize("compression,grown", [("none", True), ("lzf", False)])
-def test_extend_needs_room_for_the_copy_and_for_uncompressed_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                  compression: str, grown: bool) -> None:
-    """Room for the whole file, plus, uncompressed (every chunk allocated as it grows), the new rows and a widened
-    path column: refused in one line before anything is copied."""
-    path = small(tmp_path / "c.h5", n=4, compression=compression)
-    old = open_cache(path)
-    size = path.stat().st_size
-    grow = store._allocated_bytes(96, old.shapes, old.attrs.dtype, old.path_bytes + 1) + 100 * (old.path_bytes + 1)
-    monkeypatch.setattr(store, "_free_bytes", lambda folder: size + (grow if grown else 0) - 1)
-    with pytest.raises(WriteFailed, match=r"^the disk is full .* free space .* and rerun the same command"):
-        CacheWriter.extend(old, old.attrs, 100, ["a", "b"], np.array([0, 1, -1]), old.path_bytes + 1)
-    assert not partial_path(path).exists()
-    monkeypatch.setattr(store, "_free_bytes", lambda folder: size + (grow if grown else 0))
-    CacheWriter.extend(old, old.attrs, 100, ["a", "b"], np.array([0, 1, -1]), old.path_bytes + 1).close()
+def test_prune_parts_removes_the_unread_parts_of_this_cache_only(tmp_path: Path) -> None:
+    from features.store import part_path, prune_parts
 
-
-def test_extend_turns_a_failed_copy_into_one_line_and_removes_the_copy(tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    path = small(tmp_path / "c.h5", n=4)
-    old = open_cache(path)
-
-    def fail(*args):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(os, "copy_file_range", fail)
-    with pytest.raises(WriteFailed, match=rf"while writing the copy {re.escape(str(partial_path(path)))} of "):
-        CacheWriter.extend(old, old.attrs, 5, ["a", "b"], np.array([0, 1, -1]), old.path_bytes)
-    assert not partial_path(path).exists() and open_cache(path).attrs.generation == old.attrs.generation
-
-
-def test_copy_file_in_the_kernel_in_pieces_else_by_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pieces until the size is copied, each call asking for the rest; a kernel or filesystem without copy_file_range
-    (EXDEV, ENOSYS, EINVAL, EOPNOTSUPP) copies the rest by reading; any other error is raised; a source that
-    shrinks meanwhile ends the copy (the generation check refuses it)."""
-    from features.store import _copy_file
-
-    src = tmp_path / "src"
-    data = os.urandom(3 << 20) + b"t"  # the last piece is one byte
-    src.write_bytes(data)
-    asked, real = [], os.copy_file_range
-
-    def pieces(fin, fout, count):
-        asked.append(count)
-        return real(fin, fout, min(count, 1 << 20))
-
-    monkeypatch.setattr(os, "copy_file_range", pieces)
-    _copy_file(src, tmp_path / "a")
-    assert (tmp_path / "a").read_bytes() == data and asked[0] == len(data) and asked[-1] == 1 and len(asked) == 4
-    for code in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        calls = []
-
-        def once_then_unsupported(fin, fout, count, code=code):
-            if calls:
-                raise OSError(code, os.strerror(code))
-            calls.append(count)
-            return real(fin, fout, 1000)
-
-        monkeypatch.setattr(os, "copy_file_range", once_then_unsupported)
-        _copy_file(src, tmp_path / f"b{code}")
-        assert (tmp_path / f"b{code}").read_bytes() == data
-    monkeypatch.setattr(os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
-    with pytest.raises(OSError, match="I/O error"):
-        _copy_file(src, tmp_path / "c")
-    monkeypatch.setattr(os, "copy_file_range", lambda fin, fout, count: 0)
-    _copy_file(src, tmp_path / "d")
-    assert (tmp_path / "d").read_bytes() == b""
-    with pytest.raises(FileExistsError):  # never over a file already there
-        _copy_file(src, tmp_path / "a")
-    monkeypatch.setattr(os, "copy_file_range", real)
-    with pytest.raises(OSError):
-        _copy_file(src, tmp_path / "a")
-
+    cache = small(tmp_path / "x.h5")
+    read_part = small(part_path(cache, "a1"))
+    unread = small(part_path(cache, "b2"))
+    foreign = part_path(cache, "c3")
+    foreign.write_text("not a cache")
+    other = small(part_path(tmp_path / "y.h5", "d4"))
+    with h5py.File(cache, "a") as f:
+        f["features/x"].attrs[store.SOURCE_GENERATIONS] = [f"{read_part.name}:a1"]
+    prune_parts(cache)
+    assert read_part.exists() and not unread.exists() and foreign.exists() and other.exists()
+    cache.unlink()
+    prune_parts(cache)  # nothing there any more: no part is read
+    assert not read_part.exists() and foreign.exists()
 
 # --- survivors of the full run ---------------------------------------------------------------------------------------
 
@@ -1952,65 +1875,6 @@ def test_a_feature_dataset_with_another_row_count_than_the_cache_is_damaged(tmp_
         f["features/x"].resize(5, axis=0)
     with pytest.raises(DamagedCache, match=r"c\.h5: features/x has shape \(5, 4\), expected 6 rows \(num_images\)"):
         open_cache(path)
-
-
-def test_extend_refuses_in_one_line_one_byte_short_of_room(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                           file_limit: Callable[[int], None]) -> None:
-    """Uncompressed at the same path width: room for the file and the new rows' allocated chunks, exactly; under a
-    file-size limit (compressed: the file alone), up to the limit exactly."""
-    path = small(tmp_path / "c.h5", n=4)
-    old = open_cache(path)
-    need = path.stat().st_size + store._allocated_bytes(96, old.shapes, old.attrs.dtype, old.path_bytes)
-    monkeypatch.setattr(store, "_free_bytes", lambda folder: need - 1)
-    with pytest.raises(WriteFailed) as err:
-        CacheWriter.extend(old, old.attrs, 100, ["a", "b"], np.array([0, 1, -1]), old.path_bytes)
-    assert str(err.value) == (f"the disk is full or a file-size limit was reached ({need - 1} bytes are free on its "
-                              f"disk; it may need {need}) while writing {partial_path(path)}: free space (or raise "
-                              "the limit: ulimit -f) and rerun the same command.")
-    monkeypatch.setattr(store, "_free_bytes", lambda folder: need)
-    CacheWriter.extend(old, old.attrs, 100, ["a", "b"], np.array([0, 1, -1]), old.path_bytes).close()
-    monkeypatch.setattr(store, "_free_bytes", lambda folder: 1 << 40)
-    lzf = open_cache(small(tmp_path / "z.h5", n=4, compression="lzf"))
-    size = lzf.path.stat().st_size
-    file_limit(size - 1)
-    with pytest.raises(WriteFailed, match=rf"the file-size limit is {size - 1} bytes; the file has 0 and may need "):
-        CacheWriter.extend(lzf, lzf.attrs, 100, ["a", "b"], np.array([0, 1, -1]), lzf.path_bytes)
-    file_limit(size)
-    CacheWriter.extend(lzf, lzf.attrs, 100, ["a", "b"], np.array([0, 1, -1]), lzf.path_bytes).close()
-
-
-def test_extend_writes_this_schema_and_its_own_start_time_whatever_attrs_say(tmp_path: Path) -> None:
-    import dataclasses
-
-    path = small(tmp_path / "c.h5", n=4)
-    old = open_cache(path)
-    given = dataclasses.replace(old.attrs, schema_version=SCHEMA_VERSION - 1, created="2000-01-01T00:00:00+00:00")
-    CacheWriter.extend(old, given, 5, ["a", "b"], np.array([0, 1, -1]), old.path_bytes).close()
-    with h5py.File(partial_path(path), "r") as f:
-        attrs = CacheAttrs.parse(f.attrs, "partial")
-    assert attrs.schema_version == SCHEMA_VERSION and attrs.created != given.created
-    assert re.fullmatch(ISO_UTC, attrs.created)
-
-
-@pytest.mark.parametrize("compression", ["none", "lzf"])
-def test_a_widened_path_column_is_stored_as_the_cache_stores_its_rows(tmp_path: Path, compression: str) -> None:
-    path = small(tmp_path / "c.h5", n=4, compression=compression)
-    old = open_cache(path)
-    CacheWriter.extend(old, old.attrs, 5, ["a", "b"], np.array([0, 1, -1]), old.path_bytes + 3).close()
-    with h5py.File(partial_path(path), "r") as f:
-        column, features = f["paths"], f["features/x"]
-        assert column.compression == features.compression == (None if compression == "none" else "lzf")
-        assert column.chunks == (5,) and column.maxshape == (None,) and column.fletcher32
-
-
-def test_extend_names_a_failed_copy_and_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = small(tmp_path / "c.h5", n=4)
-    old = open_cache(path)
-    monkeypatch.setattr(os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
-    with pytest.raises(WriteFailed) as err:
-        CacheWriter.extend(old, old.attrs, 5, ["a", "b"], np.array([0, 1, -1]), old.path_bytes)
-    assert str(err.value) == (f"writing the copy {partial_path(path)} of {path} failed (Input/output error): check the "
-                              "disk, then rerun the same command.")
 
 
 @pytest.mark.parametrize("compression", ["none", "lzf"])

@@ -1,9 +1,10 @@
 """features/update.py without a backbone: which old rows an update keeps (`reusable_rows`), how the kept and the
-computed rows are assembled in the new order and in blocks of whole chunks (`assemble`), and what the reader of the
-kept rows checks (`_KeptRows`). Caches are fabricated through the real writer (classifiers.testing.write_cache), so
+computed rows are linked (`link_plan`, `write_linked`) or assembled in the new order and in blocks of whole chunks
+(`assemble`), and what the reader of the kept rows checks (`_KeptRows`). Caches are fabricated through the real writer (classifiers.testing.write_cache), so
 each test takes milliseconds: these are the tests `make mutate MODULES=features/update.py` runs first."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
@@ -15,8 +16,9 @@ import features.update
 from classifiers.testing import write_cache
 from features.catalog import Catalog
 from features.schema import DamagedCache, StaleCache
-from features.store import Cache, CacheWriter, fix_hint, open_cache
-from features.update import _KeptRows, _keys, _label_map, assemble, reusable_rows, update_path
+from features.store import Cache, CacheWriter, Linked, fix_hint, linked_rows, open_cache, part_path
+from features.update import (_KeptRows, _keys, _label_map, assemble, computed_rows, link_plan, max_runs,
+                             reusable_rows, update_path, write_linked)
 
 SHAPE = (3, 4)  # a feature row: 12 float32, 48 bytes, two axes (rows are flattened before their sum is checked)
 UNKNOWN = (-1, -1)  # the stamp write_cache records for every row
@@ -103,22 +105,30 @@ class Writes:
         monkeypatch.setattr(CacheWriter, "write", spy)
 
 
-def assembled(
-        tmp_path: Path, old: Cache, new: Catalog, delta: Cache | None, skipped: list[list[str]] ) -> tuple[int, Cache]:
+def assembled(tmp_path: Path, old: Cache, new: Catalog, delta: Cache | None, skipped: list[list[str]],
+              how: str = "rewrite") -> tuple[int, Cache]:
+    """The update of `old` to `new`, rewritten into out.h5 (`assemble`), or linked in place of `old`."""
+    reuse = reusable_rows(old, new)
+    computed = computed_rows(new, reuse, delta)
+    if how == "link":
+        rows, _ = write_linked(old.path, old.attrs, new, reuse, computed, old, delta, skipped)
+        return rows, open_cache(old.path)
     writer = CacheWriter.create(tmp_path / "out.h5", old.attrs, old.shapes, new.paths, new.label_names)
     try:
-        rows = assemble(writer, new, reusable_rows(old, new), old, delta, skipped)
+        rows = assemble(writer, new, reuse, computed, old, delta, skipped)
     finally:
         writer.close()
     return rows, open_cache(tmp_path / "out.h5")
 
 
-@pytest.mark.parametrize("block_bytes, writes", [
-    (1, [(0, 2), (2, 2), (4, 2)]),  # less than a row: one chunk (2 rows) a block
-    (5 * 48, [(0, 4), (4, 2)]),  # 5 rows' worth: the 2 whole chunks that fit
+@pytest.mark.parametrize("block_bytes, writes, how", [
+    (1, [(0, 2), (2, 2), (4, 2)], "rewrite"),  # less than a row: one chunk (2 rows) a block
+    (5 * 48, [(0, 4), (4, 2)], "rewrite"),  # 5 rows' worth: the 2 whole chunks that fit
+    (5 * 48, [(0, 3), (3, 3)], "link"),  # linked: the per-row metadata only, a row per 64 bytes: 3 rows a block
 ])
 def test_assemble_writes_kept_and_computed_rows_in_the_new_order_in_blocks_of_whole_chunks(
-         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_bytes: int, writes: list[tuple[int, int]]) -> None:
+         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_bytes: int, writes: list[tuple[int, int]],
+         how: str) -> None:
     """Kept rows come from the old cache, new or changed ones from the update's own cache, a candidate that could
     not be computed is left out and its entry recorded as skipped; per-row metadata is the catalog's (labels
     renumbered for the new class list); every write covers a whole number of 2-row chunks of about block_bytes."""
@@ -136,8 +146,8 @@ def test_assemble_writes_kept_and_computed_rows_in_the_new_order_in_blocks_of_wh
                   stamps=[UNKNOWN, (10, 11), UNKNOWN, (12, 13), (14, 15), UNKNOWN, UNKNOWN, (16, 17)])
     skipped = [["a/3b.jpg", "cannot be decoded"], ["c/6.jpg", "empty file (0 bytes)"]]
     spy = Writes(monkeypatch)
-    rows, out = assembled(tmp_path, old, new, delta, skipped)
-    assert rows == 6 and out.attrs.num_images == 6 and out.attrs.complete
+    rows, out = assembled(tmp_path, old, new, delta, skipped, how)
+    assert rows == 6 and out.attrs.num_images == 6 and out.attrs.complete and out.virtual == (how == "link")
     assert spy.calls == writes
     assert out.paths.tolist() == ["a/0.jpg", "a/1b.jpg", "a/2.jpg", "a/3.jpg", "b/4.jpg", "b/5.jpg"]
     np.testing.assert_array_equal(out.read("x"), np.stack([X[0], D[0], X[2], D[1], X[4], X[5]]))
@@ -147,7 +157,8 @@ def test_assemble_writes_kept_and_computed_rows_in_the_new_order_in_blocks_of_wh
     assert out.skipped == [tuple(s) for s in skipped]
 
 
-def test_assemble_with_views_takes_each_computed_view_from_its_own_row(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["rewrite", "link"])
+def test_assemble_with_views_takes_each_computed_view_from_its_own_row(tmp_path: Path, how: str) -> None:
     """An augmented update: a new training image's views are rows of the update's cache named (path, view); every
     view lands in its place with its own features and view number."""
     X = features_of(4, 0)
@@ -158,31 +169,33 @@ def test_assemble_with_views_takes_each_computed_view_from_its_own_row(tmp_path:
                                    paths=["a/1.jpg", "a/1.jpg", "a/1.jpg"], view=[0, 1, 2]))
     new = catalog(["a/0.jpg", "a/0.jpg", "a/0.jpg", "a/1.jpg", "a/1.jpg", "a/1.jpg", "a/2.jpg"], [0] * 7, ["a"],
                   views=[0, 1, 2, 0, 1, 2, 0])
-    rows, out = assembled(tmp_path, old, new, delta, [])
+    rows, out = assembled(tmp_path, old, new, delta, [], how)
     assert rows == 7 and out.view.tolist() == [0, 1, 2, 0, 1, 2, 0]
     np.testing.assert_array_equal(out.read("x"), np.stack([X[0], X[1], X[2], D[0], D[1], D[2], X[3]]))
     assert out.skipped == []
 
 
-def test_assemble_without_computed_rows_keeps_the_remaining_rows(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["rewrite", "link"])
+def test_assemble_without_computed_rows_keeps_the_remaining_rows(tmp_path: Path, how: str) -> None:
     """Files only removed: no update cache (delta None); the output is the old rows that remain, in order."""
     X = features_of(4, 0)
     old = open_cache(write_cache(tmp_path / "old.h5", {"x": X}, [0, 0, 1, 1], label_names=["a", "b"]))
     paths = old.paths.tolist()
     rows, out = assembled(tmp_path, old, catalog([paths[0], paths[2], paths[3]], [0, 1, 1], ["a", "b"]), None,
-                          [["a/x.txt", "not an image"]])
+                          [["a/x.txt", "not an image"]], how)
     assert rows == 3 and out.paths.tolist() == [paths[0], paths[2], paths[3]]
     np.testing.assert_array_equal(out.read("x"), X[[0, 2, 3]])
     assert out.view.tolist() == [0, 0, 0] and out.skipped == [("a/x.txt", "not an image")]
 
 
-def test_assemble_leaves_out_new_files_none_of_which_could_be_used(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["rewrite", "link"])
+def test_assemble_leaves_out_new_files_none_of_which_could_be_used(tmp_path: Path, how: str) -> None:
     """New files were added but none could be computed (no update cache, delta None): the kept rows only."""
     X = features_of(2, 0)
     old = open_cache(write_cache(tmp_path / "old.h5", {"x": X}, [0, 0], label_names=["a"],
                                  paths=["a/0.jpg", "a/2.jpg"]))
     new = catalog(["a/0.jpg", "a/1.jpg", "a/2.jpg"], [0, 0, 0], ["a"], stamps=[UNKNOWN, (3, 4), UNKNOWN])
-    rows, out = assembled(tmp_path, old, new, None, [["a/1.jpg", "empty file (0 bytes)"]])
+    rows, out = assembled(tmp_path, old, new, None, [["a/1.jpg", "empty file (0 bytes)"]], how)
     assert rows == 2 and out.paths.tolist() == ["a/0.jpg", "a/2.jpg"]
     np.testing.assert_array_equal(out.read("x"), X)
 
@@ -345,80 +358,101 @@ def test_a_failed_read_of_kept_rows_names_only_the_damage_among_them(
     assert str(err.value).startswith(f"{path} is damaged: rows 4-5 of features/x fail their checksum")
 
 
-# ---- appending: appendable, updated_writer, assemble from `first` -------------------------------------------------
+# ---- linking: link_plan, write_linked ------------------------------------------------------------------------------
 
-def test_appendable_only_when_every_old_row_comes_first_in_order_then_only_new_rows(tmp_path: Path) -> None:
-    from features.update import appendable
-
-    old = open_cache(write_cache(tmp_path / "old.h5", {"x": features_of(3, 0)}, [0, 0, 0], label_names=["a"],
-                                 paths=["a/0.jpg", "a/1.jpg", "a/2.jpg"]))
-    assert appendable(old, np.array([0, 1, 2, -1]))
-    assert not appendable(old, np.array([0, 1, 2]))  # nothing added
-    assert not appendable(old, np.array([0, 1, -1, -1]))  # the last old row changed
-    assert not appendable(old, np.array([0, 2, 1, -1]))  # not in the old order
-    assert not appendable(old, np.array([-1, 0, 1, 2]))  # the new row comes first
-
-
-def test_a_virtual_merge_is_never_appended_to(tmp_path: Path) -> None:
-    from features.update import appendable
-    from pipeline.merge import merge
-
-    for i in range(2):
-        write_cache(tmp_path / f"v.shard{i}-of-2.h5", {"x": features_of(2, i)}, [0, 0], label_names=["a"],
-                    paths=[f"a/{i}{k}.jpg" for k in range(2)], shard=f"{i}/2", num_candidates=4)
-    old = open_cache(merge(tmp_path / "v.h5", virtual=True).path)
-    assert not appendable(old, np.array([0, 1, 2, 3, -1]))
-    copied = open_cache(merge(tmp_path / "v.h5", out=tmp_path / "c.h5").path)
-    assert appendable(copied, np.array([0, 1, 2, 3, -1]))
+def test_link_plan_maps_kept_rows_to_the_old_version_and_computed_ones_to_the_delta(tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch
+                                                                                   ) -> None:
+    old = open_cache(write_cache(tmp_path / "x.h5", {"x": features_of(4, 0)}, [0] * 4, label_names=["a"]))
+    delta = open_cache(write_cache(tmp_path / "d.h5", {"x": features_of(2, 1)}, [0] * 2, label_names=["a"]))
+    files, source, row = link_plan(old.path, old, delta, np.array([0, -1, 1, 3, -1]), np.array([-1, 1, -1, -1, 0]))
+    assert files == [Linked(part_path(old.path, old.attrs.generation), old.attrs.generation, 4),
+                     Linked(part_path(old.path, delta.attrs.generation), delta.attrs.generation, 2)]
+    assert source.tolist() == [0, 1, 0, 0, 1] and row.tolist() == [0, 1, 1, 3, 0]
+    files, source, row = link_plan(old.path, old, delta, np.array([0, 1, 2]), np.array([-1, -1, -1]))
+    assert [f.generation for f in files] == [old.attrs.generation] and source.tolist() == [0, 0, 0]  # delta unused
+    files, source, row = link_plan(old.path, old, None, np.array([2, 3]), np.array([-1, -1]))
+    assert source.tolist() == [0, 0] and row.tolist() == [2, 3]
+    monkeypatch.setattr(features.update, "LINKED_FILES", 1)
+    assert link_plan(old.path, old, delta, np.array([0, -1]), np.array([-1, 0])) is None  # two files: rewrite
+    assert link_plan(old.path, old, delta, np.array([0, 1]), np.array([-1, -1])) is not None
+    monkeypatch.setattr(features.update, "max_runs", lambda rows: 2)
+    assert link_plan(old.path, old, None, np.array([0, 2]), np.array([-1, -1])) is not None  # 2 runs
+    assert link_plan(old.path, old, None, np.array([0, 2, 3, 1]), np.array([-1] * 4)) is None  # 3 runs
 
 
-@pytest.mark.parametrize("added,extends", [(["a/3.jpg"], True), (["a/1b.jpg"], False), ([], False)])
-def test_updated_writer_copies_the_old_cache_only_to_append(tmp_path: Path, added: list[str], extends: bool) -> None:
-    """Appendable, with computed rows: a copy of the old cache holding its rows, the path column as wide as the
-    longest new path, and the number of rows already there; else a new file of the new rows' count, from row 0."""
-    from features.update import updated_writer
+def test_max_runs_grows_with_the_rows() -> None:
+    assert (max_runs(0), max_runs(16), max_runs(300_000)) == (64, 65, 18_814)
 
+
+def test_link_plan_of_a_linked_cache_keeps_its_parts_and_of_other_mappings_rewrites(tmp_path: Path) -> None:
     X = features_of(3, 0)
-    old = open_cache(write_cache(tmp_path / "old.h5", {"x": X}, [0, 0, 0], label_names=["a"],
+    old = open_cache(write_cache(tmp_path / "x.h5", {"x": X}, [0] * 3, label_names=["a"],
                                  paths=["a/0.jpg", "a/1.jpg", "a/2.jpg"]))
-    paths = sorted(["a/0.jpg", "a/1.jpg", "a/2.jpg", *added])
-    new = catalog(paths, [0] * len(paths), ["a", "b"], stamps=[(5, 6) if p in added else UNKNOWN for p in paths])
-    delta = open_cache(write_cache(tmp_path / "delta.h5", {"x": features_of(1, 1)}, [0], label_names=["a"],
-                                   paths=added)) if added else None
-    writer, first = updated_writer(old, old.attrs, new, reusable_rows(old, new), delta)
-    try:
-        f = writer.file
-        assert first == (3 if extends else 0)
-        assert f["features/x"].shape[0] == len(paths) and [n.decode() for n in f["label_names"][()]] == ["a", "b"]
-        if extends:
-            np.testing.assert_array_equal(f["features/x"][:3], X)
-            assert f["paths"].dtype.itemsize == max(old.path_bytes, delta.path_bytes)
-    finally:
-        writer.close()
+    delta = open_cache(write_cache(tmp_path / "d.h5", {"x": features_of(1, 1)}, [0], label_names=["a"],
+                                   paths=["a/1b.jpg"]))
+    new = catalog(["a/0.jpg", "a/1.jpg", "a/1b.jpg", "a/2.jpg"], [0] * 4, ["a"], stamps=[UNKNOWN] * 2 + [(1, 2), UNKNOWN])
+    assembled(tmp_path, old, new, delta, [], "link")
+    linked = open_cache(tmp_path / "x.h5")
+    files, source, row = linked_rows(linked)
+    assert [f.path.name for f in files] == [part_path(old.path, g).name for g in (old.attrs.generation,
+                                                                                  delta.attrs.generation)]
+    assert [f.rows for f in files] == [3, 1] and source.tolist() == [0, 0, 1, 0] and row.tolist() == [0, 1, 0, 2]
+    again, _, _ = link_plan(linked.path, linked, None, np.array([0, 1, 2, 3]), np.array([-1] * 4))
+    assert again == files  # the parts themselves, not the linked file
+    assert linked_rows(open_cache(files[1].path)) is None  # a plain cache maps nothing
 
 
-def test_assemble_from_first_writes_only_the_appended_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from features.update import updated_writer
-
-    monkeypatch.setattr(features.store, "CHUNK_BYTES", 2 * 48)
-    X, D = features_of(3, 0), features_of(2, 1)
-    old = open_cache(write_cache(tmp_path / "old.h5", {"x": X}, [0, 0, 0], label_names=["a"],
+def test_write_linked_writes_no_feature_row_and_names_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    X = features_of(3, 0)
+    old = open_cache(write_cache(tmp_path / "x.h5", {"x": X}, [0] * 3, label_names=["a"],
                                  paths=["a/0.jpg", "a/1.jpg", "a/2.jpg"]))
-    delta = open_cache(write_cache(tmp_path / "delta.h5", {"x": D}, [1, 1], label_names=["a", "b"],
-                                   paths=["b/3.jpg", "b/40.jpg"]))
-    new = catalog(["a/0.jpg", "a/1.jpg", "a/2.jpg", "b/3.jpg", "b/40.jpg"], [0, 0, 0, 1, 1], ["a", "b"],
-                  stamps=[UNKNOWN] * 3 + [(1, 2), (3, 4)])
-    spy = Writes(monkeypatch)
-    writer, first = updated_writer(old, old.attrs, new, reusable_rows(old, new), delta)
-    try:
-        assert assemble(writer, new, reusable_rows(old, new), old, delta, [], first) == 5
-    finally:
-        writer.close()
+    new = catalog(["a/0.jpg", "a/2.jpg"], [0, 0], ["a"])
+    features_written = []
+    real = CacheWriter.write
+    monkeypatch.setattr(CacheWriter, "write", lambda w, row, f, *a: features_written.append(len(f)) or real(w, row, f, *a))
+    reuse = reusable_rows(old, new)
+    rows, files = write_linked(old.path, old.attrs, new, reuse, computed_rows(new, reuse, None), old, None, [])
+    assert rows == 2 and features_written == [0]
+    assert [f.path for f in files] == [part_path(old.path, old.attrs.generation)]
     out = open_cache(old.path)
-    assert spy.calls == [(3, 2)] and first == 3
-    np.testing.assert_array_equal(out.read("x"), np.concatenate([X, D]))
-    assert out.paths.tolist() == new.paths and out.labels.tolist() == [0, 0, 0, 1, 1]
-    assert out.file_stamps.tolist()[3:] == [[1, 2], [3, 4]] and out.attrs.num_images == 5
+    np.testing.assert_array_equal(out.read("x"), X[[0, 2]])
+    assert os.path.samefile(files[0].path, old.path) is False and files[0].path.exists()
+
+
+def test_write_linked_refuses_a_part_of_another_version_and_leaves_the_cache(tmp_path: Path) -> None:
+    old = open_cache(write_cache(tmp_path / "x.h5", {"x": features_of(3, 0)}, [0] * 3, label_names=["a"]))
+    other = write_cache(tmp_path / "o.h5", {"x": features_of(3, 1)}, [0] * 3, label_names=["a"])
+    os.link(other, part_path(old.path, old.attrs.generation))  # a file under the name of old's version, not it
+    new = catalog(old.paths.tolist()[:2], [0, 0], ["a"])
+    reuse = reusable_rows(old, new)
+    with pytest.raises(StaleCache, match="was replaced .* while this update was planned; run the command again"):
+        write_linked(old.path, old.attrs, new, reuse, computed_rows(new, reuse, None), old, None, [])
+    assert open_cache(old.path).attrs.generation == old.attrs.generation
+
+
+def test_write_linked_returns_none_without_hard_links_and_leaves_no_part(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    old = open_cache(write_cache(tmp_path / "x.h5", {"x": features_of(3, 0)}, [0] * 3, label_names=["a"]))
+    delta = open_cache(write_cache(tmp_path / "d.h5", {"x": features_of(1, 1)}, [0], label_names=["a"],
+                                   paths=["a/9.jpg"]))
+    made = []
+
+    def link_once(src, dst):  # the first link works, the second fails: the first is removed again
+        if made:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        made.append(dst)
+        real_link(src, dst)
+
+    real_link = os.link
+    monkeypatch.setattr(os, "link", link_once)
+    new = catalog([*old.paths.tolist(), "a/9.jpg"], [0] * 4, ["a"], stamps=[UNKNOWN] * 3 + [(1, 2)])
+    reuse = reusable_rows(old, new)
+    assert write_linked(old.path, old.attrs, new, reuse, computed_rows(new, reuse, delta), old, delta, []) is None
+    assert made and not Path(made[0]).exists() and not open_cache(old.path).virtual
 
 
 def test_blocks_reuse_one_scratch_and_one_gather_buffer_per_layer_of_its_dtype(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from classifiers.testing import separable, write_cache
 from features import schema
 from features.errors import UsageError
 from features.schema import DamagedCache, ForeignFile, SchemaMismatch, StaleCache, StoreError, names
-from features.store import existing_cache, open_cache, verify
+from features.store import concatenation, existing_cache, open_cache, verify
 from tests.conftest import ROOT, fails_in_one_line
 
 
@@ -162,7 +162,7 @@ def test_a_shard_replaced_after_a_virtual_merge_is_refused(tmp_path):
               for i in range(2)]
     sources = [open_cache(s) for s in shards]
     writer = CacheWriter.create(tmp_path / "m.h5", sources[0].attrs, {}, [p for s in sources for p in s.paths], ["a", "b"])
-    writer.link_features(sources, {"x": (6,)}, {"x": np.dtype("float32")})
+    writer.link_features(*concatenation(sources), {"x": (6,)}, {"x": np.dtype("float32")})
     start = 0
     for source in sources:
         start = copy_rows(source, writer, start)

@@ -72,8 +72,19 @@ def test_update_computes_only_new_or_changed_images_and_equals_a_fresh_run(folde
     fresh = extract(cfg.replace(out=str(tmp_path / "fresh.h5")), verbose=False)
     assert (fresh.status, fresh.processed) == ("written", 205)
     assert_same(contents(tmp_path / "x.h5"), contents(tmp_path / "fresh.h5"))
-    assert not [p for p in tmp_path.glob(".x.h5.*") if ".lock" not in p.name]  # no scratch file is left
+    assert hidden(tmp_path / "x.h5") == parts_read(tmp_path / "x.h5")  # no scratch file is left
     assert extract(cfg, verbose=False).status == "up-to-date"
+
+
+def hidden(path: Path) -> set[str]:
+    """The hidden files beside the cache `path` but its lock."""
+    return {p.name for p in path.parent.glob(f".{path.name}.*") if ".lock" not in p.name}
+
+
+def parts_read(path: Path) -> set[str]:
+    """The files the features of the cache `path` are read from, other than itself."""
+    with h5py.File(path, "r") as f:
+        return {s.file_name for d in f["features"].values() if d.is_virtual for s in d.virtual_sources()}
 
 
 def test_an_update_that_only_removes_files_runs_no_model(tiny_backbone, tmp_path):
@@ -111,14 +122,19 @@ def test_an_update_copied_in_many_blocks_with_views_and_a_new_first_class_equals
     for name in ("bees/img_004.jpg", "bees/img_005.jpg", "wasps/img_020.jpg"):
         (data / name).unlink()
     monkeypatch.setattr(features.update, "COPY_BLOCK_BYTES", 1)
+    monkeypatch.setattr(features.update, "LINKED_FILES", 0)  # rewritten, not linked: what is tested is the copy
     update = extract(cfg, verbose=False)
     assert (update.status, update.images, update.processed, update.reused) == ("updated", 142, 28, 114)
     fresh = extract(cfg.replace(out=str(tmp_path / "fresh.h5")), verbose=False)
     assert_same(contents(tmp_path / "x.h5"), contents(fresh.path))
 
 
-def test_a_damaged_kept_row_stops_the_update_in_one_line_naming_it(tiny_backbone, tmp_path):
+def test_a_damaged_kept_row_stops_the_update_in_one_line_naming_it(tiny_backbone, tmp_path, monkeypatch):
+    """When the update rewrites the cache, a kept row that fails its checksum stops it; a linked update reads no kept
+    row, and the damage is refused where the rows are read, as before the update."""
+    import features.update
     from features.schema import DamagedCache
+    from features.store import open_cache
     from tests.test_store import _overwrite_rows
 
     data = tmp_path / "data"
@@ -128,31 +144,23 @@ def test_a_damaged_kept_row_stops_the_update_in_one_line_naming_it(tiny_backbone
     extract(cfg, verbose=False)
     _overwrite_rows(tmp_path / "x.h5", "top_conv", 5, b"\x7f" * 64)
     write_images(tmp_path / "more", 1, seed=4)[0].rename(data / "ants" / "img_003b.png")
+    monkeypatch.setattr(features.update, "LINKED_FILES", 0)
     with pytest.raises(DamagedCache, match=r"x\.h5 is damaged: rows 0-11 of features/top_conv fail their checksum"):
         extract(cfg, verbose=False)  # rows 0-11: the chunk that holds row 5
     assert (tmp_path / "x.h5").exists()  # left as it was
-
-
-def _rows_written(monkeypatch, path: Path) -> list[int]:
-    """The first row of every `CacheWriter.write` into `path` (not the update's scratch cache) from now on."""
-    from features.store import CacheWriter
-
-    rows, real = [], CacheWriter.write
-
-    def write(self, row, *args):
-        if self.path == path:
-            rows.append(row)
-        return real(self, row, *args)
-
-    monkeypatch.setattr(CacheWriter, "write", write)
-    return rows
+    monkeypatch.undo()
+    assert extract(cfg, verbose=False).status == "updated"
+    with pytest.raises(DamagedCache, match=r"x\.h5 is damaged: rows 0-12 of features/top_conv fail their checksum"):
+        open_cache(tmp_path / "x.h5").read("top_conv")  # the 13 rows of the linked file, read as one block
 
 
 @pytest.mark.parametrize("compression", ["none", "lzf"])
-def test_files_added_after_the_last_row_are_appended_and_the_kept_rows_not_rewritten(tiny_backbone, tmp_path,
-                                                                                     monkeypatch, capsys, compression):
-    """New files that all sort after the cache's rows (more images at the end of the last class, a class after the
-    others): the update copies the file and writes only the new rows, and equals a fresh extraction row for row."""
+def test_an_update_links_the_kept_rows_and_writes_no_feature_row(tiny_backbone, tmp_path, monkeypatch, capsys,
+                                                                compression):
+    """New files between kept rows and after them, a removed one: the updated cache reads its features from the old
+    version and the computed rows (hard links beside it, no row copied), and equals a fresh extraction row for row."""
+    from features.store import CacheWriter, open_cache
+
     data = tmp_path / "data"
     for k, name in enumerate(["ants", "bees"]):
         write_images(data / name, 10, seed=60 + k)
@@ -160,22 +168,61 @@ def test_files_added_after_the_last_row_are_appended_and_the_kept_rows_not_rewri
                         image_size=64, batch_size=4, workers=1, engine="onnx", compression=compression)
     extract(cfg, verbose=False)
     for i, image in enumerate(write_images(tmp_path / "more", 3, seed=9)):
-        image.rename(data / "bees" / f"img_9{i:02d}{image.suffix}")
+        image.rename(data / "bees" / f"img_{i:03d}b{image.suffix}")
     write_images(data / "wasps", 4, seed=10)
-    rows = _rows_written(monkeypatch, tmp_path / "x.h5")
+    (data / "ants" / "img_004.jpg").unlink()
+    features_written, real = [], CacheWriter.write
+    monkeypatch.setattr(CacheWriter, "write", lambda self, row, features, *a: features_written.append(
+        (self.path.name, len(features))) or real(self, row, features, *a))
     update = extract(cfg, verbose=True)
-    assert "appending 7 rows to a copy of" in capsys.readouterr().out
-    assert (update.status, update.images, update.processed, update.reused) == ("updated", 27, 7, 20)
-    assert rows and min(rows) == 20  # the kept rows 0-19 are never written again
+    assert "no row copied; x.h5 reads its features from 2 file(s) beside it" in capsys.readouterr().out
+    assert (update.status, update.images, update.processed, update.reused) == ("updated", 26, 7, 19)
+    assert {n for n, k in features_written if k} == {".x.h5.update"}  # only the 7 computed rows, into their cache
+    assert open_cache(tmp_path / "x.h5").virtual and len(parts_read(tmp_path / "x.h5")) == 2
+    assert hidden(tmp_path / "x.h5") == parts_read(tmp_path / "x.h5")
     fresh = extract(cfg.replace(out=str(tmp_path / "fresh.h5")), verbose=False)
     assert_same(contents(tmp_path / "x.h5"), contents(fresh.path))
-    assert not [p for p in tmp_path.glob(".x.h5.*") if ".lock" not in p.name]
 
 
-def test_an_appended_update_renumbers_kept_labels_for_a_class_listed_first(tiny_backbone, tmp_path, monkeypatch):
+def test_updates_in_turn_link_the_files_still_read_prune_the_others_and_compact_past_the_limit(tiny_backbone,
+                                                                                             tmp_path, monkeypatch):
+    """Each update links the parts its rows are in; a part no row reads any more is removed once the new version is
+    published; past LINKED_FILES the update rewrites one plain file and removes every part; --overwrite too."""
+    import features.update
+    from features.store import open_cache
+
+    data = tmp_path / "data"
+    write_images(data / "ants", 8, seed=20)
+    cfg = ExtractConfig(backbone=str(tiny_backbone), data=str(data), out=str(tmp_path / "x.h5"), layer=["top_conv"],
+                        image_size=64, batch_size=4, workers=1, engine="onnx")
+    out = tmp_path / "x.h5"
+    extract(cfg, verbose=False)
+    monkeypatch.setattr(features.update, "LINKED_FILES", 3)
+    first = write_images(tmp_path / "a", 1, seed=21)[0].rename(data / "ants" / "img_0005.png")
+    extract(cfg, verbose=False)
+    base_and_first = parts_read(out)
+    assert len(base_and_first) == 2 and hidden(out) == base_and_first
+    write_images(tmp_path / "b", 1, seed=22)[0].rename(data / "ants" / "img_0001.png")
+    extract(cfg, verbose=False)
+    assert len(parts_read(out)) == 3 and base_and_first < parts_read(out) and hidden(out) == parts_read(out)
+    first.unlink()  # no row reads the first update's part any more: pruned
+    extract(cfg, verbose=False)
+    assert len(parts_read(out)) == 2 and hidden(out) == parts_read(out) and not base_and_first <= parts_read(out)
+    for k in (23, 24):  # a third part, then a fourth: one file more than the limit, so the update compacts
+        write_images(tmp_path / f"c{k}", 1, seed=k)[0].rename(data / "ants" / f"img_00{k}.png")
+        extract(cfg, verbose=False)
+    assert not open_cache(out).virtual and hidden(out) == set()
+    assert_same(contents(out), contents(extract(cfg.replace(out=str(tmp_path / "fresh.h5")), verbose=False).path))
+    write_images(tmp_path / "d", 1, seed=25)[0].rename(data / "ants" / "img_0025.png")
+    extract(cfg, verbose=False)
+    assert hidden(out) and extract(cfg.replace(overwrite=True), verbose=False).status == "written"
+    assert hidden(out) == set()
+
+
+def test_a_linked_update_renumbers_kept_labels_for_a_class_listed_first(tiny_backbone, tmp_path):
     """Labels from a CSV: an added image of a new class 'ant' puts it first in the class list, so every kept row's
-    label is renumbered in the copy; still a fresh extraction's rows."""
-    from features.store import CacheWriter
+    label is renumbered in the linked cache; still a fresh extraction's rows."""
+    from features.store import open_cache
 
     data = tmp_path / "data"
     images = write_images(data, 6, seed=11)
@@ -188,20 +235,18 @@ def test_an_appended_update_renumbers_kept_labels_for_a_class_listed_first(tiny_
     for i, image in enumerate(added):
         image.rename(data / f"img_9{i:02d}{image.suffix}")
         csv.write_text(csv.read_text() + f"img_9{i:02d}{image.suffix},ant\n")
-    extended = []
-    real = CacheWriter.extend.__func__
-    monkeypatch.setattr(CacheWriter, "extend", classmethod(lambda cls, *a: extended.append(1) or real(cls, *a)))
-    assert extract(cfg, verbose=False).processed == 2 and extended
+    assert extract(cfg, verbose=False).processed == 2 and open_cache(tmp_path / "x.h5").virtual
     with h5py.File(tmp_path / "x.h5", "r") as f:
         assert [n.decode() for n in f["label_names"][()]] == ["ant", "cat", "dog"]
     fresh = extract(cfg.replace(out=str(tmp_path / "fresh.h5")), verbose=False)
     assert_same(contents(tmp_path / "x.h5"), contents(fresh.path))
 
 
-def test_an_append_that_fails_leaves_the_cache_as_it_was_and_the_rerun_finishes_it(tiny_backbone, tmp_path,
-                                                                                   monkeypatch):
-    """A full disk while the new rows are written: one line, the published cache untouched (same generation, same
-    rows), and the rerun, with the computed rows kept in the update's scratch cache, runs no model and appends."""
+def test_a_linked_update_that_fails_leaves_the_cache_as_it_was_and_the_rerun_finishes_it(tiny_backbone, tmp_path,
+                                                                                         monkeypatch):
+    """A full disk while the linked cache's rows are written: one line, the published cache untouched (same
+    generation, same rows), and the rerun, with the computed rows kept in the update's scratch cache, runs no model,
+    links, and leaves no part it does not read."""
     import errno
 
     from features.schema import WriteFailed
@@ -230,39 +275,52 @@ def test_an_append_that_fails_leaves_the_cache_as_it_was_and_the_rerun_finishes_
     monkeypatch.setattr(CacheWriter, "write", real)
     again = extract(cfg, verbose=False)
     assert (again.status, again.images, again.processed) == ("updated", 9, 0)
+    assert len(parts_read(tmp_path / "x.h5")) == 2 and hidden(tmp_path / "x.h5") == parts_read(tmp_path / "x.h5")
     fresh = extract(cfg.replace(out=str(tmp_path / "fresh.h5")), verbose=False)
     assert_same(contents(tmp_path / "x.h5"), contents(fresh.path))
 
 
-def test_only_files_added_after_every_row_of_a_plain_cache_are_appended(tiny_backbone, tmp_path):
-    from features.catalog import discover
+def test_without_hard_links_an_update_rewrites_the_cache(tiny_backbone, tmp_path, monkeypatch):
+    import errno
+
     from features.store import open_cache
-    from features.update import appendable, reusable_rows
-    from pipeline.merge import merge
 
     data = tmp_path / "data"
-    write_images(data / "bees", 4, seed=15)
+    write_images(data / "ants", 6, seed=26)
     cfg = ExtractConfig(backbone=str(tiny_backbone), data=str(data), out=str(tmp_path / "x.h5"), layer=["top_conv"],
                         image_size=64, batch_size=4, workers=1, engine="onnx")
     extract(cfg, verbose=False)
-    old = open_cache(tmp_path / "x.h5")
+    write_images(tmp_path / "more", 1, seed=27)[0].rename(data / "ants" / "img_0001.png")
 
-    def can_append() -> bool:
-        catalog = discover(data)
-        return appendable(old, reusable_rows(old, catalog))
+    def no_links(*_):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
 
-    assert not can_append()  # nothing added
-    (data / "bees" / "img_900.jpg").write_bytes((data / "bees" / "img_001.jpg").read_bytes())
-    assert can_append()
-    (data / "bees" / "img_900.jpg").rename(data / "bees" / "img_900_with_a_longer_name.jpg")
-    assert can_append()  # longer than any path the cache's column holds: the copy's column is widened
-    (data / "bees" / "img_900_with_a_longer_name.jpg").rename(data / "bees" / "img_0015.jpg")
-    assert not can_append()  # sorts between kept rows
-    (data / "bees" / "img_0015.jpg").rename(data / "bees" / "img_900.jpg")
-    (data / "bees" / "img_002.jpg").unlink()
-    assert not can_append()  # a removed file
+    monkeypatch.setattr(os, "link", no_links)
+    assert extract(cfg, verbose=False).status == "updated"
+    assert not open_cache(tmp_path / "x.h5").virtual and hidden(tmp_path / "x.h5") == set()
+    fresh = extract(cfg.replace(out=str(tmp_path / "fresh.h5")), verbose=False)
+    assert_same(contents(tmp_path / "x.h5"), contents(fresh.path))
+
+
+def test_an_updated_virtual_merge_links_its_shards_and_a_missing_part_is_refused(tiny_backbone, tmp_path):
+    from features.schema import ForeignFile
+    from features.store import open_cache
+    from pipeline.merge import merge
+
+    data = tmp_path / "data"
+    write_images(data / "bees", 6, seed=28)
+    cfg = ExtractConfig(backbone=str(tiny_backbone), data=str(data), out=str(tmp_path / "v.h5"), layer=["top_conv"],
+                        image_size=64, batch_size=4, workers=1, engine="onnx")
     for i in range(2):
-        extract(cfg.replace(out=str(tmp_path / "v.h5"), shard=f"{i}/2"), verbose=False)
-    virtual = open_cache(merge(tmp_path / "v.h5", virtual=True).path)
-    catalog = discover(data)
-    assert not appendable(virtual, reusable_rows(virtual, catalog))
+        extract(cfg.replace(shard=f"{i}/2"), verbose=False)
+    merge(tmp_path / "v.h5", virtual=True)
+    shards = parts_read(tmp_path / "v.h5")
+    write_images(tmp_path / "more", 1, seed=29)[0].rename(data / "bees" / "img_0002.png")
+    assert extract(cfg, verbose=False).status == "updated"
+    assert shards < parts_read(tmp_path / "v.h5") and len(parts_read(tmp_path / "v.h5")) == 3
+    fresh = extract(cfg.replace(out=str(tmp_path / "fresh.h5")), verbose=False)
+    assert_same(contents(tmp_path / "v.h5"), contents(fresh.path))
+    (part,) = hidden(tmp_path / "v.h5")
+    (tmp_path / part).unlink()
+    with pytest.raises(ForeignFile, match=f"reads the shard '{part}', which is missing beside it"):
+        open_cache(tmp_path / "v.h5")
