@@ -208,6 +208,8 @@ def section_scale(sizes: tuple[int, ...], work: Path, log, tiny_shards: int) -> 
                    runs[n][f"{stage} (tar)"][0] / runs[n]["extract (tar)"][0])
 
     update = {n: share(n, "update +1%") for n in sizes}
+    beyond = max((runs[n2][f"update +1%{kind}"][0] - runs[n2][f"up-to-date{kind}"][0]) / runs[n2][f"extract{kind}"][0]
+                 for kind in ("", " (tar)"))  # the restated target: what an update costs above a rerun's stats
     flat = worst.pop("shard task")
     met = max(worst.values()) <= EXPONENT_TARGET and flat <= EXPONENT_TARGET - 1 and update[n2] <= UPDATE_TARGET
     sec = Section(10, f"Scale: whole-process seconds and peak RSS per stage at N = {', '.join(map(str, sizes))} "
@@ -218,7 +220,8 @@ def section_scale(sizes: tuple[int, ...], work: Path, log, tiny_shards: int) -> 
                    "rss_exponent"], rows, met=met,
                   value=(f"largest exponent {max(worst.values()):.2f} ({max(worst, key=worst.get)}), shard task "
                          f"{flat:.2f}, update +1% / full = " + ", ".join(f"{v:.1%} at {n}" for n, v in update.items())
-                         + f" (up-to-date / full = {share(n2, 'up-to-date'):.1%} at {n2}: the floor of any update)"))
+                         + f" (up-to-date / full = {share(n2, 'up-to-date'):.1%} at {n2}: the floor of any update; "
+                           f"beyond it, (update - up-to-date) / full = {beyond:.1%})"))
     if tiny_shards:
         merged = tiny_merge(tiny_shards, work, rng, log)
         sec.extra_tables.append((f"Merging {tiny_shards} shards of 2 images", ["how", "seconds", "peak_mib"],

@@ -336,11 +336,14 @@ def _split_of(top: str) -> str:
 
 
 def discover(
-    data: str | Path, labels_csv: str | None = None, path_column: str | None = None, label_column: str | None = None
+    data: str | Path, labels_csv: str | None = None, path_column: str | None = None, label_column: str | None = None,
+    tar_index: Path | None = None,
 ) -> Catalog:
+    """The candidates under DATA (layouts (a)-(d) above). `tar_index`: a folder where each tar shard's index is kept
+    for the next run (`tars.scan_kept`), so an unchanged shard is not indexed again."""
     root = Path(data)
     if not root.exists() and tars.is_pattern(str(data)):
-        return _from_pattern(str(data), labels_csv, path_column, label_column)
+        return _from_pattern(str(data), labels_csv, path_column, label_column, tar_index)
     if not root.exists():
         raise UsageError(f"DATA folder '{data}' does not exist. Expected a folder of images (class sub-folders, "
                          "split sub-folders, or images plus LABELS=labels.csv), or of .tar shards.")
@@ -349,7 +352,7 @@ def discover(
         problem = _file_problem(root, frozenset({tars.SHARD_SUFFIX}))
         if problem:
             raise UsageError(f"DATA '{data}': {problem}")
-        return _from_tars(root.parent, [root.name], [], labels_csv, path_column, label_column)
+        return _from_tars(root.parent, [root.name], [], labels_csv, path_column, label_column, tar_index)
     if not root.is_dir():
         raise UsageError(f"DATA '{data}' is a file, expected a folder of images (or of .tar shards, or one .tar).")
     _check_root(root)
@@ -362,7 +365,8 @@ def discover(
         if csv.is_file() and csv.is_relative_to(root.resolve()) and not_candidates.get(_suffix(csv.name)):
             not_candidates[_suffix(csv.name)] -= 1  # the labels CSV kept beside the images is no stray file
     if shards and not images:
-        return _from_tars(root, shards, _beside_shards(root, shards, others), labels_csv, path_column, label_column)
+        return _from_tars(root, shards, _beside_shards(root, shards, others), labels_csv, path_column, label_column,
+                          tar_index)
     others = sorted(others + [(s, "a tar shard among image files: DATA is read as a folder of images, so its samples "
                                   "are left out. Point DATA at the shards alone (e.g. 'DATA/*.tar') to extract them")
                               for s in shards])
@@ -396,7 +400,8 @@ def _check_root(root: Path) -> None:
                          "UTF-8 path; rename the folder, e.g. with `convmv -f latin1 -t utf8 --notest`.")
 
 
-def _from_pattern(data: str, labels_csv: str | None, path_column: str | None, label_column: str | None) -> Catalog:
+def _from_pattern(data: str, labels_csv: str | None, path_column: str | None, label_column: str | None,
+                  tar_index: Path | None) -> Catalog:
     """Layout (d) from a glob or brace pattern: the shards it names, relative to the folder before its first pattern
     character (the data root). Names the braces spell out that do not exist are listed; a pattern that matches no
     file at all is refused."""
@@ -422,7 +427,7 @@ def _from_pattern(data: str, labels_csv: str | None, path_column: str | None, la
         raise UsageError(f"DATA pattern '{data}' matches no .tar shard ({len(found)} other entries, e.g. "
                          f"{others[-1][0]}: {others[-1][1]}). Expected .tar files; for a folder of images, give the "
                          "folder itself.")
-    return _from_tars(root, shards, sorted(others), labels_csv, path_column, label_column)
+    return _from_tars(root, shards, sorted(others), labels_csv, path_column, label_column, tar_index)
 
 
 def _beside_shards(root: Path, shards: list[str], others: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -435,12 +440,12 @@ def _beside_shards(root: Path, shards: list[str], others: list[tuple[str, str]])
 
 
 def _from_tars(root: Path, shards: list[str], others: list[tuple[str, str]], labels_csv: str | None,
-               path_column: str | None, label_column: str | None) -> Catalog:
+               path_column: str | None, label_column: str | None, tar_index: Path | None) -> Catalog:
     """Layout (d): index each shard once (features/tars.py); rows are the samples with one image, sorted by row path
     `<shard>/<image member>`. A shard's split comes from its file name (`train-000001.tar`), else, as in (b), from
     its folder under DATA when every shard folder there is named for a split (`val/000001.tar`). Labels come from
     the labels CSV keyed by sample key, else from each sample's label member; see `tars.class_labels`."""
-    indexes = [tars.scan(root, rel, read_labels=not labels_csv) for rel in shards]  # one open and pass per shard
+    indexes = [tars.scan_kept(root, rel, not labels_csv, tar_index) for rel in shards]  # one pass per shard at most
     samples = sorted((s for index in indexes for s in index.samples), key=lambda s: s.path)
     others = sorted(others + [item for index in indexes for item in index.ignored])
     if not samples:

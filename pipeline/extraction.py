@@ -25,6 +25,7 @@ from features import onnx_backbone
 from features.augment import get_policy
 from features.backbones import BackboneSpec, get_backbone, sha256_file
 from features.catalog import Catalog, discover, manifest_source, read_manifest
+from features.tars import KEPT_FOLDER
 from features.engines import (AUTO, ENGINE_CHOICES, MEASURE_MIN_BATCHES, PRECISIONS, EngineOptions, Graph,
                               build_forward, check_engine, engine_fits, engine_rule, export_path, export_versions,
                               kept_choice, worth_timing)
@@ -34,8 +35,8 @@ from features.images import DECODER, INTERPOLATION, RESIZE_POLICIES
 from features.model import POOLS, build_base, cut, gpu_count, runtime_versions, weights_identity
 from features.quantize import Calibration, calibration, check_identity, quantized_path
 from features.schema import UPDATABLE, CacheAttrs, ConfigMismatch, identity_diff, names
-from features.store import (COMPRESSIONS, STORAGE_DTYPES, CacheWriter, Progress, check_ours, discard_partial,
-                            existing_cache, open_cache, partial_path, progress_path, read_attrs)
+from features.store import (COMPRESSIONS, STORAGE_DTYPES, CacheWriter, Progress, cache_dir, check_ours,
+                            discard_partial, existing_cache, open_cache, partial_path, progress_path, read_attrs)
 from features.update import assemble, computed_rows, reusable_rows, update_path, write_linked
 from pipeline import quiet
 from pipeline.config import ExtractConfig, default_out, shard_out
@@ -272,7 +273,8 @@ def extract(cfg: ExtractConfig, verbose: bool = True, engines: Path | None = Non
         catalog, fingerprint = read_manifest(cfg.manifest, shard, manifest_source(
             cfg.data, cfg.labels, cfg.path_column, cfg.label_column, cfg.augment))
     else:
-        full = discover(cfg.data, cfg.labels, cfg.path_column, cfg.label_column).with_views(cfg.augment)
+        kept = (Path(cfg.out).parent if cfg.out else cache_dir()) / KEPT_FOLDER  # the shards' indexes, beside the cache
+        full = discover(cfg.data, cfg.labels, cfg.path_column, cfg.label_column, kept).with_views(cfg.augment)
         catalog, fingerprint = full.shard(*shard) if shard else full, full.fingerprint()
     for note in catalog.notes if verbose else ():
         print(f"note: {note}")

@@ -30,6 +30,7 @@ from pathlib import Path
 from features.catalog import discover, manifest_path, manifest_source, write_manifest
 from features.errors import UsageError
 from features.store import discard_partial, existing_cache
+from features.tars import KEPT_FOLDER
 from pipeline.config import ExtractConfig, shard_out
 from pipeline.merge import merged_out
 
@@ -267,7 +268,7 @@ def write_listing(p: SlurmPlan) -> int:
     if p.listing is None or p.manifest is None:
         return 0
     cfg = p.listing
-    catalog = discover(cfg.data, cfg.labels, cfg.path_column, cfg.label_column)
+    catalog = discover(cfg.data, cfg.labels, cfg.path_column, cfg.label_column, p.manifest.parent / KEPT_FOLDER)
     write_manifest(p.manifest, catalog, manifest_source(cfg.data, cfg.labels, cfg.path_column, cfg.label_column,
                                                         cfg.augment))
     return sum(catalog.view_counts(cfg.augment))

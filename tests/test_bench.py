@@ -277,7 +277,8 @@ def test_section10_exponents_from_the_two_largest_sizes_and_the_update_share(mon
         pytest.approx(1.0)
     assert rows["shard task"]["time_exponent"] == pytest.approx(0.0) and rows["extract"]["s_at_4000"] == 4.0
     assert f"update +1% / full = {max(update_share, tar_share):.1%} at 100" in sec.value and sec.met is met
-    assert "(up-to-date / full = 100.0% at 4000: the floor of any update)" in sec.value
+    assert "(up-to-date / full = 100.0% at 4000: the floor of any update; beyond it, (update - up-to-date) / full = " \
+        f"{max(update_share, tar_share) - 1:.1%})" in sec.value
 
 
 

@@ -141,6 +141,70 @@ def test_a_shard_is_opened_once_to_index_it_and_once_to_read_it(case, tmp_path, 
         read_file(catalog.source(len(catalog) - 1))
 
 
+def catalog_facts(catalog) -> tuple:
+    members = [(m.shard.path, m.shard.name, m.shard.stamp, m.offset, m.size) for m in catalog.members.values()]
+    return (catalog.paths, catalog.labels, catalog.splits, catalog.label_names, catalog.ignored, catalog.stamps,
+            catalog.fingerprint(), members)
+
+
+def test_a_kept_index_spares_the_next_run_indexing_an_unchanged_shard(case, tmp_path, monkeypatch):
+    """The first discovery indexes every shard and keeps each index; the next one only stats the shards, reads the
+    kept indexes and gives the same catalog, images included; a changed shard is indexed again."""
+    root, _, rows, _ = case
+    shutil.copytree(root / "shards", tmp_path / "shards")
+    kept = tmp_path / "cache" / tars.KEPT_FOLDER
+    first = discover(tmp_path / "shards", tar_index=kept)
+    assert len(list(kept.glob("*.json"))) == 3 and not list(kept.glob(".*"))
+    scanned, real_scan = [], tars.scan
+    monkeypatch.setattr(tars, "scan", lambda root, rel, *a: scanned.append(rel) or real_scan(root, rel, *a))
+    again = discover(tmp_path / "shards", tar_index=kept)
+    assert scanned == [] and catalog_facts(again) == catalog_facts(first)
+    assert [bytes(read_file(again.source(i))) for i in range(len(again))] == \
+        [(root / "images" / r).read_bytes() for r in rows]
+    shard = tmp_path / "shards" / "val-000000.tar"
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1))
+    touched = discover(tmp_path / "shards", tar_index=kept)
+    assert scanned == ["val-000000.tar"] and catalog_facts(touched)[:5] == catalog_facts(first)[:5]
+    assert catalog_facts(touched)[5] != catalog_facts(first)[5]  # the new stamp
+    assert discover(tmp_path / "shards", tar_index=kept).paths == first.paths and scanned == ["val-000000.tar"]
+    scanned.clear()
+    labels_from_csv = tars.scan_kept(tmp_path / "shards", "val-000000.tar", False, kept)
+    assert scanned == ["val-000000.tar"] and {s.label for s in labels_from_csv.samples} == {None}  # kept apart
+
+
+@pytest.mark.parametrize("change", ["offset past the end", "a path outside the shard", "a size as text",
+                                    "another identity", "a column short", "not json", "an ignored entry of 3"])
+def test_a_kept_index_that_does_not_describe_the_shard_exactly_is_not_believed(case, tmp_path, monkeypatch, change):
+    root, _, _, _ = case
+    shutil.copytree(root / "shards", tmp_path / "shards")
+    kept = tmp_path / tars.KEPT_FOLDER
+    first = discover(tmp_path / "shards", tar_index=kept)
+    size = (tmp_path / "shards" / "val-000000.tar").stat().st_size
+    for file in kept.glob("*.json"):
+        record = json.loads(file.read_text())
+        if record["rel"] != "val-000000.tar":
+            continue
+        if change == "offset past the end":
+            record["offsets"][0] = size - record["sizes"][0] + 1
+        elif change == "a path outside the shard":
+            record["paths"][0] = "train-000000.tar/000000.jpg"
+        elif change == "a size as text":
+            record["sizes"][0] = str(record["sizes"][0])
+        elif change == "another identity":
+            record["identity"][1] += 1
+        elif change == "a column short":
+            record["labels"].pop()
+        elif change == "an ignored entry of 3":
+            record["ignored"] = [["a", "b", "c"]]
+        file.write_text("{" if change == "not json" else json.dumps(record))
+    scanned, real_scan = [], tars.scan
+    monkeypatch.setattr(tars, "scan", lambda root, rel, *a: scanned.append(rel) or real_scan(root, rel, *a))
+    assert catalog_facts(discover(tmp_path / "shards", tar_index=kept)) == catalog_facts(first)
+    assert scanned == ["val-000000.tar"]
+    unwritable = tmp_path / "shards" / "val-000000.tar" / "index"  # under a file: no index is kept, same catalog
+    assert catalog_facts(discover(tmp_path / "shards", tar_index=unwritable)) == catalog_facts(first)
+
+
 def test_brace_patterns_and_globs_name_the_same_shards(case, tmp_path):
     root, _, rows, _ = case
     whole = discover(root / "shards")
