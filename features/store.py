@@ -878,8 +878,13 @@ def _outside_reads(path: Path, file: h5py.File) -> list[str]:
     return found
 
 
+def _pinned(dset: h5py.Dataset) -> dict[str, str]:
+    """A virtual dataset's sources as recorded when it was written: file name -> generation."""
+    return dict(str(v).rsplit(":", 1) for v in plain(dset.attrs.get(SOURCE_GENERATIONS, [])) if ":" in str(v))
+
+
 def _virtual_problems(path: Path, name: str, dset: h5py.Dataset) -> list[str]:
-    pinned = dict(str(v).rsplit(":", 1) for v in plain(dset.attrs.get(SOURCE_GENERATIONS, [])) if ":" in str(v))
+    pinned = _pinned(dset)
     problems = []
     for source in {s.file_name for s in dset.virtual_sources()}:
         sibling = path.parent / source
@@ -907,7 +912,7 @@ def prune_parts(path: Path) -> None:
     if path.is_file():
         with h5py.File(path, "r") as file:
             for dset in file["features"].values():
-                keep.update(str(v).rsplit(":", 1)[0] for v in plain(dset.attrs.get(SOURCE_GENERATIONS, [])))
+                keep.update(_pinned(dset))
     prefix = f".{path.name}.part-"
     for found in path.parent.iterdir():
         if found.name.startswith(prefix) and found.name not in keep and read_attrs(found) is not None:
@@ -926,7 +931,7 @@ def linked_rows(cache: Cache) -> tuple[list[Linked], np.ndarray, np.ndarray] | N
             dset = file[f"features/{layer}"]
             if not dset.is_virtual:
                 return None
-            pinned = dict(str(v).rsplit(":", 1) for v in plain(dset.attrs.get(SOURCE_GENERATIONS, [])))
+            pinned = _pinned(dset)
             dcpl, found, sizes = dset.id.get_create_plist(), [], {}
             for i in range(dcpl.get_virtual_count()):
                 space, src = dcpl.get_virtual_vspace(i), dcpl.get_virtual_srcspace(i)

@@ -124,10 +124,10 @@ def max_runs(rows: int) -> int:
 
 def write_linked(out: Path, attrs: CacheAttrs, catalog: Catalog, reuse: np.ndarray, computed: np.ndarray, old: Cache,
                  delta: Cache | None, skipped: list[list[str]]) -> tuple[int, list[Linked]] | None:
-    """Publish the updated cache as a linked one (`link_plan`) and return its rows: no feature row is copied, only
-    the per-row metadata is written; returns the rows and the files they are read from. The files it reads are hard links (a second name for the same data, no copy) to
-    `old` and to the update's computed rows, made before the new file is written and checked under the writer's lock
-    to be the versions planned with; `old` itself is replaced only when the new file is complete (`finalize`).
+    """Publish the updated cache as a linked one (`link_plan`): no feature row is copied, only the per-row metadata is
+    written. Returns its rows and the files it reads them from: hard links (a second name for the same data, no copy)
+    to `old` and to the update's computed rows, made before the new file is written and checked under the writer's
+    lock to be the versions planned with; `old` itself is replaced only when the new file is complete (`finalize`).
     None, with nothing changed, where the plan says to rewrite or the filesystem makes no hard links."""
     out_rows = np.flatnonzero((reuse >= 0) | (computed >= 0))
     plan = link_plan(out, old, delta, reuse[out_rows], computed[out_rows])
@@ -143,7 +143,7 @@ def write_linked(out: Path, attrs: CacheAttrs, catalog: Catalog, reuse: np.ndarr
             if any(f.path == part for f in files) and not part.exists():
                 os.link(origin, part)
                 made.append(part)
-    except OSError:  # no hard links here (FAT, some network filesystems): copy instead
+    except OSError:  # no hard links here (FAT, some network filesystems): the caller rewrites instead
         for part in made:
             part.unlink(missing_ok=True)
         return None

@@ -1835,6 +1835,37 @@ def test_link_features_maps_runs_of_rows_and_linked_rows_reads_them_back(tmp_pat
         assert f["features/x"].id.get_create_plist().get_virtual_count() == 4  # one mapping per run
 
 
+@pytest.mark.parametrize("tamper", ["a source not pinned", "a pin without a colon", "rows left out",
+                                    "a row mapped twice", "another dataset", "a plain layer"])
+def test_linked_rows_of_a_mapping_it_did_not_write_is_none(tmp_path: Path, tamper: str) -> None:
+    """Whatever an update could not map row by row is read through HDF5 instead (the update rewrites)."""
+    from features.store import linked_rows
+
+    path = linked_cache(tmp_path, [(0, 0, 2), (1, 0, 2)])
+    cache = open_cache(path)
+    assert linked_rows(cache) is not None
+    p0, p1 = (open_cache(tmp_path / f"p{k}") for k in range(2))
+    with h5py.File(path, "r+") as f:
+        dset = f["features/x"]
+        if tamper in ("a source not pinned", "a pin without a colon"):
+            dset.attrs[store.SOURCE_GENERATIONS] = [f"p0:{p0.attrs.generation}"] + (
+                ["p1"] if tamper == "a pin without a colon" else [])
+        else:
+            attrs = dict(dset.attrs)
+            del f["features/x"]
+            if tamper == "a plain layer":
+                f.create_dataset("features/x", data=np.zeros((4, 4), np.float32))
+            else:
+                layout = h5py.VirtualLayout((4, 4), np.float32)
+                name = "features/y" if tamper == "another dataset" else "features/x"
+                layout[0:2] = h5py.VirtualSource("p0", name, shape=(4, 4))[0:2]
+                if tamper == "a row mapped twice":
+                    layout[1:3] = h5py.VirtualSource("p1", "features/x", shape=(4, 4))[0:2]
+                f.create_virtual_dataset("features/x", layout, fillvalue=np.nan)
+            f["features/x"].attrs.update(attrs)
+    assert linked_rows(cache) is None
+
+
 def test_prune_parts_removes_the_unread_parts_of_this_cache_only(tmp_path: Path) -> None:
     from features.store import part_path, prune_parts
 
