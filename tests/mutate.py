@@ -205,14 +205,20 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
          "bool, int, float and str all have a __name__: getattr's default is never used"),
     ],
     "features/update.py": [
-        ("x_assemble", "computed = np.full(n, -2, np.int64)", _COMPUTED),
-        ("x_assemble", "computed = np.full(n, -1, None)",
+        ("x_computed_rows", "computed = np.full(len(catalog), -2, np.int64)", _COMPUTED),
+        ("x_computed_rows", "computed = np.full(len(catalog), -1, None)",
          "float64 -1.0 and row numbers are exact in float64, and read_blocks turns the rows it gets into int64"),
-        ("x_assemble", "computed = np.full(n, -1, )", "the same: float64 is np.full's default dtype for -1"),
-        ("x_assemble", "computed[i] = delta_rows.get((catalog.paths[i], views[i]), -2)  # absent: it could not be "
-                       "used (skipped)", _COMPUTED),
-        ("x_assemble", "for i in np.flatnonzero(reuse <= 0).tolist():", _NOT_IN_DELTA),
-        ("x_assemble", "for i in np.flatnonzero(reuse < 1).tolist():", _NOT_IN_DELTA),
+        ("x_computed_rows", "computed = np.full(len(catalog), -1, )",
+         "the same: float64 is np.full's default dtype for -1"),
+        ("x_computed_rows", "computed[i] = delta_rows.get((catalog.paths[i], views[i]), -2)  # absent: it could not "
+                            "be used (skipped)", _COMPUTED),
+        ("x_computed_rows", "for i in np.flatnonzero(reuse <= 0).tolist():", _NOT_IN_DELTA),
+        ("x_computed_rows", "for i in np.flatnonzero(reuse < 1).tolist():", _NOT_IN_DELTA),
+        ("x_write_linked", "writer.finalize(Progress(rows_written=len(out_rows), files_done=None, skipped=skipped))",
+         _DONE),
+        ("x_write_linked", "writer.finalize(Progress(rows_written=len(out_rows), skipped=skipped))", _DONE),
+        *[("x_write_linked", f"part.unlink(missing_ok={arg})", "the part was made by this call a moment before: it "
+           "exists, and missing_ok is never asked") for arg in ("None", "False")],
         ("x_assemble", 'chunk = max(writer.file[f"features/{layer}"].chunks[0] for layer in writer.layers) if '
                        '(writer.layers) or True else 1', _LAYERS),
         ("x_assemble", 'chunk = max(writer.file[f"features/{layer}"].chunks[0] for layer in writer.layers) if '

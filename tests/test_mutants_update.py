@@ -125,6 +125,8 @@ def assembled(tmp_path: Path, old: Cache, new: Catalog, delta: Cache | None, ski
     (1, [(0, 2), (2, 2), (4, 2)], "rewrite"),  # less than a row: one chunk (2 rows) a block
     (5 * 48, [(0, 4), (4, 2)], "rewrite"),  # 5 rows' worth: the 2 whole chunks that fit
     (5 * 48, [(0, 3), (3, 3)], "link"),  # linked: the per-row metadata only, a row per 64 bytes: 3 rows a block
+    (128, [(0, 2), (2, 2), (4, 2)], "link"),
+    (1, [(k, 1) for k in range(6)], "link"),  # at least one row a block
 ])
 def test_assemble_writes_kept_and_computed_rows_in_the_new_order_in_blocks_of_whole_chunks(
          tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_bytes: int, writes: list[tuple[int, int]],
@@ -379,10 +381,13 @@ def test_link_plan_maps_kept_rows_to_the_old_version_and_computed_ones_to_the_de
     monkeypatch.setattr(features.update, "max_runs", lambda rows: 2)
     assert link_plan(old.path, old, None, np.array([0, 2]), np.array([-1, -1])) is not None  # 2 runs
     assert link_plan(old.path, old, None, np.array([0, 2, 3, 1]), np.array([-1] * 4)) is None  # 3 runs
+    monkeypatch.setattr(features.update, "max_runs", lambda rows: 1 if rows else 0)
+    assert link_plan(old.path, old, None, np.array([0, 1, 2, 3]), np.array([-1] * 4)) is not None  # 1 run
+    assert link_plan(old.path, old, None, np.array([], np.int64), np.array([], np.int64)) is not None  # none
 
 
 def test_max_runs_grows_with_the_rows() -> None:
-    assert (max_runs(0), max_runs(16), max_runs(300_000)) == (64, 65, 18_814)
+    assert (max_runs(0), max_runs(16), max_runs(17), max_runs(300_000)) == (64, 65, 65, 18_814)
 
 
 def test_link_plan_of_a_linked_cache_keeps_its_parts_and_of_other_mappings_rewrites(tmp_path: Path) -> None:
@@ -390,16 +395,16 @@ def test_link_plan_of_a_linked_cache_keeps_its_parts_and_of_other_mappings_rewri
     old = open_cache(write_cache(tmp_path / "x.h5", {"x": X}, [0] * 3, label_names=["a"],
                                  paths=["a/0.jpg", "a/1.jpg", "a/2.jpg"]))
     delta = open_cache(write_cache(tmp_path / "d.h5", {"x": features_of(1, 1)}, [0], label_names=["a"],
-                                   paths=["a/1b.jpg"]))
-    new = catalog(["a/0.jpg", "a/1.jpg", "a/1b.jpg", "a/2.jpg"], [0] * 4, ["a"], stamps=[UNKNOWN] * 2 + [(1, 2), UNKNOWN])
+                                   paths=["a/0b.jpg"]))
+    new = catalog(["a/0.jpg", "a/0b.jpg", "a/1.jpg", "a/2.jpg"], [0] * 4, ["a"], stamps=[UNKNOWN, (1, 2)] + [UNKNOWN] * 2)
     assembled(tmp_path, old, new, delta, [], "link")
     linked = open_cache(tmp_path / "x.h5")
     files, source, row = linked_rows(linked)
     assert [f.path.name for f in files] == [part_path(old.path, g).name for g in (old.attrs.generation,
                                                                                   delta.attrs.generation)]
-    assert [f.rows for f in files] == [3, 1] and source.tolist() == [0, 0, 1, 0] and row.tolist() == [0, 1, 0, 2]
-    again, _, _ = link_plan(linked.path, linked, None, np.array([0, 1, 2, 3]), np.array([-1] * 4))
-    assert again == files  # the parts themselves, not the linked file
+    assert [f.rows for f in files] == [3, 1] and source.tolist() == [0, 1, 0, 0] and row.tolist() == [0, 0, 1, 2]
+    again, source, row = link_plan(linked.path, linked, None, np.array([0, 1, 2, 3]), np.array([-1] * 4))
+    assert again == files and source.tolist() == [0, 1, 0, 0] and row.tolist() == [0, 0, 1, 2]  # the parts
     assert linked_rows(open_cache(files[1].path)) is None  # a plain cache maps nothing
 
 
