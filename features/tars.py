@@ -519,9 +519,10 @@ def scan_kept(root: Path, rel: str, read_labels: bool, kept: Path | None) -> Sha
     return index
 
 
-def _kept_index(record: dict, path: Path, rel: str, st: os.stat_result, read_labels: bool) -> ShardIndex | None:
+def _kept_index(record: object, path: Path, rel: str, st: os.stat_result, read_labels: bool) -> ShardIndex | None:
     """The ShardIndex a kept record describes, or None where it is not exactly one of this file as it is now."""
-    if (record.get("format") != KEPT_FORMAT or record.get("path") != str(path) or record.get("rel") != rel
+    if (not isinstance(record, dict) or record.get("format") != KEPT_FORMAT or record.get("path") != str(path)
+            or record.get("rel") != rel
             or record.get("read_labels") is not read_labels
             or record.get("identity") != [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]):
         return None

@@ -25,7 +25,6 @@ from features import onnx_backbone
 from features.augment import get_policy
 from features.backbones import BackboneSpec, get_backbone, sha256_file
 from features.catalog import Catalog, discover, manifest_source, read_manifest
-from features.tars import KEPT_FOLDER
 from features.engines import (AUTO, ENGINE_CHOICES, MEASURE_MIN_BATCHES, PRECISIONS, EngineOptions, Graph,
                               build_forward, check_engine, engine_fits, engine_rule, export_path, export_versions,
                               kept_choice, worth_timing)
@@ -37,6 +36,7 @@ from features.quantize import Calibration, calibration, check_identity, quantize
 from features.schema import UPDATABLE, CacheAttrs, ConfigMismatch, identity_diff, names
 from features.store import (COMPRESSIONS, STORAGE_DTYPES, CacheWriter, Progress, cache_dir, check_ours,
                             discard_partial, existing_cache, open_cache, partial_path, progress_path, read_attrs)
+from features.tars import KEPT_FOLDER
 from features.update import assemble, computed_rows, reusable_rows, update_path, write_linked
 from pipeline import quiet
 from pipeline.config import ExtractConfig, default_out, shard_out
@@ -363,7 +363,8 @@ def _compute(cfg: ExtractConfig, out: Path, attrs: CacheAttrs, catalog: Catalog,
 def _update(cfg: ExtractConfig, out: Path, attrs: CacheAttrs, catalog: Catalog, graph: Graph, export: Path,
             verbose: bool) -> ExtractResult:
     """`out` is complete for an earlier state of the folder: keep its rows of unchanged files, compute the rest into
-    a cache of their own (resumable), then assemble both into `out` in the new row order (features/update.py)."""
+    a cache of their own (resumable), then publish `out` in the new row order: linked to both, else rewritten
+    (features/update.py)."""
     start = time.perf_counter()
     old = open_cache(out)
     reuse = reusable_rows(old, catalog)

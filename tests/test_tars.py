@@ -173,7 +173,8 @@ def test_a_kept_index_spares_the_next_run_indexing_an_unchanged_shard(case, tmp_
 
 
 @pytest.mark.parametrize("change", ["offset past the end", "a path outside the shard", "a size as text",
-                                    "another identity", "a column short", "not json", "an ignored entry of 3"])
+                                    "another identity", "a column short", "not json", "an ignored entry of 3",
+                                    "a list, not an object"])
 def test_a_kept_index_that_does_not_describe_the_shard_exactly_is_not_believed(case, tmp_path, monkeypatch, change):
     root, _, _, _ = case
     shutil.copytree(root / "shards", tmp_path / "shards")
@@ -196,6 +197,8 @@ def test_a_kept_index_that_does_not_describe_the_shard_exactly_is_not_believed(c
             record["labels"].pop()
         elif change == "an ignored entry of 3":
             record["ignored"] = [["a", "b", "c"]]
+        if change == "a list, not an object":
+            record = [record]
         file.write_text("{" if change == "not json" else json.dumps(record))
     scanned, real_scan = [], tars.scan
     monkeypatch.setattr(tars, "scan", lambda root, rel, *a: scanned.append(rel) or real_scan(root, rel, *a))
