@@ -460,7 +460,7 @@ class CacheWriter:
                 raise UsageError(f"a virtual merge links caches in its own folder only; {linked.path} is not beside "
                                  f"{self.path}. Merge without --virtual (a copy), or write --out beside the shards.")
         n = len(source)
-        starts = np.flatnonzero(np.r_[True, (np.diff(source) != 0) | (np.diff(row) != 1)]) if n else np.array([], int)
+        starts = run_starts(source, row)
         lengths = np.diff(np.r_[starts, n])
         for layer, shape in shapes.items():
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
@@ -898,11 +898,24 @@ def _virtual_problems(path: Path, name: str, dset: h5py.Dataset) -> list[str]:
     return problems
 
 
+def run_starts(source: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """Where each run of a linked map begins: consecutive rows of one file are one run, one virtual mapping."""
+    if not len(source):
+        return np.array([], np.int64)
+    return np.flatnonzero(np.r_[True, (np.diff(source) != 0) | (np.diff(row) != 1)])
+
+
+def _run_rows(firsts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The file rows of runs starting at file rows `firsts`, `counts` rows each, one after the other."""
+    begins = np.cumsum(counts) - counts  # where each run begins in the output
+    return np.repeat(np.asarray(firsts) - begins, counts) + np.arange(int(np.sum(counts)))
+
+
 def concatenation(sources: list[Cache]) -> tuple[list[Linked], np.ndarray, np.ndarray]:
     """The rows of `sources` one after the other, as `CacheWriter.link_features` maps them (a virtual merge)."""
-    lengths = [len(source.paths) for source in sources]
-    return ([Linked(s.path, s.attrs.generation, n) for s, n in zip(sources, lengths)],
-            np.repeat(np.arange(len(sources)), lengths), np.concatenate([np.arange(n) for n in lengths]))
+    lengths = np.array([len(source.paths) for source in sources])
+    return ([Linked(s.path, s.attrs.generation, int(n)) for s, n in zip(sources, lengths)],
+            np.repeat(np.arange(len(sources)), lengths), _run_rows(np.zeros(len(sources), np.int64), lengths))
 
 
 def prune_parts(path: Path) -> None:
@@ -962,8 +975,7 @@ def linked_rows(cache: Cache) -> tuple[list[Linked], np.ndarray, np.ndarray] | N
     files = [Linked(cache.path.parent / name, pinned[name], sizes[name]) for name in order]
     index = {name: k for k, name in enumerate(order)}
     source = np.repeat([index[name] for name in names.tolist()], counts)
-    row = np.concatenate([np.arange(r, r + c) for r, c in zip(rows.tolist(), counts.tolist())])
-    return files, source, row
+    return files, source, _run_rows(rows, counts)
 
 
 def _check_sizes(path: Path, file: h5py.File, n: int) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 from features.catalog import Catalog
 from features.schema import CacheAttrs, DamagedCache, StaleCache
 from features.store import (COPY_BLOCK_BYTES, Cache, CacheWriter, Linked, Progress, check_generation, fix_hint,
-                            linked_rows, part_path, read_attrs)
+                            linked_rows, part_path, read_attrs, run_starts)
 
 LINKED_FILES = 8  # most files an updated cache reads its rows from; one more and the update rewrites a plain file
 
@@ -112,7 +112,7 @@ def link_plan(out: Path, old: Cache, delta: Cache | None, reuse: np.ndarray, com
     used = np.unique(source)  # files no row reads any more are left out (and pruned once this is published)
     files = [files[k] for k in used.tolist()]
     source = np.searchsorted(used, source)
-    runs = 1 + int(((np.diff(source) != 0) | (np.diff(row) != 1)).sum()) if len(source) else 0
+    runs = len(run_starts(source, row))
     return (files, source, row) if len(files) <= LINKED_FILES and runs <= max_runs(len(source)) else None
 
 

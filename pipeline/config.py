@@ -103,6 +103,11 @@ def default_out(cfg: ExtractConfig, layers: list[str], shard: tuple[int, int] | 
     return shard_out(cache_dir() / f"{'__'.join(parts)}.h5", shard)
 
 
+def out_folder(cfg: ExtractConfig) -> Path:
+    """The folder the caches of `cfg` go to (its shards too): that of --out, else the cache folder (`default_out`)."""
+    return Path(cfg.out).parent if cfg.out else cache_dir()
+
+
 def shard_out(out: Path, shard: tuple[int, int] | None) -> Path:
     """Shard I/N of the extraction whose merged cache is `out` goes beside it as <stem>.shardI-of-N<suffix>."""
     return out if shard is None else out.with_name(f"{out.stem}.shard{shard[0]}-of-{shard[1]}{out.suffix}")

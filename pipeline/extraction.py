@@ -34,12 +34,12 @@ from features.images import DECODER, INTERPOLATION, RESIZE_POLICIES
 from features.model import POOLS, build_base, cut, gpu_count, runtime_versions, weights_identity
 from features.quantize import Calibration, calibration, check_identity, quantized_path
 from features.schema import UPDATABLE, CacheAttrs, ConfigMismatch, identity_diff, names
-from features.store import (COMPRESSIONS, STORAGE_DTYPES, CacheWriter, Progress, cache_dir, check_ours,
-                            discard_partial, existing_cache, open_cache, partial_path, progress_path, read_attrs)
+from features.store import (COMPRESSIONS, STORAGE_DTYPES, CacheWriter, Progress, check_ours, discard_partial,
+                            existing_cache, open_cache, partial_path, progress_path, read_attrs)
 from features.tars import KEPT_FOLDER
 from features.update import assemble, computed_rows, reusable_rows, update_path, write_linked
 from pipeline import quiet
-from pipeline.config import ExtractConfig, default_out, shard_out
+from pipeline.config import ExtractConfig, default_out, out_folder, shard_out
 
 SHARD_ENV = [("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("JOB_COMPLETION_INDEX", "JOB_COMPLETION_COUNT")]
 
@@ -273,7 +273,7 @@ def extract(cfg: ExtractConfig, verbose: bool = True, engines: Path | None = Non
         catalog, fingerprint = read_manifest(cfg.manifest, shard, manifest_source(
             cfg.data, cfg.labels, cfg.path_column, cfg.label_column, cfg.augment))
     else:
-        kept = (Path(cfg.out).parent if cfg.out else cache_dir()) / KEPT_FOLDER  # the shards' indexes, beside the cache
+        kept = out_folder(cfg) / KEPT_FOLDER  # the shards' indexes, beside the caches
         full = discover(cfg.data, cfg.labels, cfg.path_column, cfg.label_column, kept).with_views(cfg.augment)
         catalog, fingerprint = full.shard(*shard) if shard else full, full.fingerprint()
     for note in catalog.notes if verbose else ():
