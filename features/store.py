@@ -196,10 +196,14 @@ class Progress:
 
 
 def _fixed_utf8(values: list[str], length: int | None = None) -> np.ndarray:
-    """Fixed-length UTF-8 strings: written as raw bytes, unlike variable-length ones that live in a heap."""
-    encoded = [v.encode("utf-8") for v in values]
-    length = length or max([len(e) for e in encoded] + [1])
-    return np.array(encoded, dtype=h5py.string_dtype("utf-8", length))
+    """Fixed-length UTF-8 strings (`length` bytes, else the longest value's): written as raw bytes, unlike
+    variable-length ones that live in a heap."""
+    raw = f"S{length or ''}"
+    try:
+        encoded = np.array(values, raw)  # ASCII, as most names are: one conversion, ~3x faster than encoding each
+    except UnicodeEncodeError:
+        encoded = np.array([v.encode("utf-8") for v in values], raw)
+    return encoded.astype(h5py.string_dtype("utf-8", max(encoded.dtype.itemsize, 1)))
 
 
 def _dcpl_early():
@@ -293,9 +297,9 @@ class CacheWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = cls._claim(path)
         discard_partial(path)
-        n = len(paths)
+        n, path_dtype = len(paths), _fixed_utf8(paths).dtype
         if attrs.compression == "none":  # every chunk is allocated now: a full disk would fail inside HDF5
-            need = _allocated_bytes(n, layer_shapes, attrs.dtype, _fixed_utf8(paths).dtype.itemsize)
+            need = _allocated_bytes(n, layer_shapes, attrs.dtype, path_dtype.itemsize)
             detail = _no_room(path.parent, 0, need)
             if detail:
                 lock.close()
@@ -308,7 +312,7 @@ class CacheWriter:
             ds = _per_row(f, f"features/{layer}", n, shape, dtype, rows_per_chunk(shape, dtype), compressed)
             ds.attrs.update({"layer": layer, "shape": shape})
         f.require_group("features")
-        _per_row(f, "paths", n, (), _fixed_utf8(paths).dtype, TEXT_ROWS, compressed)
+        _per_row(f, "paths", n, (), path_dtype, TEXT_ROWS, compressed)
         _per_row(f, "split", n, (), h5py.string_dtype("utf-8", 5), TEXT_ROWS, compressed)
         _per_row(f, "labels", n, (), "int32", TEXT_ROWS, compressed)
         _per_row(f, "view", n, (), "int16", TEXT_ROWS, compressed)
@@ -1005,7 +1009,10 @@ def _metadata(path: Path, file: h5py.File, name: str) -> np.ndarray:
 def _text(path: Path, file: h5py.File, name: str) -> np.ndarray:
     values = _metadata(path, file, name)
     if values.dtype.kind == "S":
-        return np.char.decode(values, "utf-8", "backslashreplace").astype(str)
+        try:
+            return values.astype(str)  # ASCII, as most names are: one cast, ~7x faster than decoding each
+        except UnicodeDecodeError:
+            values = values.tolist()
     return np.array([plain(v) for v in values], str)
 
 
@@ -1076,7 +1083,7 @@ def _check_rows(cache: Cache) -> None:
         bad.append(f"labels {_ranges(np.flatnonzero(outside))} lie outside the {len(cache.label_names)} label names")
     if (cache.view < 0).any():
         bad.append(f"view is negative in rows {_ranges(np.flatnonzero(cache.view < 0))}")
-    escaping = [i for i, p in enumerate(cache.paths) if not is_relative_inside(p)]
+    escaping = escaping_rows(cache.paths.tolist())
     if escaping:
         bad.append(f"paths {_ranges(escaping)} are absolute or leave the data root (e.g. {str(cache.paths[escaping[0]])!r})")
     if sorted(cache.shapes) != sorted(cache.attrs.layers):
@@ -1089,6 +1096,20 @@ def is_relative_inside(name: str) -> bool:
     """A `/`-separated relative path that stays below its root (no leading `/`, no `..` part, nothing empty)."""
     parts = name.split("/")
     return ".." not in parts and "" not in parts  # a leading `/`, and the empty name, make an empty part
+
+
+# What a path that is not `is_relative_inside` shows among paths joined by newlines: an empty name, a leading or
+# trailing `/`, an empty part, a `..` alone, first, last or inside
+ESCAPES = ("\n\n", "\n/", "/\n", "//", "\n..\n", "\n../", "/..\n", "/../")
+
+
+def escaping_rows(paths: list[str]) -> list[int]:
+    """The rows of `paths` that are not `is_relative_inside`. One scan of them all joined finds whether any is (a
+    few substring searches: 10 ms for 300k paths, against 0.3 s path by path); only then is each row checked."""
+    joined = "\n" + "\n".join(paths) + "\n"
+    if not any(escape in joined for escape in ESCAPES):
+        return []
+    return [i for i, p in enumerate(paths) if not is_relative_inside(p)]
 
 
 @dataclass

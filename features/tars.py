@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
+import operator
 import os
 import re
 import tarfile
@@ -528,13 +530,15 @@ def _kept_index(record: object, path: Path, rel: str, st: os.stat_result, read_l
         return None
     columns = [record[name] for name in KEPT_COLUMNS]
     n = len(columns[0])
-    texts = (*columns[:2], columns[5])
-    if (any(not isinstance(c, list) or len(c) != n for c in columns)
-            or any(type(v) is not str for column in texts for v in column)
-            or any(type(v) is not int or v < 0 for column in columns[2:4] for v in column)
-            or any(v is not None and type(v) is not str for v in columns[4])
-            or any(not p.startswith(f"{rel}/") for p in columns[0])
-            or any(o + z > st.st_size for o, z in zip(columns[2], columns[3]))):
+    if any(not isinstance(c, list) or len(c) != n for c in columns):
+        return None
+    paths, keys, offsets, sizes, labels, origins = columns
+    # whole-column checks, each one pass in C (map, set, min): per value in Python they were 0.9 s of 300k samples
+    if (not {*map(type, paths), *map(type, keys), *map(type, origins)} <= {str}
+            or not {*map(type, offsets), *map(type, sizes)} <= {int} or min(offsets + sizes, default=0) < 0
+            or not set(map(type, labels)) <= {str, type(None)}
+            or not all(map(str.startswith, paths, itertools.repeat(f"{rel}/")))
+            or max(map(operator.add, offsets, sizes), default=0) > st.st_size):
         return None
     ignored = record["ignored"]
     if not isinstance(ignored, list) or any(not isinstance(i, list) or len(i) != 2 or any(type(v) is not str for v in i)

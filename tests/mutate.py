@@ -280,7 +280,7 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
          "unreachable: a link to DATA itself is caught before, as a folder already catalogued (its inode is seen)"),
         ("x__walk_files", "if type(None) is os.stat_result and stat.S_ISREG(st.st_mode):",
          "a regular file then goes to found(), which appends it and its stamp just the same"),
-        *[("x__walk_files", f'with ThreadPoolExecutor({args}) as pool:',
+        *[("xǁ_Statsǁsubmit", f'self.pool = ThreadPoolExecutor({args})',
            "how many threads stat, and their names: the results are gathered in submission order all the same")
           for args in ('max_workers=None, thread_name_prefix="stat"',
                        'max_workers=STAT_THREADS, thread_name_prefix=None',

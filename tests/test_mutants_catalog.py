@@ -10,6 +10,8 @@ import itertools
 import json
 import os
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -217,6 +219,28 @@ def test_walk_lists_candidates_sorted_with_stamps_and_counts_the_rest(
     assert listing.not_candidates == {".txt": 2, "": 1}
     assert listing.others == [("x.tar.gz", tars.COMPRESSED)]
 
+
+
+@pytest.mark.parametrize("per_stat_limit, threads_from", [(0.02, None), (0.001, 1)])
+def test_walk_stats_in_its_own_thread_until_a_chunk_waits_then_in_threads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, per_stat_limit: float, threads_from: int | None) -> None:
+    """Chunks of 4 that each take 10 ms (2.5 ms a stat): under a limit of 20 ms a stat all are stat'ed by the
+    walking thread (a local disk); over 1 ms a stat, the chunks after the first are handed to the pool's threads (a
+    file system that waits on a server). The listing is the same either way."""
+    monkeypatch.setattr(catalog_module, "STAT_CHUNK", 4)
+    monkeypatch.setattr(catalog_module, "WAITING_STAT_S", per_stat_limit)
+    touch(tmp_path, *[f"a/{i}.jpg" for i in range(9)])
+    real, where = catalog_module._stat_chunk, []
+
+    def waiting(paths: list[str]) -> list:
+        where.append(threading.current_thread() is threading.main_thread())
+        time.sleep(0.01)
+        return real(paths)
+
+    monkeypatch.setattr(catalog_module, "_stat_chunk", waiting)
+    listing = _walk_files(tmp_path)
+    assert where == [threads_from is None or i < threads_from for i in range(3)]
+    assert listing.files == [f"a/{i}.jpg" for i in range(9)] and sorted(listing.stamps) == listing.files
 
 def test_walk_lists_odd_entries_with_the_reason(tmp_path: Path) -> None:
     """A link to nowhere, a FIFO, a link loop, a non-UTF-8 file and folder name, a link to a folder already

@@ -21,9 +21,9 @@ from features import store
 from features.errors import UsageError
 from features.schema import (SCHEMA_VERSION, CacheAttrs, DamagedCache, ForeignFile, IncompleteCache, SchemaMismatch,
                              StaleCache, WriteFailed)
-from features.store import (Cache, CacheWriter, Damage, Progress, Rows, check_ours, concatenation, copy_rows, discard_partial,
-                            existing_cache, fix_hint, is_relative_inside, open_cache, partial_path, progress_path,
-                            read_attrs, read_blocks, rows_per_chunk, verify)
+from features.store import (Cache, CacheWriter, Damage, Progress, Rows, check_ours, concatenation, copy_rows,
+                            discard_partial, escaping_rows, existing_cache, fix_hint, is_relative_inside, open_cache,
+                            partial_path, progress_path, read_attrs, read_blocks, rows_per_chunk, verify)
 
 ISO_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00"
 
@@ -992,6 +992,16 @@ def test_check_rows_names_every_problem_in_one_sentence(tmp_path: Path) -> None:
 def test_is_relative_inside(name: str, inside: bool) -> None:
     """Relative, `/`-separated, no `..` part, no empty part; a name starting with `..` is fine."""
     assert is_relative_inside(name) is inside
+
+
+@pytest.mark.parametrize("bad", ["", "/a", "a/", "a//b", "..", "../a", "a/..", "a/../b"])
+def test_escaping_rows_finds_each_kind_of_escape_wherever_it_lies(bad: str) -> None:
+    """Each kind of path that is not `is_relative_inside`, first, inside or last among good ones (names starting or
+    ending in dots included), is found at its row; good paths alone give none."""
+    good = ["a/b.jpg", "..a/b", "c/d..", "e.f/g"]
+    assert escaping_rows(good) == []
+    for at in range(len(good) + 1):
+        assert escaping_rows([*good[:at], bad, *good[at:]]) == [at]
 
 
 def test_open_cache_reads_the_metadata_as_written(tmp_path: Path) -> None:

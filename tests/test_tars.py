@@ -174,7 +174,8 @@ def test_a_kept_index_spares_the_next_run_indexing_an_unchanged_shard(case, tmp_
 
 @pytest.mark.parametrize("change", ["offset past the end", "a path outside the shard", "a size as text",
                                     "another identity", "a column short", "not json", "an ignored entry of 3",
-                                    "a list, not an object"])
+                                    "a list, not an object", "a negative offset", "a key as a number",
+                                    "a label as a number", "an origin as null", "an offset as true"])
 def test_a_kept_index_that_does_not_describe_the_shard_exactly_is_not_believed(case, tmp_path, monkeypatch, change):
     root, _, _, _ = case
     shutil.copytree(root / "shards", tmp_path / "shards")
@@ -197,6 +198,16 @@ def test_a_kept_index_that_does_not_describe_the_shard_exactly_is_not_believed(c
             record["labels"].pop()
         elif change == "an ignored entry of 3":
             record["ignored"] = [["a", "b", "c"]]
+        elif change == "a negative offset":
+            record["offsets"][-1] = -1
+        elif change == "a key as a number":
+            record["keys"][-1] = 7
+        elif change == "a label as a number":
+            record["labels"][-1] = 1
+        elif change == "an origin as null":
+            record["label_from"][-1] = None
+        elif change == "an offset as true":
+            record["offsets"][-1] = True
         if change == "a list, not an object":
             record = [record]
         file.write_text("{" if change == "not json" else json.dumps(record))
