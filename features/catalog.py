@@ -16,6 +16,7 @@ them. `write_manifest` lists the candidates once into a file a job array's tasks
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -671,8 +672,8 @@ def write_manifest(path: Path, catalog: Catalog, source: dict[str, object]) -> s
             f.write(b"".join(json.dumps(list(item)).encode() + b"\n" for item in catalog.ignored))
         os.replace(tmp, path)
     except OSError as err:
-        if tmp.parent.is_dir():  # else nothing was written (its folder is a file, or cannot be made)
-            tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not there when nothing was written (a name too long, a folder not made)
+            tmp.unlink()
         raise UsageError(f"the manifest '{path}' cannot be written ({err.strerror or err}). Expected a writable "
                          "folder beside the cache; free space or choose another --out.") from None
     return fingerprint

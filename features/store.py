@@ -1105,7 +1105,7 @@ ESCAPES = ("\n\n", "\n/", "/\n", "//", "\n..\n", "\n../", "/..\n", "/../")
 
 def escaping_rows(paths: list[str]) -> list[int]:
     """The rows of `paths` that are not `is_relative_inside`. One scan of them all joined finds whether any is (a
-    few substring searches: 10 ms for 300k paths, against 0.3 s path by path); only then is each row checked."""
+    few substring searches: 0.05 s for 300k paths, against 0.3 s path by path); only then is each row checked."""
     joined = "\n" + "\n".join(paths) + "\n"
     if not any(escape in joined for escape in ESCAPES):
         return []

@@ -280,6 +280,8 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
          "unreachable: a link to DATA itself is caught before, as a folder already catalogued (its inode is seen)"),
         ("x__walk_files", "if type(None) is os.stat_result and stat.S_ISREG(st.st_mode):",
          "a regular file then goes to found(), which appends it and its stamp just the same"),
+        ("xǁ_Statsǁsubmit", "if time.perf_counter() - start >= WAITING_STAT_S * len(paths):",
+         "a chunk's time equal to the limit to the nanosecond: either way is right"),
         *[("xǁ_Statsǁsubmit", f'self.pool = ThreadPoolExecutor({args})',
            "how many threads stat, and their names: the results are gathered in submission order all the same")
           for args in ('max_workers=None, thread_name_prefix="stat"',
@@ -299,7 +301,7 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
            "an image the CSV does not list looks up None, which is no class name: -1 as for ''")
           for arg in ("None", "")],
         ("x_discover", "return _from_tars(root, shards, _beside_shards(None, shards, others), labels_csv, path_column, "
-                       "label_column)", "_beside_shards does not use its root argument"),
+                       "label_column,", "_beside_shards does not use its root argument"),
         *[("x_read_manifest", f"index = _Index(file, len(head), width, {arg})",
            "the count is only _Index.__len__, and both searches are given their bounds (files), so it is never asked")
           for arg in ("None", "files - 1", "files + 2")],
@@ -327,6 +329,11 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
             'for key in (rel.rsplit("/", 1)[-1], os.path.splitext(rel)[0].rsplit("/", 2)[-1]):')],
         ("x_read_manifest", "first_file = bisect.bisect_right(index, lo, 1, files, key=lambda e: e[1]) - 1",
          "index[0] is row 0 <= lo, so a search from 1 ends where one from 0 does"),
+        *[("x_read_manifest", line, "without `files` the search also sees the closing index line, whose row (all rows) "
+                                    "lies past lo, the first row of any shard of a manifest (which lists a file at "
+                                    "least: discovery refuses an empty DATA)")
+          for line in ("first_file = bisect.bisect_right(index, lo, 0, None, key=lambda e: e[1]) - 1",
+                       "first_file = bisect.bisect_right(index, lo, 0, key=lambda e: e[1]) - 1")],
         *[("x_read_manifest", line, "without `files` the search also sees the closing index line (row = all rows), "
                                     "which is >= hi: bisect_left stops at or before it all the same")
           for line in ("last_file = bisect.bisect_left(index, hi, first_file, None, key=lambda e: e[1])",

@@ -538,6 +538,10 @@ def test_a_manifest_that_cannot_be_written_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"manifest '.*adir' cannot be written \(Is a directory\)"):
         write_manifest(tmp_path / "adir", small(), manifest_source("d", None, None, None, 0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "file"]
+    long = tmp_path / ("m" * 253)  # a name the filesystem takes, whose temporary name (+ .tmp) it does not
+    with pytest.raises(UsageError, match=r"cannot be written \(File name too long\)"):
+        write_manifest(long, small(), manifest_source("d", None, None, None, 0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "file"]
 
 
 def test_files_changed_since_the_manifest_stop_the_task_naming_the_first(tmp_path: Path) -> None:
@@ -581,6 +585,18 @@ def tar(path: Path, names: list[str]) -> Path:
             info.size, info.mtime = 3, 1_700_000_000
             archive.addfile(info, io.BytesIO(b"abc"))
     return path
+
+
+@pytest.mark.parametrize("data", ["shards", "shards/train-000.tar", "shards/*.tar"])
+def test_every_way_to_name_shards_keeps_their_indexes_in_the_folder_given(tmp_path: Path, data: str) -> None:
+    """A folder of shards, one shard, a pattern: each shard's index is kept in `tar_index` (what spares the next run
+    reading its headers), and the catalog is the one without it."""
+    tar(tmp_path / "shards" / "train-000.tar", ["k1.jpg", "k1.cls"])
+    tar(tmp_path / "shards" / "val-000.tar", ["k2.jpg", "k2.cls"])
+    kept = tmp_path / "kept"
+    found = discover(str(tmp_path / data), tar_index=kept)
+    assert found.paths == discover(str(tmp_path / data)).paths
+    assert len(list(kept.glob("*.json"))) == len({p.split("/")[0] for p in found.paths}) >= 1
 
 
 def test_a_folder_of_shards_lists_its_samples_and_what_lies_beside_them(tmp_path: Path) -> None:
