@@ -234,6 +234,7 @@ def test_fixed_utf8_is_as_wide_as_the_longest_encoded_value() -> None:
     assert store._fixed_utf8([]).dtype.itemsize == 1
     assert store._fixed_utf8([""]).dtype.itemsize == 1
     assert store._fixed_utf8(["ab"], 5).dtype.itemsize == 5
+    assert store._fixed_utf8(["é", "a"], 4).dtype.itemsize == 4  # encoded one by one (not ASCII), as wide as asked
     assert h5py.check_string_dtype(values.dtype).encoding == "utf-8"
 
 
