@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 
 from features.backbones import load_keras, sha256_file
 from features.errors import UsageError
+from features.files import replace_atomically
 
 RECORD = "model.json"
 HEAD_FILE = "model.skops"  # reduce step + head, a scikit-learn Pipeline
@@ -62,16 +62,6 @@ def strict(value):
 def dumps(obj) -> str:
     """Strict JSON (RFC 8259): no NaN or Infinity tokens, which many readers refuse."""
     return json.dumps(strict(obj), indent=2, allow_nan=False)
-
-
-def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary name beside `path`, then rename: a crash never leaves a complete-looking file."""
-    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")  # same suffix: Keras and skops check it
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj) -> None:

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from features.errors import UsageError
+from features.files import replace_atomically
 from features.images import IMAGE_EXTENSIONS, INSIDE_FILES
 
 SHARD_SUFFIX = ".tar"
@@ -513,10 +514,8 @@ def scan_kept(root: Path, rel: str, read_labels: bool, kept: Path | None) -> Sha
                                         [s.label for s in samples], [s.label_from for s in samples])))}
     try:
         kept.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f".{file.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(record, separators=(",", ":")))
-        os.replace(tmp, file)
-    except OSError:
+        replace_atomically(file, lambda tmp: tmp.write_text(json.dumps(record, separators=(",", ":"))))
+    except OSError:  # a full disk, a folder that cannot be written: the next run scans again
         pass
     return index
 

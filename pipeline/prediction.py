@@ -26,6 +26,7 @@ from classifiers.data import READ_SHARE, Cache, block_rows_for, open_cache
 from classifiers.evaluate import class_scores
 from classifiers.memory import parse_bytes
 from features.errors import UsageError, check_name_lengths
+from features.files import replace_atomically
 from features.schema import ConfigMismatch, recipe
 from features.store import cache_dir, check_ours
 from features.tars import is_pattern, pattern_root
@@ -122,7 +123,7 @@ def predict(cfg: PredictConfig) -> Path:
     if "label" in table:
         table["label"] = table["label"].fillna("")
     table = table[[c for c in table.columns if c != ERROR] + [ERROR]]
-    saved.replace_atomically(out, lambda tmp: table.to_csv(tmp, index=False))
+    replace_atomically(out, lambda tmp: table.to_csv(tmp, index=False))
     return out
 
 

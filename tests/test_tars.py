@@ -172,6 +172,25 @@ def test_a_kept_index_spares_the_next_run_indexing_an_unchanged_shard(case, tmp_
     assert scanned == ["val-000000.tar"] and {s.label for s in labels_from_csv.samples} == {None}  # kept apart
 
 
+
+def test_a_kept_index_that_fails_to_be_written_leaves_no_file(case, tmp_path, monkeypatch):
+    """A full disk while an index is kept: the catalog is the same, and neither the index nor its temporary file is
+    left in the folder (the next run scans the shard again)."""
+    import errno
+
+    import features.files
+
+    root, _, _, _ = case
+    shutil.copytree(root / "shards", tmp_path / "shards")
+    kept = tmp_path / tars.KEPT_FOLDER
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(features.files.os, "replace", full)
+    assert catalog_facts(discover(tmp_path / "shards", tar_index=kept)) == catalog_facts(discover(tmp_path / "shards"))
+    assert list(kept.iterdir()) == []
+
 @pytest.mark.parametrize("change", ["offset past the end", "a path outside the shard", "a size as text",
                                     "another identity", "a column short", "not json", "an ignored entry of 3",
                                     "a list, not an object", "a negative offset", "a key as a number",
